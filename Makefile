@@ -1,0 +1,28 @@
+# `make demo` and `make test` are the README's quick start: each creates .venv when missing.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test bench
+
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -c .ci/constraints.txt -e ".[test]"
+	touch $@
+
+# Debian ships the real Fashion-MNIST; install it when apt is there and the data is not.
+$(FASHION_MNIST):
+	-if command -v apt-get >/dev/null 2>&1; then \
+		(apt-get install -y -qq dataset-fashion-mnist || \
+		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; fi
+
+demo: $(VENV)/.installed $(FASHION_MNIST)
+	$(PYTHON) -m lightning_rigl.demo
+
+test: $(VENV)/.installed
+	$(PYTHON) -m pytest
+
+bench: $(VENV)/.installed
+	$(PYTHON) benchmarks/mask_update.py
+	$(PYTHON) benchmarks/step_overhead.py

@@ -1,0 +1,230 @@
+"""The shared machinery of every sparse-from-scratch callback: masks, gradient masking, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_rigl.sparsity.distributions import (
+    Distribution,
+    check_distribution,
+    densities_for_shapes,
+    live_count,
+)
+from lightning_rigl.sparsity.masks import apply_mask, generator, random_mask
+from lightning_rigl.sparsity.targets import resolve_dense, sparsifiable_parameters
+
+_INIT_STREAM = 0  # generator key of the initial masks; updates use their step (>= 1) instead
+
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+class SparseTraining(Callback):
+    """Trains every selected layer with a fixed number of live weights, from a random mask.
+
+    Subclasses decide if and how masks change (``update_masks``); this class owns the masks, keeps dead
+    weights at exactly 0, stores the masks in checkpoints and keeps DDP ranks in agreement.
+
+    Args:
+        sparsity: target fraction of zeros over all sparsified weights, 0 <= S < 1. Leave unset (None) when
+            ``distribution`` is a mapping.
+        distribution: "uniform" (every layer at S, the first sparsified layer dense), "er", "erk", or a
+            mapping from parameter name to that layer's sparsity.
+        dense: glob patterns over parameter names kept dense. Under ER/ERK they still count against the
+            sparsity budget, so the other layers become sparser.
+        include: glob patterns that replace the default selection (every conv and linear ``weight``).
+        exclude: glob patterns removed from the selection: dense, and outside the budget.
+        seed: seeds the initial masks and every random choice; identical on all ranks.
+
+    Raises:
+        ValueError: sparsity outside [0, 1), an unknown distribution, or a bad mapping (here); a pattern that
+            matches nothing, nothing to sparsify, or an infeasible request (at setup, before training).
+        RuntimeError: manual optimization, more than one optimizer, FSDP/DeepSpeed/model-parallel
+            strategies, or a sparsified parameter the optimizer does not train (before the first step).
+    """
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        distribution: Distribution = "erk",
+        *,
+        dense: Sequence[str] = (),
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_distribution(sparsity, distribution)
+        self.sparsity = sparsity
+        self.distribution = distribution
+        self.dense = tuple(dense)
+        self.include = None if include is None else tuple(include)
+        self.exclude = tuple(exclude)
+        self.seed = int(seed)
+        self.masks: dict[str, Tensor] = {}
+        self.densities: dict[str, float] = {}
+        self._params: dict[str, nn.Parameter] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._zero: dict[torch.device, Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------- hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _check_supported(trainer, pl_module)
+        params = self._select(pl_module)
+        shapes = {name: tuple(p.shape) for name, p in params.items()}
+        self.densities = densities_for_shapes(
+            shapes, self.sparsity, self.distribution, resolve_dense(list(shapes), self.dense)
+        )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._optimizer = _single_optimizer(trainer)
+        self._params = self._select(pl_module)
+        _check_optimized(self._params, self._optimizer)
+        if self.masks:
+            self._adopt_existing_masks()
+        else:
+            self.masks = self._initial_masks()
+        self._sync_masks(trainer)
+        for name, param in self._params.items():
+            apply_mask(param, self.masks[name], self._optimizer)
+        self._zero = {p.device: torch.zeros((), dtype=p.dtype, device=p.device) for p in self._params.values()}
+        rank_zero_info(
+            f"{type(self).__name__}: {len(self.masks)} sparse layers, global density {self.global_density():.4f}"
+        )
+        self._log(trainer, self.density_metrics())
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Gradients here are fully accumulated, all-reduced by DDP and unscaled under 16-mixed.
+        self.update_masks(trainer, optimizer)
+        self._mask_gradients()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._params, self._optimizer = {}, None  # drop references to the model and optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Runs before the model is on its device; on_fit_start moves the masks next to their parameters.
+        self.masks = dict(state_dict["masks"])
+
+    # ------------------------------------------------------------------------------------------ policy
+
+    def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """Change the masks before this optimizer step, if the method does so; static masks never change."""
+
+    # ----------------------------------------------------------------------------------------- helpers
+
+    def global_density(self) -> float:
+        """Fraction of live weights over all sparsified parameters."""
+        live = sum(int(mask.sum()) for mask in self.masks.values())
+        return live / sum(mask.numel() for mask in self.masks.values())
+
+    def density_metrics(self) -> dict[str, float]:
+        """Global and per-layer densities, as logged."""
+        metrics = {"sparsity/density": self.global_density()}
+        metrics.update({f"sparsity/density/{n}": float(m.float().mean()) for n, m in self.masks.items()})
+        return metrics
+
+    def _select(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
+        return sparsifiable_parameters(pl_module, include=self.include, exclude=self.exclude)
+
+    def _initial_masks(self) -> dict[str, Tensor]:
+        masks = {}
+        for index, (name, param) in enumerate(self._params.items()):
+            n_live = live_count(param.numel(), self.densities[name])
+            gen = generator(self.seed, _INIT_STREAM, index)
+            masks[name] = random_mask(param.shape, n_live, gen, param.device)
+        return masks
+
+    def _adopt_existing_masks(self) -> None:
+        """Masks restored from a checkpoint (or kept from an earlier fit): check, then place on device."""
+        for name, param in self._params.items():
+            mask = self.masks.get(name)
+            expected = live_count(param.numel(), self.densities[name])
+            if mask is None or mask.shape != param.shape or int(mask.sum()) != expected:
+                raise RuntimeError(
+                    f"The masks in the checkpoint do not fit this configuration (parameter {name!r}: expected "
+                    f"{expected} live weights of shape {tuple(param.shape)}). Resume with the sparsity, "
+                    "distribution and layer selection the checkpoint was trained with."
+                )
+        unknown = sorted(set(self.masks) - set(self._params))
+        if unknown:
+            raise RuntimeError(f"The checkpoint has masks for parameters this model lacks: {unknown}.")
+        self.masks = {name: self.masks[name].to(param.device, torch.bool) for name, param in self._params.items()}
+
+    def _mask_gradients(self) -> None:
+        # torch.where, not a multiplication: a NaN or inf at a dead position must not survive as NaN.
+        for name, param in self._params.items():
+            grad = param.grad
+            if grad is not None:
+                torch.where(self.masks[name], grad, self._zero[grad.device], out=grad)
+
+    def _sync_masks(self, trainer: pl.Trainer) -> None:
+        """Under DDP, every rank adopts rank 0's masks: a guard, since seeded choices already agree."""
+        if trainer.world_size == 1 or not dist.is_available() or not dist.is_initialized():
+            return
+        local = torch.cat([mask.view(-1) for mask in self.masks.values()]).to(torch.uint8)
+        received = local.clone()
+        dist.broadcast(received, src=0)
+        if torch.equal(received, local):
+            return
+        warnings.warn(
+            f"Rank {trainer.global_rank} held masks different from rank 0's and adopted rank 0's. Please "
+            "report this: masks are meant to agree by construction.",
+            stacklevel=2,
+        )
+        for (name, mask), chunk in zip(self.masks.items(), received.split([m.numel() for m in self.masks.values()])):
+            mask.copy_(chunk.view(mask.shape).bool())
+            apply_mask(self._params[name], mask, self._optimizer)
+
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    if not pl_module.automatic_optimization:
+        raise RuntimeError(
+            "Sparse training callbacks need automatic optimization; this LightningModule sets "
+            "automatic_optimization = False. Use automatic optimization."
+        )
+    strategy = type(trainer.strategy).__name__
+    if any(cls.__name__ in _UNSUPPORTED_STRATEGIES for cls in type(trainer.strategy).__mro__):
+        raise RuntimeError(
+            f"{strategy} is not supported yet: it shards or wraps parameters, so masks cannot be applied in "
+            "place. Use strategy='ddp' (or a single device)."
+        )
+
+
+def _single_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
+    if len(trainer.optimizers) != 1:
+        raise RuntimeError(
+            f"Sparse training needs exactly one optimizer; configure_optimizers returned "
+            f"{len(trainer.optimizers)}. Put all parameters in one optimizer (use param groups)."
+        )
+    return trainer.optimizers[0]
+
+
+def _check_optimized(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in params.items() if id(p) not in trained or not p.requires_grad]
+    if missing:
+        raise RuntimeError(
+            f"Sparsified parameters not trained by the optimizer (or frozen): {missing}. Add them to the "
+            "optimizer or leave them out with exclude=[...]."
+        )

@@ -1,0 +1,14 @@
+"""Static sparse training: a random mask under the layer distribution, never changed."""
+
+from __future__ import annotations
+
+from lightning_rigl.callbacks.sparse_training import SparseTraining
+
+
+class Static(SparseTraining):
+    """Train with a fixed random mask: the baseline every dynamic method must beat.
+
+    Example::
+
+        trainer = pl.Trainer(max_epochs=10, callbacks=[Static(sparsity=0.9, distribution="erk")])
+    """

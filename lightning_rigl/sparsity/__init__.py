@@ -1,0 +1,29 @@
+"""The mathematics of sparse training on plain PyTorch tensors; no Lightning import."""
+
+from lightning_rigl.sparsity.distributions import (
+    DISTRIBUTIONS,
+    densities_for_shapes,
+    layer_densities,
+    live_count,
+)
+from lightning_rigl.sparsity.masks import MaskChange, apply_change, apply_mask, random_mask
+from lightning_rigl.sparsity.schedules import DROP_SCHEDULES, drop_fraction, is_update_step
+from lightning_rigl.sparsity.targets import sparsifiable_parameters
+from lightning_rigl.sparsity.updates import drop_and_grow, top_k_indices
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "DROP_SCHEDULES",
+    "MaskChange",
+    "apply_change",
+    "apply_mask",
+    "densities_for_shapes",
+    "drop_and_grow",
+    "drop_fraction",
+    "is_update_step",
+    "layer_densities",
+    "live_count",
+    "random_mask",
+    "sparsifiable_parameters",
+    "top_k_indices",
+]

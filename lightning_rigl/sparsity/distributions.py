@@ -1,0 +1,206 @@
+"""Layer-wise sparsity distributions: uniform, Erdős–Rényi (ER), Erdős–Rényi-Kernel (ERK), or a custom map.
+
+All functions return *densities* (fraction of live weights, 0 < d <= 1) keyed by parameter name. The live
+count of a layer with N weights at density d is ``live_count(N, d)``: exactly ``floor((1 - d) * N)`` zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from torch import nn
+
+from lightning_rigl.sparsity.targets import resolve_dense, sparsifiable_parameters
+
+DISTRIBUTIONS = ("uniform", "er", "erk")
+Distribution = str | Mapping[str, float]
+Shapes = Mapping[str, Sequence[int]]
+
+# Guards floor((1 - d) * N) against float error such as 0.29 * 100 = 28.999999999999996.
+_COUNT_TOLERANCE = 1e-6
+
+
+def live_count(numel: int, density: float) -> int:
+    """Number of live weights of a layer of ``numel`` weights at ``density``: ``numel - floor((1-d)·numel)``."""
+    return numel - math.floor((1.0 - density) * numel + _COUNT_TOLERANCE)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _raw_score(shape: Sequence[int], kind: str) -> float:
+    """Unnormalised density of ER ((n_in + n_out) / (n_in · n_out)) or ERK (Σ dims / Π dims)."""
+    if kind == "erk":
+        return sum(shape) / _numel(shape)
+    n_out, n_in = shape[0], shape[1]
+    return (n_in + n_out) / (n_in * n_out)
+
+
+def _scaled_densities(shapes: Shapes, sparsity: float, kind: str, dense: set[str]) -> dict[str, float]:
+    """ER / ERK: density_l = ε · raw_l, with ε solved so that the live total is (1 - S) · Σ N_l.
+
+    Layers whose ε · raw_l would exceed 1 are made dense (all layers tied at the largest raw score at once,
+    as in the official code) and ε is solved again; dense layers still count against the budget.
+    """
+    dense = set(dense)
+    while True:
+        budget = 0.0  # live weights left for the layers still being solved
+        divisor = 0.0
+        for name, shape in shapes.items():
+            n = _numel(shape)
+            if name in dense:
+                budget -= n * sparsity
+            else:
+                budget += n * (1.0 - sparsity)
+                divisor += _raw_score(shape, kind) * n
+        free = [name for name in shapes if name not in dense]
+        if not free or budget <= 0:
+            raise _InfeasibleError(sorted(dense))
+        epsilon = budget / divisor
+        max_raw = max(_raw_score(shapes[name], kind) for name in free)
+        if epsilon * max_raw <= 1.0:
+            break
+        dense.update(name for name in free if _raw_score(shapes[name], kind) == max_raw)
+    return {name: 1.0 if name in dense else epsilon * _raw_score(shape, kind) for name, shape in shapes.items()}
+
+
+class _InfeasibleError(Exception):
+    def __init__(self, layers: list[str]) -> None:
+        self.layers = layers
+
+
+def _densities_or_raise(shapes: Shapes, sparsity: float, distribution: str, dense: set[str]) -> dict[str, float]:
+    if distribution == "uniform":
+        first = next(iter(shapes))
+        return {name: 1.0 if name in dense or name == first else 1.0 - sparsity for name in shapes}
+    return _scaled_densities(shapes, sparsity, distribution, dense)
+
+
+def _empty_layers(shapes: Shapes, densities: Mapping[str, float]) -> list[str]:
+    return [name for name, shape in shapes.items() if live_count(_numel(shape), densities[name]) == 0]
+
+
+def _feasible(shapes: Shapes, sparsity: float, distribution: str, dense: set[str]) -> bool:
+    try:
+        return not _empty_layers(shapes, _densities_or_raise(shapes, sparsity, distribution, dense))
+    except _InfeasibleError:
+        return False
+
+
+def _largest_feasible_sparsity(shapes: Shapes, distribution: str, dense: set[str]) -> float:
+    low, high = 0.0, 1.0  # feasible at low, infeasible at high
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _feasible(shapes, mid, distribution, dense) else (low, mid)
+    return math.floor(low * 1e4) / 1e4
+
+
+def densities_for_shapes(
+    shapes: Shapes, sparsity: float | None, distribution: Distribution, dense: Sequence[str] = ()
+) -> dict[str, float]:
+    """Per-layer densities for the given weight shapes (ordered: the first entry is the first layer).
+
+    Args:
+        shapes: parameter name -> shape, in model order.
+        sparsity: target fraction of zeros over all weights in ``shapes`` (0 <= S < 1); must be None when
+            ``distribution`` is a mapping.
+        distribution: "uniform" (every layer at S, first layer dense), "er", "erk", or a mapping from
+            parameter name to that layer's sparsity.
+        dense: names kept fully dense. Under ER/ERK they count against the budget, so the other layers get
+            sparser; under uniform they simply stay dense.
+
+    Raises:
+        ValueError: bad sparsity, unknown distribution, a mapping that does not cover exactly the
+            sparsified parameters, or a request that leaves some layer without live weights or overspends
+            the budget (the message names the layers and the largest feasible sparsity).
+    """
+    check_distribution(sparsity, distribution)
+    dense_set = set(dense)
+    if isinstance(distribution, Mapping):
+        return _custom_densities(shapes, distribution, dense_set)
+    try:
+        densities = _densities_or_raise(shapes, sparsity, distribution, dense_set)
+        empty = _empty_layers(shapes, densities)
+    except _InfeasibleError as error:
+        empty = error.layers
+    if empty:
+        best = _largest_feasible_sparsity(shapes, distribution, dense_set)
+        raise ValueError(
+            f"Sparsity {sparsity} is infeasible with distribution {distribution!r}: layer(s) {empty} "
+            f"cannot fit (a layer would have no live weight, or the dense layers use up the budget). "
+            f"The largest feasible sparsity here is {best}; lower the sparsity or keep fewer layers dense."
+        )
+    return densities
+
+
+def _custom_densities(shapes: Shapes, mapping: Mapping[str, float], dense: set[str]) -> dict[str, float]:
+    unknown = sorted(set(mapping) - set(shapes))
+    missing = sorted(set(shapes) - set(mapping) - dense)
+    if unknown or missing:
+        raise ValueError(
+            f"The sparsity mapping must name every sparsified parameter exactly once. Unknown: {unknown}; "
+            f"missing: {missing}. Sparsified parameters are: {list(shapes)}."
+        )
+    densities = {}
+    for name, shape in shapes.items():
+        layer_sparsity = 0.0 if name in dense else mapping[name]
+        densities[name] = 1.0 - float(layer_sparsity)
+        if live_count(_numel(shape), densities[name]) == 0:
+            largest = 1.0 - 1.0 / _numel(shape)
+            raise ValueError(
+                f"Sparsity {layer_sparsity} leaves layer {name!r} without live weights; the largest feasible "
+                f"sparsity for it is {math.floor(largest * 1e4) / 1e4}."
+            )
+    return densities
+
+
+def _check_fraction(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{what} must be a fraction of zeros in [0, 1), got {value!r}.")
+
+
+def check_distribution(sparsity: float | None, distribution: Distribution) -> None:
+    """Checks what can be checked without a model.
+
+    Raises:
+        ValueError: sparsity outside [0, 1) (or set together with a mapping), an unknown distribution name,
+            or a mapping value outside [0, 1).
+    """
+    if isinstance(distribution, Mapping):
+        if sparsity is not None:
+            raise ValueError("sparsity must be left unset when distribution is a mapping: the mapping sets it.")
+        for name, value in distribution.items():
+            _check_fraction(value, f"Sparsity of {name!r}")
+        return
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"Unknown distribution {distribution!r}: use one of {DISTRIBUTIONS} or a mapping.")
+    _check_fraction(sparsity, "sparsity")
+
+
+def layer_densities(
+    model: nn.Module,
+    sparsity: float | None,
+    distribution: Distribution = "erk",
+    *,
+    dense: Sequence[str] = (),
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> dict[str, float]:
+    """Density (fraction of live weights) of every sparsified parameter of ``model``; no Trainer needed.
+
+    Args:
+        model: the network.
+        sparsity: target fraction of zeros over all sparsified weights, 0 <= S < 1 (None for a mapping).
+        distribution: "uniform", "er", "erk", or a mapping from parameter name to sparsity.
+        dense: glob patterns of sparsified parameters kept dense (counted in the budget under ER/ERK).
+        include: glob patterns replacing the default selection (conv and linear weights).
+        exclude: glob patterns removed from the selection (dense and outside the budget).
+
+    Raises:
+        ValueError: see ``densities_for_shapes`` and ``sparsifiable_parameters``.
+    """
+    params = sparsifiable_parameters(model, include=include, exclude=exclude)
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    return densities_for_shapes(shapes, sparsity, distribution, resolve_dense(list(shapes), dense))

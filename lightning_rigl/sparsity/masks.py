@@ -1,0 +1,79 @@
+"""Boolean masks (True = live connection) and applying mask changes to weights and optimizer state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_SEED_MASK = (1 << 63) - 1
+
+
+def generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator determined by ``seed`` and ``keys`` (e.g. step and layer index) alone.
+
+    Randomness derived this way is identical on every DDP rank and needs no state in checkpoints: a resumed
+    run draws the same numbers as an uninterrupted one.
+    """
+    return torch.Generator().manual_seed(hash((seed, *keys)) & _SEED_MASK)
+
+
+def random_mask(shape: torch.Size, n_live: int, gen: torch.Generator, device: torch.device) -> Tensor:
+    """A bool mask of ``shape`` with exactly ``n_live`` True entries at uniformly random positions."""
+    numel = shape.numel()
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[torch.randperm(numel, generator=gen)[:n_live]] = True
+    return mask.view(shape).to(device)
+
+
+@dataclass
+class MaskChange:
+    """Positions (flat, row-major indices into the parameter) whose connection died or was born."""
+
+    removed: Tensor
+    added: Tensor
+
+
+def _unravel(flat_index: Tensor, shape: torch.Size) -> tuple[Tensor, ...]:
+    # Indexing through unravelled coordinates works for any memory layout (channels_last included).
+    return torch.unravel_index(flat_index, shape)
+
+
+def param_state_tensors(optimizer: torch.optim.Optimizer, param: Tensor) -> list[Tensor]:
+    """The optimizer-state tensors of ``param`` that have its shape (momentum, Adam's m and v, ...)."""
+    state = optimizer.state.get(param, {})
+    return [value for value in state.values() if isinstance(value, Tensor) and value.shape == param.shape]
+
+
+@torch.no_grad()
+def apply_change(
+    param: Tensor,
+    change: MaskChange,
+    optimizer: torch.optim.Optimizer | None,
+    grow_values: Tensor | None = None,
+) -> None:
+    """Write a mask change into the weights and the optimizer state, in place.
+
+    Removed connections become 0. Added connections take ``grow_values`` (one per added index; None means
+    0). Every optimizer-state tensor of the parameter's shape is zeroed at both removed and added positions,
+    so a dead weight receives no update from stale momentum and a new one starts from a clean state.
+    """
+    shape = param.shape
+    param.index_put_(_unravel(change.removed, shape), param.new_zeros(()))
+    added = _unravel(change.added, shape)
+    param.index_put_(added, param.new_zeros(()) if grow_values is None else grow_values.to(param.dtype))
+    if optimizer is None:
+        return
+    touched = _unravel(torch.cat([change.removed, change.added]), shape)
+    for state in param_state_tensors(optimizer, param):
+        state.index_put_(touched, state.new_zeros(()))
+
+
+@torch.no_grad()
+def apply_mask(param: Tensor, mask: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """Zero ``param`` and its param-shaped optimizer state wherever ``mask`` is False, in place."""
+    param.mul_(mask)
+    if optimizer is not None:
+        for state in param_state_tensors(optimizer, param):
+            state.mul_(mask)

@@ -1,0 +1,84 @@
+"""Which parameters are sparsified.
+
+By default: the ``weight`` of every convolution (any dimensionality, transposed included) and every linear
+layer. Biases, normalisation layers and embeddings stay dense. Names are those of ``model.named_parameters()``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+SPARSIFIABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
+
+
+def _matching(names: Sequence[str], pattern: str) -> list[str]:
+    return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+
+
+def _check_patterns(names: Sequence[str], patterns: Sequence[str], option: str) -> None:
+    for pattern in patterns:
+        if not _matching(names, pattern):
+            raise ValueError(
+                f"{option} pattern {pattern!r} matches no parameter. Patterns are shell-style globs "
+                f"(fnmatch) over parameter names such as {list(names)[:3]}; fix or remove the pattern."
+            )
+
+
+def sparsifiable_parameters(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> dict[str, nn.Parameter]:
+    """Select the parameters to sparsify, in ``named_parameters()`` order.
+
+    Args:
+        model: the network.
+        include: glob patterns over parameter names. When given, exactly the matching parameters with at
+            least two dimensions are sparsified instead of the default conv/linear weights.
+        exclude: glob patterns over parameter names removed from the selection (kept dense and left out of
+            the sparsity budget).
+
+    Raises:
+        ValueError: a pattern matches no parameter, an included parameter has fewer than two dimensions,
+            or nothing is left to sparsify.
+    """
+    all_params = dict(model.named_parameters())
+    names = list(all_params)
+    if include is not None:
+        _check_patterns(names, include, "include")
+        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
+        too_flat = [n for n in chosen if all_params[n].dim() < 2]
+        if too_flat:
+            raise ValueError(
+                f"include selects parameters with fewer than two dimensions: {too_flat}. Only weight "
+                "matrices and kernels can be sparsified; narrow the include patterns."
+            )
+    else:
+        weight_ids = {
+            id(module.weight)
+            for module in model.modules()
+            if isinstance(module, SPARSIFIABLE_MODULES) and isinstance(module.weight, nn.Parameter)
+        }
+        chosen = [n for n in names if id(all_params[n]) in weight_ids]
+    _check_patterns(names, exclude, "exclude")
+    chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    if not chosen:
+        raise ValueError(
+            f"{type(model).__name__} has nothing to sparsify: no convolution or linear weight is left "
+            "after include/exclude. Check the model and the patterns."
+        )
+    return {name: all_params[name] for name in chosen}
+
+
+def resolve_dense(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
+    """Names among ``names`` matched by the ``dense`` glob patterns.
+
+    Raises:
+        ValueError: a pattern matches none of the sparsified parameters.
+    """
+    _check_patterns(names, patterns, "dense")
+    return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}

@@ -1,0 +1,89 @@
+"""A tiny conv + linear LightningModule, full-batch data and a `train` helper shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyNet(pl.LightningModule):
+    """conv(1→8, 3×3) → BN → conv(8→16, 3×3) → linear(16·4·4 → 32) → linear(32 → 4) on 1×8×8 inputs."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.05, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(), nn.AvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.optimizer_name, self.lr = optimizer, lr
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = self.parameters()
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(params, lr=self.lr / 10, weight_decay=1e-4)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr / 10, weight_decay=1e-2)
+        raise ValueError(self.optimizer_name)
+
+
+SPARSE_NAMES = ["features.0.weight", "features.3.weight", "classifier.1.weight", "classifier.3.weight"]
+
+
+def make_data(n: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=gen, dtype=dtype)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    return TensorDataset(x, y)
+
+
+def train(
+    callbacks: Sequence[pl.Callback],
+    model: pl.LightningModule | None = None,
+    steps: int = 12,
+    batch_size: int = 32,
+    data: TensorDataset | None = None,
+    model_factory: Callable[[], pl.LightningModule] = TinyNet,
+    **trainer_kwargs: object,
+) -> pl.Trainer:
+    """Fit ``model`` for ``steps`` optimizer steps on a fixed, unshuffled dataset (full batch by default)."""
+    torch.manual_seed(0)
+    model = model if model is not None else model_factory()
+    data = data if data is not None else make_data()
+    trainer_kwargs.setdefault("logger", False)
+    ckpt_path = trainer_kwargs.pop("ckpt_path", None)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=trainer_kwargs.pop("devices", 1),
+        callbacks=list(callbacks),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=batch_size, shuffle=False), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.fixture
+def tiny() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()

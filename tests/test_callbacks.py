@@ -1,0 +1,332 @@
+"""End-to-end behaviour of RigL, SET and Static on a real Trainer (CPU)."""
+
+from __future__ import annotations
+
+import csv
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins import MixedPrecision
+from pytorch_lightning.strategies import FSDPStrategy
+
+from conftest import SPARSE_NAMES, TinyNet, make_data, train
+from lightning_rigl import SET, RigL, Static
+from lightning_rigl.callbacks.sparse_training import _check_supported
+from lightning_rigl.sparsity import live_count
+from lightning_rigl.sparsity.masks import param_state_tensors
+
+METHODS = {"rigl": RigL, "set": SET}
+
+
+class Recorder(pl.Callback):
+    """Listed after the sparse callback: checks the invariants and keeps each step's masks."""
+
+    def __init__(self, sparse: pl.Callback) -> None:
+        self.sparse = sparse
+        self.masks: list[dict[str, torch.Tensor]] = []
+        self.previous: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.previous = {n: m.clone() for n, m in self.sparse.masks.items()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # Runs right after the sparse callback's update: new connections must start clean.
+        for name, mask in self.sparse.masks.items():
+            param = pl_module.get_parameter(name)
+            new = mask & ~self.previous[name]
+            assert (param.detach()[new] == 0).all(), f"{name}: a new connection has a non-zero weight"
+            for state in param_state_tensors(optimizer, param):
+                assert (state[new] == 0).all(), f"{name}: a new connection has stale optimizer state"
+            assert (param.grad[~mask] == 0).all(), f"{name}: a dead weight has a gradient"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for name, mask in self.sparse.masks.items():
+            param = pl_module.get_parameter(name).detach()
+            assert (param[~mask] == 0).all(), f"{name}: a dead weight moved at step {trainer.global_step}"
+            assert int(mask.sum()) == live_count(param.numel(), self.sparse.densities[name]), name
+        self.previous = {n: m.clone() for n, m in self.sparse.masks.items()}
+        self.masks.append(self.previous)
+
+
+def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
+    return sum(int((a[n] != b[n]).sum()) for n in a)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_dead_weights_stay_zero_and_counts_stay_exact(method, optimizer):
+    sparse = METHODS[method](sparsity=0.8, update_interval=3, drop_fraction=0.5, stop_at=1.0)
+    recorder = Recorder(sparse)
+    train([sparse, recorder], model=TinyNet(optimizer=optimizer), steps=13)
+    assert sparse.num_updates == 4  # steps 3, 6, 9, 12
+    changes = [_changed(a, b) for a, b in zip(recorder.masks, recorder.masks[1:])]
+    update_steps = [i + 1 for i, c in enumerate(changes) if c]
+    assert update_steps == [3, 6, 9, 12], "masks must change exactly at update steps"
+
+
+def test_masks_freeze_after_stop_at():
+    sparse = RigL(sparsity=0.8, update_interval=2, drop_fraction=0.5, drop_schedule="constant", stop_at=0.5)
+    recorder = Recorder(sparse)
+    train([sparse, recorder], steps=12)
+    assert sparse.stop_step == 6 and sparse.num_updates == 2  # steps 2 and 4
+    assert all(_changed(a, b) == 0 for a, b in zip(recorder.masks[5:], recorder.masks[6:]))
+
+
+def test_static_never_changes_and_keeps_dead_weights_zero():
+    sparse = Static(sparsity=0.9, distribution="uniform")
+    recorder = Recorder(sparse)
+    train([sparse, recorder], model=TinyNet(optimizer="adamw"), steps=6)
+    assert all(_changed(recorder.masks[0], m) == 0 for m in recorder.masks)
+    assert sparse.masks["features.0.weight"].all()  # uniform keeps the first layer dense
+
+
+def test_rigl_grows_where_the_accumulated_gradient_is_largest():
+    class GrowthSpy(pl.Callback):
+        """Before RigL: remembers the gradient RigL is about to read."""
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 4:
+                self.grads = {n: pl_module.get_parameter(n).grad.clone() for n in SPARSE_NAMES}
+                self.masks = {n: m.clone() for n, m in rigl.masks.items()}
+
+    spy = GrowthSpy()
+    rigl = RigL(sparsity=0.8, update_interval=4, drop_fraction=0.3, stop_at=100)
+    train([spy, rigl], steps=5)
+    name = "classifier.1.weight"
+    old, new, grad = spy.masks[name], rigl.masks[name], spy.grads[name].abs()
+    grown = new & ~old
+    assert grown.any()
+    # Every newly grown position beats every position that stayed dead.
+    assert grad[grown].min() >= grad[~new].max()
+
+
+def test_accumulated_micro_batches_update_like_one_large_batch():
+    class NoBatchNormNet(TinyNet):
+        def __init__(self):
+            super().__init__(dtype=torch.float64)
+            self.features[1] = torch.nn.Identity()  # batch statistics differ between micro-batches
+
+    def run(accumulate, batch_size):
+        rigl = RigL(sparsity=0.8, update_interval=2, drop_fraction=0.5, stop_at=100)
+        train([rigl], model_factory=NoBatchNormNet, steps=3, batch_size=batch_size,
+              data=make_data(32, dtype=torch.float64), accumulate_grad_batches=accumulate)
+        return rigl
+
+    full, accumulated = run(1, 32), run(4, 8)
+    assert full.num_updates == accumulated.num_updates == 1
+    for name in SPARSE_NAMES:
+        assert torch.equal(full.masks[name], accumulated.masks[name]), name
+    single_micro_batch = run(1, 8)
+    assert any(not torch.equal(full.masks[n], single_micro_batch.masks[n]) for n in SPARSE_NAMES)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAfter(pl.Callback):
+    """Saves a checkpoint after optimizer step ``step``, then kills the run."""
+
+    def __init__(self, step: int, path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            raise Crash
+
+
+@pytest.mark.parametrize("crash_step", [6, 7])  # right after an update, and between updates
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_resume_matches_uninterrupted_run(tmp_path, method, crash_step):
+    def make():
+        return METHODS[method](sparsity=0.8, update_interval=3, drop_fraction=0.5, stop_at=1.0, grow_init="normal")
+
+    straight_cb = make()
+    straight = train([straight_cb], steps=14, max_epochs=-1).lightning_module
+
+    ckpt = tmp_path / "crash.ckpt"
+    with pytest.raises(Crash):
+        train([make(), CrashAfter(crash_step, ckpt)], steps=14, max_epochs=-1)
+
+    resumed_cb = make()
+    torch.manual_seed(1)  # fresh weights and a fresh callback: everything must come from the checkpoint
+    resumed = TinyNet()
+    train([resumed_cb], model=resumed, steps=14, max_epochs=-1, ckpt_path=str(ckpt))
+
+    assert resumed_cb.num_updates == straight_cb.num_updates == 4
+    for name in SPARSE_NAMES:
+        assert torch.equal(resumed_cb.masks[name], straight_cb.masks[name]), name
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    state = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert any("masks" in s for s in state.values())
+
+
+class NaNInjector(pl.Callback):
+    """Before the sparse callback: puts a NaN at one dead position of a gradient on chosen steps."""
+
+    def __init__(self, sparse: pl.Callback, steps: set[int]) -> None:
+        self.sparse, self.steps = sparse, steps
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step in self.steps:
+            name = "classifier.1.weight"
+            dead = (~self.sparse.masks[name]).nonzero()[0]
+            pl_module.get_parameter(name).grad[tuple(dead)] = float("nan")
+
+
+def test_non_finite_gradient_postpones_the_update():
+    rigl = RigL(sparsity=0.8, update_interval=4, drop_fraction=0.5, stop_at=100)
+    recorder = Recorder(rigl)
+    with pytest.warns(UserWarning, match="postponed"):
+        train([NaNInjector(rigl, {4, 5}), rigl, recorder], steps=8)
+    changes = [_changed(a, b) for a, b in zip(recorder.masks, recorder.masks[1:])]
+    assert [i + 1 for i, c in enumerate(changes) if c] == [6], "the update waits for the first finite step"
+    assert rigl.num_updates == 1
+
+
+def test_nan_at_dead_position_never_reaches_weights():
+    rigl = Static(sparsity=0.8)
+    model = TinyNet()
+    train([NaNInjector(rigl, {1, 2, 3}), rigl], model=model, steps=5)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class GradientSpy(pl.Callback):
+    """Listed before the sparse callback: records, per step, whether gradients are finite and one gradient."""
+
+    def __init__(self) -> None:
+        self.finite: list[bool] = []
+        self.grads: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.finite.append(all(bool(torch.isfinite(g).all()) for g in grads))
+        self.grads.append(pl_module.get_parameter("classifier.1.weight").grad.clone())
+
+
+def test_fp16_grad_scaler_overflow_defers_update_to_first_finite_unscaled_gradient():
+    # A huge initial loss scale overflows fp16 until the scaler has backed off; those steps are skipped.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-10, growth_interval=1000)
+    spy, rigl = GradientSpy(), RigL(sparsity=0.8, update_interval=2, drop_fraction=0.5, stop_at=100)
+    recorder = Recorder(rigl)
+    with pytest.warns(UserWarning, match="postponed"):
+        train([spy, rigl, recorder], steps=6, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    first_finite = spy.finite.index(True)
+    assert first_finite >= 2, "the test needs at least one overflowing update step"
+    changes = [_changed(a, b) for a, b in zip([recorder.masks[0]] + recorder.masks, recorder.masks)]
+    assert [i for i, c in enumerate(changes) if c][0] == first_finite
+    # Skipped steps left the weights at their start, so the first finite gradient is the fp32 one of step 0,
+    # unscaled: it must match the fp32 run up to fp16 rounding, not be 2**k times larger.
+    fp32_spy = GradientSpy()
+    train([fp32_spy, Static(sparsity=0.8)], steps=1)
+    reference = fp32_spy.grads[0]
+    got = spy.grads[first_finite]
+    assert (got - reference).abs().max() <= 1e-2 * reference.abs().max()
+
+
+def test_bf16_mixed_precision_runs_with_exact_invariants():
+    sparse = RigL(sparsity=0.8, update_interval=2, stop_at=1.0)
+    train([sparse, Recorder(sparse)], steps=5, precision="bf16-mixed")
+    assert sparse.num_updates == 2
+
+
+def test_logs_densities_drop_fraction_and_changes(tmp_path):
+    rigl = RigL(sparsity=0.8, update_interval=2, drop_fraction=0.3, stop_at=1.0)
+    train([rigl], steps=5, logger=CSVLogger(tmp_path, name="run"))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    columns = set(rows[0])
+    assert {"sparsity/density", "sparsity/drop_fraction", "sparsity/changed"} <= columns
+    assert {f"sparsity/density/{n}" for n in SPARSE_NAMES} <= columns
+    fractions = [float(r["sparsity/drop_fraction"]) for r in rows if r["sparsity/drop_fraction"]]
+    assert fractions[0] == pytest.approx(0.15 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 5)).item()))
+    changed = [float(r["sparsity/changed"]) for r in rows if r["sparsity/changed"]]
+    assert changed and all(c > 0 for c in changed)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0}, "in \\[0, 1\\)"),
+        ({"sparsity": 0.9, "distribution": "gaussian"}, "Unknown distribution"),
+        ({"sparsity": 0.9, "update_interval": 0}, "update_interval"),
+        ({"sparsity": 0.9, "drop_fraction": 1.5}, "drop_fraction"),
+        ({"sparsity": 0.9, "drop_schedule": "step"}, "drop_schedule"),
+        ({"sparsity": 0.9, "stop_at": 1.5}, "stop_at"),
+        ({"sparsity": 0.9, "stop_at": 0}, "stop_at"),
+        ({"sparsity": 0.9, "grow_init": "ones"}, "grow_init"),
+    ],
+)
+def test_bad_options_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RigL(**kwargs)
+
+
+def test_pattern_matching_nothing_fails_before_training():
+    with pytest.raises(ValueError, match="matches no parameter"):
+        train([RigL(sparsity=0.9, exclude=["encoder.*"])], steps=1)
+
+
+def test_model_with_nothing_to_sparsify_fails():
+    class NormOnly(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.features, self.classifier = torch.nn.Flatten(), torch.nn.Sequential(torch.nn.BatchNorm1d(64))
+
+    with pytest.raises(ValueError, match="nothing to sparsify"):
+        train([Static(sparsity=0.9)], model=NormOnly(), steps=1)
+
+
+def test_manual_optimization_fails():
+    class Manual(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(RuntimeError, match="automatic optimization"):
+        train([RigL(sparsity=0.9)], model=Manual(), steps=1)
+
+
+def test_two_optimizers_fail():
+    class TwoOptimizers(TinyNet):
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.features.parameters(), lr=0.1),
+                    torch.optim.SGD(self.classifier.parameters(), lr=0.1)]
+
+        def training_step(self, batch, batch_idx):
+            return None
+
+    # Lightning refuses this itself under automatic optimization; either way it fails before any step.
+    with pytest.raises(Exception, match="optimizer"):
+        train([RigL(sparsity=0.9)], model=TwoOptimizers(), steps=1)
+
+
+def test_parameter_outside_the_optimizer_fails():
+    class Partial(TinyNet):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.classifier.parameters(), lr=0.1)
+
+    with pytest.raises(RuntimeError, match="not trained by the optimizer"):
+        train([RigL(sparsity=0.9)], model=Partial(), steps=1)
+
+
+def test_fraction_stop_at_needs_a_run_length():
+    with pytest.raises(ValueError, match="no known length"):
+        train([RigL(sparsity=0.9)], steps=-1, max_epochs=-1, max_time="00:00:00:01")
+
+
+def test_sharding_strategies_are_refused():
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(RuntimeError, match="FSDPStrategy is not supported"):
+        _check_supported(trainer, TinyNet())
+
+
+def test_resume_with_other_sparsity_fails(tmp_path):
+    trainer = train([RigL(sparsity=0.8, stop_at=1.0)], steps=2)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    with pytest.raises(RuntimeError, match="do not fit this configuration"):
+        train([RigL(sparsity=0.5, stop_at=1.0)], steps=4, ckpt_path=str(tmp_path / "a.ckpt"))

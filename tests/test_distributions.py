@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import SPARSE_NAMES, TinyNet
+from lightning_rigl.sparsity import densities_for_shapes, layer_densities, live_count, sparsifiable_parameters
+
+SHAPES = {"a": (2, 2), "b": (10, 10), "c": (20, 10)}  # 4, 100 and 200 weights
+
+
+def test_erk_matches_hand_computation_with_overflow():
+    # Raw ERK scores: a 4/4 = 1, b 20/100 = 0.2, c 30/200 = 0.15. Budget at S = 0.5: 152 live weights.
+    # First pass: ε = 152 / (4 + 20 + 30) = 2.81, so a would exceed density 1 and becomes dense.
+    # Second pass: budget 150 - 4·0.5 = 148 over divisor 50: ε = 2.96; b = 0.592, c = 0.444.
+    densities = densities_for_shapes(SHAPES, 0.5, "erk")
+    assert densities == pytest.approx({"a": 1.0, "b": 0.592, "c": 0.444})
+    assert sum(densities[n] * math.prod(s) for n, s in SHAPES.items()) == pytest.approx(152)
+
+
+def test_overflow_makes_every_tied_layer_dense_at_once():
+    shapes = {"x": (2, 2), "y": (2, 2), "z": (40, 40)}
+    densities = densities_for_shapes(shapes, 0.5, "erk")
+    assert densities["x"] == densities["y"] == 1.0
+    assert densities["z"] == pytest.approx((0.5 * 1608 - 8) / 1600)
+
+
+def test_er_ignores_kernel_size():
+    shapes = {"conv": (8, 4, 3, 3), "fc": (16, 8)}
+    d = densities_for_shapes(shapes, 0.8, "er")
+    assert d["conv"] / d["fc"] == pytest.approx(((8 + 4) / 32) / ((16 + 8) / 128))
+    budget = sum(d[n] * math.prod(s) for n, s in shapes.items())
+    assert budget == pytest.approx(0.2 * (288 + 128))
+
+
+def test_uniform_keeps_first_layer_dense():
+    assert densities_for_shapes(SHAPES, 0.9, "uniform") == pytest.approx({"a": 1.0, "b": 0.1, "c": 0.1})
+
+
+def test_dense_layers_count_against_the_erk_budget():
+    d = densities_for_shapes({"b": (10, 10), "c": (20, 10)}, 0.5, "erk", dense=["b"])
+    assert d["b"] == 1.0
+    assert d["c"] * 200 == pytest.approx(150 - 100)
+
+
+def test_mapping_sets_each_layer():
+    mapping = {"a": 0.0, "b": 0.5, "c": 0.95}
+    assert densities_for_shapes(SHAPES, None, mapping) == pytest.approx({"a": 1.0, "b": 0.5, "c": 0.05})
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "er", "erk", {n: 0.7 for n in SPARSE_NAMES}])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_live_counts_are_exact_floors(distribution, sparsity):
+    model = TinyNet()
+    sparsity_arg = None if isinstance(distribution, dict) else sparsity
+    densities = layer_densities(model, sparsity_arg, distribution)
+    assert list(densities) == SPARSE_NAMES
+    for name, density in densities.items():
+        numel = model.get_parameter(name).numel()
+        assert live_count(numel, density) == numel - math.floor(round((1 - density) * numel, 6))
+
+
+def test_live_count_resists_float_error():
+    assert 0.29 * 100 < 29  # the float product the tolerance guards against
+    assert live_count(100, 0.71) == 71
+    assert live_count(10, 0.1) == 1
+
+
+def test_only_conv_and_linear_weights_are_selected():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Conv1d(4, 4, 3), nn.BatchNorm1d(4))
+    assert list(sparsifiable_parameters(model)) == ["1.weight", "3.weight"]
+
+
+def test_include_and_exclude_patterns():
+    model = TinyNet()
+    assert list(sparsifiable_parameters(model, exclude=["classifier.*"])) == SPARSE_NAMES[:2]
+    assert list(sparsifiable_parameters(model, include=["classifier.*.weight"])) == SPARSE_NAMES[2:]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0}, "in \\[0, 1\\)"),
+        ({"sparsity": -0.1}, "in \\[0, 1\\)"),
+        ({"sparsity": 0.5, "distribution": "erdos"}, "Unknown distribution"),
+        ({"sparsity": 0.5, "exclude": ["nope*"]}, "exclude pattern 'nope\\*' matches no parameter"),
+        ({"sparsity": 0.5, "include": ["features.1.*"]}, "fewer than two dimensions"),
+        ({"sparsity": 0.5, "dense": ["missing"]}, "dense pattern 'missing'"),
+        ({"sparsity": 0.5, "exclude": ["*"]}, "nothing to sparsify"),
+        ({"sparsity": 0.5, "distribution": {"features.0.weight": 0.5}}, "sparsity must be left unset"),
+        ({"sparsity": None, "distribution": {"features.0.weight": 0.5}}, "missing: \\['classifier"),
+        ({"sparsity": None, "distribution": {n: 1.0 for n in SPARSE_NAMES}}, "in \\[0, 1\\)"),
+    ],
+)
+def test_bad_requests_fail_with_advice(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        layer_densities(TinyNet(), **kwargs)
+
+
+def test_infeasible_request_names_layer_and_largest_sparsity():
+    # "c" kept dense holds 200 of 304 weights, so the sparsity must stay below 1 - 200/304 = 0.34210.
+    with pytest.raises(ValueError, match=r"\['c'\].*largest feasible sparsity here is 0\.342") as error:
+        densities_for_shapes(SHAPES, 0.5, "erk", dense=["c"])
+    best = float(str(error.value).split("here is ")[1].split(";")[0])
+    densities_for_shapes(SHAPES, best, "erk", dense=["c"])  # the advice itself is feasible
+

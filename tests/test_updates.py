@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+
+from lightning_rigl.sparsity import MaskChange, apply_change, drop_and_grow, drop_fraction, is_update_step
+from lightning_rigl.sparsity import random_mask, top_k_indices
+from lightning_rigl.sparsity.masks import generator
+from lightning_rigl.sparsity.schedules import resolve_stop_step
+
+# A 4×4 layer with 6 live weights; dropping 2 removes the smallest |w| (0.1 at (0,1), -0.2 at (2,2)).
+WEIGHTS = torch.tensor(
+    [[0.9, 0.1, 0.0, 0.0], [0.0, -0.7, 0.0, 0.0], [0.0, 0.0, -0.2, 0.0], [0.5, 0.0, 0.0, -0.4]]
+)
+MASK = WEIGHTS != 0
+GRADS = torch.tensor(
+    [[0.0, 0.3, 0.8, 0.1], [0.2, 0.0, 0.1, -0.9], [0.1, 0.0, 5.0, 0.1], [0.0, 0.2, -0.6, 0.0]]
+)
+
+
+def _flat(*cells):
+    return sorted(r * 4 + c for r, c in cells)
+
+
+def test_drop_smallest_magnitude_grow_largest_gradient():
+    mask = MASK.clone()
+    change = drop_and_grow(mask, WEIGHTS, GRADS.abs(), n_swap=2)
+    # (2,2) has the largest |g| overall but was just dropped: it is regrown and keeps its weight, so the
+    # second grown position is the largest |g| elsewhere among non-kept positions: -0.9 at (1,3).
+    assert sorted(change.removed.tolist()) == _flat((0, 1))
+    assert sorted(change.added.tolist()) == _flat((1, 3))
+    expected = MASK.clone()
+    expected[0, 1], expected[1, 3] = False, True
+    assert torch.equal(mask, expected)
+
+
+def test_count_is_preserved_and_grown_come_from_non_kept():
+    gen = torch.Generator().manual_seed(1)
+    weights = torch.randn(300, 400, generator=gen)
+    mask = random_mask(weights.shape, 12_000, gen, torch.device("cpu"))
+    before = mask.clone()
+    change = drop_and_grow(mask, weights * mask, torch.rand(weights.shape, generator=gen), n_swap=3_000)
+    assert int(mask.sum()) == 12_000
+    assert before.view(-1)[change.removed].all() and not mask.view(-1)[change.removed].any()
+    assert not before.view(-1)[change.added].any() and mask.view(-1)[change.added].all()
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("numel,k", [(100, 7), (300_000, 1), (300_000, 9_000), (300_000, 140_000)])
+def test_top_k_indices_matches_topk(numel, k, largest):
+    scores = torch.randn(numel, generator=torch.Generator().manual_seed(numel + k))
+    got = top_k_indices(scores, k, largest=largest)
+    assert got.numel() == k
+    expected = torch.topk(scores, k, largest=largest).values
+    assert torch.equal(scores[got].sort().values, expected.sort().values)
+
+
+def test_top_k_indices_with_ties_and_misleading_sample():
+    # Every sampled entry (stride numel // 2**14) is large, the true top-k lies elsewhere: the fallback runs.
+    scores = torch.zeros(2**18)
+    scores[:: 2**18 // 2**14] = 1.0
+    scores[1:40:2] = 5.0
+    got = top_k_indices(scores, 20)
+    assert torch.equal(got.sort().values, torch.arange(1, 40, 2))
+    assert top_k_indices(torch.zeros(2**18), 1000).unique().numel() == 1000
+
+
+def test_apply_change_resets_weights_and_every_state_tensor():
+    param = torch.nn.Parameter(torch.ones(3, 4))
+    optimizer = torch.optim.Adam([param], amsgrad=True)
+    param.grad = torch.ones(3, 4)
+    optimizer.step()
+    change = MaskChange(removed=torch.tensor([0, 5]), added=torch.tensor([7]))
+    apply_change(param, change, optimizer, grow_values=torch.tensor([0.25]))
+    flat = param.detach().view(-1)
+    assert flat[0] == 0 and flat[5] == 0 and flat[7] == 0.25
+    state = optimizer.state[param]
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert (state[key].view(-1)[[0, 5, 7]] == 0).all(), key
+        assert (state[key].view(-1)[[1, 2, 3]] != 0).all(), key
+
+
+def test_apply_change_works_on_channels_last():
+    param = torch.nn.Parameter(torch.ones(2, 3, 2, 2).to(memory_format=torch.channels_last))
+    apply_change(param, MaskChange(removed=torch.tensor([1]), added=torch.tensor([], dtype=torch.long)), None)
+    assert param.detach().reshape(-1)[1] == 0 and param.detach().sum() == 23
+
+
+def test_random_mask_has_exact_count_and_depends_on_seed_only():
+    a = random_mask(torch.Size([50, 7]), 33, generator(3, 0, 1), torch.device("cpu"))
+    b = random_mask(torch.Size([50, 7]), 33, generator(3, 0, 1), torch.device("cpu"))
+    c = random_mask(torch.Size([50, 7]), 33, generator(4, 0, 1), torch.device("cpu"))
+    assert int(a.sum()) == 33 and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_drop_fraction_schedules():
+    assert drop_fraction(0, 0.3, 1000, "cosine") == pytest.approx(0.3)
+    assert drop_fraction(500, 0.3, 1000, "cosine") == pytest.approx(0.15)
+    assert drop_fraction(250, 0.3, 1000, "cosine") == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
+    assert drop_fraction(250, 0.3, 1000, "linear") == pytest.approx(0.225)
+    assert drop_fraction(999, 0.3, 1000, "constant") == 0.3
+    assert drop_fraction(1000, 0.3, 1000, "constant") == 0.0
+
+
+def test_update_cadence_and_stop_step():
+    assert [s for s in range(500) if is_update_step(s, 100, 350)] == [100, 200, 300]
+    assert resolve_stop_step(0.75, 1000) == 750
+    assert resolve_stop_step(300, 1000) == 300
+    with pytest.raises(ValueError, match="no known length"):
+        resolve_stop_step(0.75, float("inf"))
