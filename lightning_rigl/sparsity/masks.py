@@ -35,9 +35,12 @@ class MaskChange:
     added: Tensor
 
 
-def _unravel(flat_index: Tensor, shape: torch.Size) -> tuple[Tensor, ...]:
-    # Indexing through unravelled coordinates works for any memory layout (channels_last included).
-    return torch.unravel_index(flat_index, shape)
+def _fill(tensor: Tensor, flat_index: Tensor, values: Tensor) -> None:
+    """``tensor.view(-1)[flat_index] = values`` for any memory layout (channels_last included)."""
+    if tensor.is_contiguous():
+        tensor.view(-1).index_put_((flat_index,), values)
+    else:
+        tensor.index_put_(torch.unravel_index(flat_index, tensor.shape), values)
 
 
 def param_state_tensors(optimizer: torch.optim.Optimizer, param: Tensor) -> list[Tensor]:
@@ -59,15 +62,14 @@ def apply_change(
     0). Every optimizer-state tensor of the parameter's shape is zeroed at both removed and added positions,
     so a dead weight receives no update from stale momentum and a new one starts from a clean state.
     """
-    shape = param.shape
-    param.index_put_(_unravel(change.removed, shape), param.new_zeros(()))
-    added = _unravel(change.added, shape)
-    param.index_put_(added, param.new_zeros(()) if grow_values is None else grow_values.to(param.dtype))
+    zero = param.new_zeros(())
+    _fill(param, change.removed, zero)
+    _fill(param, change.added, zero if grow_values is None else grow_values.to(param.dtype))
     if optimizer is None:
         return
-    touched = _unravel(torch.cat([change.removed, change.added]), shape)
+    touched = torch.cat([change.removed, change.added])
     for state in param_state_tensors(optimizer, param):
-        state.index_put_(touched, state.new_zeros(()))
+        _fill(state, touched, state.new_zeros(()))
 
 
 @torch.no_grad()
