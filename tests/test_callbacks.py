@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import SPARSE_NAMES, TinyNet, make_data, train
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import FSDPStrategy
 
-from conftest import SPARSE_NAMES, TinyNet, make_data, train
 from lightning_rigl import SET, RigL, Static
 from lightning_rigl.callbacks.sparse_training import _check_supported
 from lightning_rigl.sparsity import live_count

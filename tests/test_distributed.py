@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import SPARSE_NAMES, TinyNet, make_data
 from torch.utils.data import DataLoader
 
-from conftest import SPARSE_NAMES, TinyNet, make_data
 from lightning_rigl import SET, RigL
 
 

@@ -1,10 +1,9 @@
 import math
 
 import pytest
-import torch
+from conftest import SPARSE_NAMES, TinyNet
 from torch import nn
 
-from conftest import SPARSE_NAMES, TinyNet
 from lightning_rigl.sparsity import densities_for_shapes, layer_densities, live_count, sparsifiable_parameters
 
 SHAPES = {"a": (2, 2), "b": (10, 10), "c": (20, 10)}  # 4, 100 and 200 weights

@@ -3,8 +3,15 @@ import math
 import pytest
 import torch
 
-from lightning_rigl.sparsity import MaskChange, apply_change, drop_and_grow, drop_fraction, is_update_step
-from lightning_rigl.sparsity import random_mask, top_k_indices
+from lightning_rigl.sparsity import (
+    MaskChange,
+    apply_change,
+    drop_and_grow,
+    drop_fraction,
+    is_update_step,
+    random_mask,
+    top_k_indices,
+)
 from lightning_rigl.sparsity.masks import generator
 from lightning_rigl.sparsity.schedules import resolve_stop_step
 
