@@ -9,24 +9,14 @@ layer for drop and for grow). Prints the median of several runs and the ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torchvision
+from timing import median_seconds
 
 from lightning_rigl.callbacks.dynamic import _gradients_finite
 from lightning_rigl.sparsity import drop_and_grow, layer_densities, live_count, random_mask
 from lightning_rigl.sparsity.masks import apply_change, generator
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -70,8 +60,8 @@ def main() -> None:
             grow_scores = torch.where(kept, -1.0, param.grad.abs().view(-1))
             torch.topk(grow_scores, n_swap).indices
 
-    ours = _median_seconds(lightning_rigl_update, args.repeats)
-    baseline = _median_seconds(full_topk_update, args.repeats)
+    ours = median_seconds(lightning_rigl_update, args.repeats)
+    baseline = median_seconds(full_topk_update, args.repeats)
     print(f"ResNet-50, {n_weights / 1e6:.1f}M sparsified weights, sparsity {args.sparsity} {args.distribution}, "
           f"drop fraction {args.drop_fraction}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"  lightning-rigl update (with finiteness check):  {ours:.3f} s")

@@ -10,11 +10,10 @@ training step (forward, backward, SGD step) and the median time of the callback'
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import pytorch_lightning as pl
 import torch
+from timing import median_seconds
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -41,15 +40,6 @@ class SmallConvNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
@@ -71,8 +61,8 @@ def main() -> None:
         optimizer.step()
 
     training_step()
-    step = _median_seconds(training_step, args.repeats)
-    hook = _median_seconds(lambda: rigl.on_before_optimizer_step(trainer, model, optimizer), args.repeats * 10)
+    step = median_seconds(training_step, args.repeats)
+    hook = median_seconds(lambda: rigl.on_before_optimizer_step(trainer, model, optimizer), args.repeats * 10)
     n_sparse = sum(m.numel() for m in rigl.masks.values())
     print(f"Small conv net ({n_sparse / 1e6:.2f}M sparsified weights), batch 128, {torch.get_num_threads()} threads")
     print(f"  training step (forward, backward, SGD):  {step * 1e3:.2f} ms (median of {args.repeats})")
