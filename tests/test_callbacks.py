@@ -15,7 +15,7 @@ from pytorch_lightning.strategies import FSDPStrategy
 
 from lightning_rigl import SET, RigL, Static
 from lightning_rigl.callbacks.sparse_training import _check_supported
-from lightning_rigl.sparsity import live_count
+from lightning_rigl.sparsity import MaskChange, live_count
 from lightning_rigl.sparsity.masks import param_state_tensors
 
 METHODS = {"rigl": RigL, "set": SET}
@@ -332,3 +332,19 @@ def test_resume_with_other_sparsity_fails(tmp_path):
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     with pytest.raises(RuntimeError, match="do not fit this configuration"):
         train([RigL(sparsity=0.5, stop_at=1.0)], steps=4, ckpt_path=str(tmp_path / "a.ckpt"))
+
+
+@pytest.mark.parametrize("grow_init", ["normal", "uniform"])
+def test_grow_init_draws_follow_the_layer_statistics(grow_init):
+    weights = torch.randn(200, 100, generator=torch.Generator().manual_seed(0)) * 0.3
+    added = torch.arange(0, 20_000, 2)
+    change = MaskChange(removed=torch.empty(0, dtype=torch.long), added=added)
+    values = RigL(sparsity=0.5, grow_init=grow_init)._grow_values(weights, change, step=100, layer_index=0)
+    assert values.shape == (added.numel(),)
+    if grow_init == "normal":  # official: std of the layer's weights
+        assert values.std().item() == pytest.approx(weights.std().item(), rel=0.05)
+    else:  # official: uniform within ± mean |w|
+        bound = weights.abs().mean().item()
+        assert values.abs().max().item() <= bound and values.abs().max().item() > 0.95 * bound
+    again = RigL(sparsity=0.5, grow_init=grow_init)._grow_values(weights, change, step=100, layer_index=0)
+    assert torch.equal(values, again)  # seeded: the same on every rank and after a resume
