@@ -128,7 +128,7 @@ class DynamicSparseTraining(SparseTraining):
             apply_change(param, change, optimizer, self._grow_values(weights, change, step, index))
             changed += change.added.numel()
         self.num_updates += 1
-        self._sync_masks(trainer)
+        self._sync_masks(trainer, optimizer)
         self._log(trainer, {"sparsity/drop_fraction": fraction, "sparsity/changed": float(changed)})
 
     def _grow_values(self, weights: Tensor, change: MaskChange, step: int, layer_index: int) -> Tensor | None:

@@ -72,7 +72,6 @@ class SparseTraining(Callback):
         self.masks: dict[str, Tensor] = {}
         self.densities: dict[str, float] = {}
         self._params: dict[str, nn.Parameter] = {}
-        self._optimizer: torch.optim.Optimizer | None = None
         self._zero: dict[torch.device, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------- hooks
@@ -88,16 +87,16 @@ class SparseTraining(Callback):
         )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._optimizer = _single_optimizer(trainer)
+        optimizer = _single_optimizer(trainer)
         self._params = self._select(pl_module)
-        _check_optimized(self._params, self._optimizer)
+        _check_optimized(self._params, optimizer)
         if self.masks:
             self._adopt_existing_masks()
         else:
             self.masks = self._initial_masks()
-        self._sync_masks(trainer)
+        self._sync_masks(trainer, optimizer)
         for name, param in self._params.items():
-            apply_mask(param, self.masks[name], self._optimizer)
+            apply_mask(param, self.masks[name], optimizer)
         self._zero = {p.device: torch.zeros((), dtype=p.dtype, device=p.device) for p in self._params.values()}
         rank_zero_info(
             f"{type(self).__name__}: {len(self.masks)} sparse layers, global density {self.global_density():.4f}"
@@ -112,7 +111,7 @@ class SparseTraining(Callback):
         self._mask_gradients()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._params, self._optimizer = {}, None  # drop references to the model and optimizer
+        self._params = {}  # drop references to the model
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}}
@@ -173,7 +172,7 @@ class SparseTraining(Callback):
             if grad is not None:
                 torch.where(self.masks[name], grad, self._zero[grad.device], out=grad)
 
-    def _sync_masks(self, trainer: pl.Trainer) -> None:
+    def _sync_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """Under DDP, every rank adopts rank 0's masks: a guard, since seeded choices already agree."""
         if trainer.world_size == 1 or not dist.is_available() or not dist.is_initialized():
             return
@@ -189,7 +188,7 @@ class SparseTraining(Callback):
         )
         for (name, mask), chunk in zip(self.masks.items(), received.split([m.numel() for m in self.masks.values()])):
             mask.copy_(chunk.view(mask.shape).bool())
-            apply_mask(self._params[name], mask, self._optimizer)
+            apply_mask(self._params[name], mask, optimizer)
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         if trainer.is_global_zero:
