@@ -1,0 +1,137 @@
+"""What every data module shares: argument checks, the loaders, and the seeded validation hold-out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_rigl.errors import ConfigError
+
+
+def default_download_dir() -> Path:
+    """Where downloads go when ``data_dir`` is unset: ``$XDG_CACHE_HOME/lightning_rigl`` (``~/.cache/...``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning_rigl"
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Serves the train, validation and test sets that a subclass builds in ``_fit_sets`` and ``_test_set``.
+
+    Loaders add no sampler: under DDP, Lightning inserts a ``DistributedSampler`` itself, so ``batch_size``
+    is per process. Without a validation set ``val_dataloader`` returns ``[]``, which Lightning reads as zero
+    validation batches: it skips validation, after one warning ("Total length of `list` across ranks is zero")
+    when the model has a ``validation_step``.
+
+    Args:
+        data_dir: the dataset's folder; each subclass says what it must hold and what ``None`` means.
+        batch_size: images per batch and per process (DDP rank), >= 1.
+        num_workers: loader worker processes per process, >= 0 (0 loads in the main process).
+
+    Raises:
+        ConfigError: ``batch_size`` < 1 or ``num_workers`` < 0.
+    """
+
+    num_classes: int
+
+    def __init__(self, data_dir: str | None, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
+        self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _fit_sets(self) -> tuple[Dataset, Dataset | None]:
+        """The training set and the validation set (None: no validation)."""
+        raise NotImplementedError
+
+    def _test_set(self) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        # Lightning calls setup once per trainer.fit/validate/test: build each split only once, and only the
+        # splits the stage needs (listing ImageNet's train folder alone takes a while).
+        if stage in ("fit", "validate") and self.train_set is None:
+            self.train_set, self.val_set = self._fit_sets()
+        if stage == "test" and self.test_set is None:
+            self.test_set = self._test_set()
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("the data module is not set up: call setup() first (the Trainer does)")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            # Re-forking the workers every epoch costs seconds per epoch on small datasets.
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+def hold_out(size: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the training and validation parts of ``range(size)``, ``val_size`` of them for validation.
+
+    A generator seeded only by ``seed`` draws the split, so every run and every DDP rank holds out the same
+    images.
+    """
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:], order[:val_size]
+
+
+class HoldOutDataModule(ImageDataModule):
+    """A data module whose validation set, if any, is held out from the training split.
+
+    The held-out images come from ``_train_views()[1]``, the training split under the test-time transform,
+    so validation sees no augmentation.
+
+    Args:
+        data_dir, batch_size, num_workers: as in :class:`ImageDataModule`.
+        val_size: number of training images held out for validation, >= 0; 0 means no validation set.
+        seed: seeds the hold-out split only (the shuffling follows ``seed_everything``).
+
+    Raises:
+        ConfigError: ``val_size`` < 0 (here), or not smaller than the training split (at setup).
+    """
+
+    def __init__(self, data_dir: str | None, batch_size: int, num_workers: int, val_size: int, seed: int) -> None:
+        super().__init__(data_dir, batch_size, num_workers)
+        if val_size < 0:
+            raise ConfigError(f"data.val_size must be >= 0 (0: no validation set), got {val_size}.")
+        self.val_size = val_size
+        self.seed = seed
+
+    def _train_views(self) -> tuple[Dataset, Dataset]:
+        """The training split twice, index for index: with the training transform and with the test-time one."""
+        raise NotImplementedError
+
+    def _fit_sets(self) -> tuple[Dataset, Dataset | None]:
+        augmented, plain = self._train_views()
+        if self.val_size == 0:
+            return augmented, None
+        if self.val_size >= len(augmented):
+            raise ConfigError(
+                f"data.val_size={self.val_size} leaves no training images: the training split has "
+                f"{len(augmented)}; set data.val_size below that."
+            )
+        train_idx, val_idx = hold_out(len(augmented), self.val_size, self.seed)
+        return Subset(augmented, train_idx.tolist()), Subset(plain, val_idx.tolist())
