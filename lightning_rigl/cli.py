@@ -1,0 +1,104 @@
+"""The `lightning-rigl` command: LightningCLI over `ImageClassifier`, the data modules and the sparse callbacks.
+
+    lightning-rigl fit                                   # the default: RigL 90% ERK on Fashion-MNIST
+    lightning-rigl fit --config recipes/cifar10_wrn22_2/rigl_erk_s90.yaml [--multiplier 2]
+    lightning-rigl test --config <recipe> --ckpt_path <checkpoint>
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from importlib.resources import files
+
+import pytorch_lightning as pl
+from jsonargparse import Namespace
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from lightning_rigl.classifier import ImageClassifier
+from lightning_rigl.errors import ConfigError
+from lightning_rigl.summary import fit_summary
+
+DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class RigLCLI(LightningCLI):
+    """LightningCLI with the ``--multiplier`` of extended training and a summary after ``fit``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--multiplier", type=float, default=1.0,
+            help="Extended training (RigL 2x, 5x): multiplies every step count of the recipe: trainer.max_steps "
+            "and max_epochs, model.lr_milestones and warmup_steps, and a callback's stop_at when it is a step.",
+        )
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="After fit, test the final weights and print a summary.")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        scale_step_counts(config, config.multiplier)
+
+    def after_fit(self) -> None:
+        if not self.config.fit.test_after_fit:
+            return
+        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        if self.trainer.is_global_zero:
+            print(fit_summary(self.trainer, results[0] if results else {}))
+
+
+def scale_step_counts(config: Namespace, multiplier: float) -> None:
+    """Multiplies in place every step count of a parsed config by ``multiplier`` (rounded to whole steps).
+
+    The drop fraction's cadence (``update_interval``) stays: extended training makes more updates, as in the
+    official code. ``stop_at`` given as a fraction of the run already scales with the run.
+    """
+    if multiplier <= 0:
+        raise ConfigError(f"--multiplier must be > 0, got {multiplier}.")
+    if multiplier == 1:
+        return
+
+    def scaled(steps: int) -> int:
+        return max(1, round(steps * multiplier))
+
+    trainer, model = config.trainer, config.model
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        trainer.max_steps = scaled(trainer.max_steps)
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        trainer.max_epochs = scaled(trainer.max_epochs)
+    model.lr_milestones = [scaled(step) for step in model.lr_milestones]
+    model.warmup_steps = round(model.warmup_steps * multiplier)
+    for callback in trainer.callbacks or ():
+        stop_at = callback.init_args.get("stop_at") if isinstance(callback, Namespace) else None
+        if isinstance(stop_at, int) and not isinstance(stop_at, bool):
+            callback.init_args.stop_at = scaled(stop_at)
+
+
+def with_default_config(args: Sequence[str]) -> list[str]:
+    """``args`` with ``--config <the packaged default>`` after the subcommand when no config was given."""
+    args = list(args)
+    given = any(a in ("--config", "-c") or a.startswith("--config=") for a in args)
+    if given or not args or args[0] not in _SUBCOMMANDS:
+        return args
+    return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lightning-rigl`` console script. Configuration mistakes exit with status 2 and
+    the message of the error, without a traceback."""
+    argv = with_default_config(sys.argv[1:] if args is None else args)
+    try:
+        RigLCLI(
+            ImageClassifier,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            args=argv,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": __doc__.splitlines()[0]},
+        )
+    except ConfigError as error:
+        print(f"lightning-rigl: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+

@@ -1,0 +1,42 @@
+"""The text the command prints after training: test accuracy, achieved sparsity, density per layer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytorch_lightning as pl
+
+from lightning_rigl.callbacks import SparseTraining
+
+
+def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float]) -> str:
+    """A short report of a finished run. ``test_metrics`` is one dict of ``trainer.test``'s result (may be
+    empty when no test set was run)."""
+    lines = ["", "Summary"]
+    accuracy = ", ".join(f"{key.split('_')[-1]} {value:.4f}" for key, value in sorted(test_metrics.items())
+                         if key.startswith("test/acc"))
+    if accuracy:
+        lines.append(f"  test accuracy: {accuracy}")
+    total = sum(p.numel() for p in trainer.lightning_module.parameters())
+    sparse = [cb for cb in trainer.callbacks if isinstance(cb, SparseTraining)]
+    if not sparse:
+        lines.append(f"  dense training: {total:,} parameters")
+        return "\n".join(lines)
+    for callback in sparse:
+        lines.extend(_sparse_lines(callback, total))
+    return "\n".join(lines)
+
+
+def _sparse_lines(callback: SparseTraining, total: int) -> list[str]:
+    target = "a per-layer mapping" if callback.sparsity is None else f"{callback.sparsity} ({callback.distribution})"
+    updates = getattr(callback, "num_updates", None)
+    dead = sum(mask.numel() - int(mask.sum()) for mask in callback.masks.values())
+    lines = [
+        f"  {type(callback).__name__}: target sparsity {target}, achieved {1 - callback.global_density():.4f} "
+        f"over {len(callback.masks)} sparse layers" + ("" if updates is None else f", {updates} mask updates"),
+        f"  parameters: {total - dead:,} live of {total:,}",
+        f"  {'layer':<40} {'shape':<20} density",
+    ]
+    for name, mask in callback.masks.items():
+        lines.append(f"  {name:<40} {str(tuple(mask.shape)):<20} {float(mask.float().mean()):.4f}")
+    return lines
