@@ -65,9 +65,12 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.net = create_model(arch, num_classes=num_classes, width=width, **(arch_kwargs or {}))
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        # Top-5 needs at least 5 classes; torchmetrics syncs the counts across DDP ranks at compute().
+        # Top-5 needs at least 5 classes. "micro": the share of correct images, not the mean over classes.
+        # torchmetrics sums the counts over DDP ranks at compute().
         top_ks = (1, 5) if num_classes >= 5 else (1,)
-        accuracy = MetricCollection({f"acc_top{k}": MulticlassAccuracy(num_classes, top_k=k) for k in top_ks})
+        accuracy = MetricCollection(
+            {f"acc_top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_ks}
+        )
         self.val_metrics = accuracy.clone(prefix="val/")
         self.test_metrics = accuracy.clone(prefix="test/")
 
