@@ -52,7 +52,7 @@ class DynamicSparseTraining(SparseTraining):
         update_interval: int = 100,
         drop_fraction: float = 0.3,
         drop_schedule: str = "cosine",
-        stop_at: float | int = 0.75,
+        stop_at: int | float = 0.75,  # int first: LightningCLI tries a union in order, and 75000 is a step
         grow_init: str = "zeros",
         seed: int = 0,
     ) -> None:

@@ -31,7 +31,7 @@ def is_update_step(step: int, interval: int, stop_step: int) -> bool:
     return 0 < step < stop_step and step % interval == 0
 
 
-def resolve_stop_step(stop_at: float | int, total_steps: float) -> int:
+def resolve_stop_step(stop_at: int | float, total_steps: float) -> int:
     """T_end in optimizer steps: ``stop_at`` is a fraction of the run (a float in (0, 1]) or a step (int).
 
     Raises:
