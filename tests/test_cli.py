@@ -1,0 +1,147 @@
+"""The `lightning-rigl` command end to end: default run, recipes' step counts, errors, a two-process DDP run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from fake_datasets import write_fashion_mnist
+
+from lightning_rigl import ImageClassifier, RigL
+from lightning_rigl.cli import DEFAULT_CONFIG, RigLCLI, main, with_default_config
+from lightning_rigl.data import FashionMNISTDataModule
+
+REPO = Path(__file__).resolve().parents[1]
+# A small slice: a few steps, one batch of validation and test, nothing written outside tmp_path.
+QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.accelerator", "cpu"]
+
+
+@pytest.fixture
+def fashion_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # logs and checkpoints land in tmp_path/runs
+    root = tmp_path / "fashion"
+    write_fashion_mnist(root, n_train=160, n_test=40)
+    return root
+
+
+def frequent_updates(folder: Path, update_interval: int) -> Path:
+    """A config to stack on the default: its RigL with a short ΔT, so a tiny run updates the masks."""
+    path = folder / "frequent_updates.yaml"
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_rigl.RigL\n      init_args:\n"
+        f"        sparsity: 0.9\n        distribution: erk\n        update_interval: {update_interval}\n"
+    )
+    return path
+
+
+def test_default_fit_trains_rigl_at_90_percent_and_prints_a_summary(fashion_dir: Path, capsys) -> None:
+    main(["fit", "--config", str(DEFAULT_CONFIG), "--config", str(frequent_updates(fashion_dir, 5)),
+          "--data.data_dir", str(fashion_dir), "--data.val_size", "32", "--data.batch_size", "16",
+          "--trainer.max_epochs", "3", *QUICK])
+    out = capsys.readouterr().out
+    assert "test accuracy: top1" in out and "top5" in out
+    assert re.search(r"RigL: target sparsity 0\.9 \(erk\), achieved 0\.9000 over 3 sparse layers, [1-9]\d* mask updates",
+                     out), out
+    for name in ("net.features.0.weight", "net.features.2.weight", "net.classifier.weight"):
+        assert re.search(rf"{re.escape(name)}\s+\(\d+, \d+\)\s+[01]\.\d{{4}}", out), name
+    assert list(Path("runs").glob("*/version_0/metrics.csv")), "the CSV logger wrote no metrics"
+
+
+def test_default_config_is_inserted_only_without_a_config() -> None:
+    assert with_default_config(["fit"]) == ["fit", "--config", str(DEFAULT_CONFIG)]
+    assert with_default_config(["fit", "--trainer.max_steps", "3"])[1:3] == ["--config", str(DEFAULT_CONFIG)]
+    for given in (["fit", "--config", "x.yaml"], ["fit", "-c", "x.yaml"], ["fit", "--config=x.yaml"], ["--help"]):
+        assert with_default_config(given) == given
+
+
+def _parse(*args: str) -> RigLCLI:
+    return RigLCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, run=False,
+                   args=list(args), save_config_callback=None)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2, 5])
+def test_multiplier_scales_every_step_count_of_a_recipe(multiplier: int) -> None:
+    cli = _parse("--config", str(REPO / "recipes/cifar100_resnet50/rigl_erk_s90.yaml"),
+                 "--multiplier", str(multiplier), "--data.data_dir", "unused")
+    rigl = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RigL))
+    assert cli.trainer.max_steps == 88000 * multiplier
+    assert list(cli.model.hparams.lr_milestones) == [m * multiplier for m in (21760, 41760, 61760, 81760)]
+    assert cli.model.hparams.warmup_steps == 1760 * multiplier
+    assert rigl.stop_at == 66000 * multiplier
+    assert rigl.update_interval == 100  # ΔT stays, as in the official code
+
+
+def test_a_fractional_stop_at_is_left_to_scale_with_the_run() -> None:
+    cli = _parse("--config", str(DEFAULT_CONFIG), "--multiplier", "2")
+    rigl = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RigL))
+    assert rigl.stop_at == 0.75 and cli.trainer.max_epochs == 20
+
+
+def test_the_data_module_sets_the_number_of_classes() -> None:
+    cli = _parse("--config", str(REPO / "recipes/cifar100_resnet50/dense.yaml"), "--data.data_dir", "unused")
+    assert cli.model.hparams.num_classes == 100 and cli.model.net.fc.out_features == 100
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.arch", "resnet51"], r"Unknown model 'resnet51'.*wrn22_2"),
+        (["--multiplier", "0"], r"--multiplier must be > 0"),
+        (["--data.data_dir", "missing_dir"], r"dataset-fashion-mnist"),
+        (["--model.lr_milestones", "[5, 2]"], r"lr_milestones must be increasing"),
+    ],
+)
+def test_configuration_mistakes_exit_with_a_message_not_a_traceback(
+    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--trainer.max_steps", "1", *QUICK, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_a_key_the_recipe_does_not_have_is_refused_by_the_parser(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.learning_rate", "0.1"])
+    assert exit_info.value.code == 2
+    assert "learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_two_process_ddp_run_through_the_command(tmp_path: Path) -> None:
+    """`lightning-rigl fit --trainer.strategy ddp --trainer.devices 2` on the CPU (gloo): one summary, from rank 0,
+    whose test accuracy (synced over both ranks) equals a single-process test of the saved checkpoint."""
+    data = tmp_path / "fashion"
+    write_fashion_mnist(data, n_train=128, n_test=40)
+    command = [str(Path(sys.executable).with_name("lightning-rigl")), "fit", "--config", str(DEFAULT_CONFIG),
+               "--config", str(frequent_updates(tmp_path, 4)), "--data.data_dir", str(data),
+               "--data.val_size", "16", "--data.batch_size", "8", "--trainer.max_steps", "12",
+               "--trainer.strategy", "ddp",
+               "--trainer.devices", "2", *QUICK]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Summary") == 1
+    assert "achieved 0.9000" in result.stdout and "2 mask updates" in result.stdout
+    ddp_top1 = float(re.search(r"test accuracy: top1 (\d\.\d{4})", result.stdout).group(1))
+
+    (checkpoint,) = tmp_path.glob("runs/*/version_0/checkpoints/*.ckpt")
+    model = ImageClassifier.load_from_checkpoint(checkpoint, weights_only=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (single,) = trainer.test(model, datamodule=FashionMNISTDataModule(str(data), batch_size=8), verbose=False)
+    assert single["test/acc_top1"] == pytest.approx(ddp_top1, abs=1e-4)
+    callbacks = torch.load(checkpoint, weights_only=True)["callbacks"]
+    (rigl_state,) = [state for key, state in callbacks.items() if key.startswith("RigL")]
+    weights = model.state_dict()
+    for name, mask in rigl_state["masks"].items():
+        assert bool((weights[name][~mask] == 0).all()), f"{name}: a dead weight is not 0"

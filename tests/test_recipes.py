@@ -1,0 +1,77 @@
+"""Every recipe parses and trains a few steps through the command, on tiny data in the dataset's real format."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_datasets import allow_fake_cifar, write_cifar10, write_cifar100, write_imagenet_folder
+
+from lightning_rigl.cli import main
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ALL_RECIPES = sorted(RECIPES.glob("*/*.yaml"))
+
+# A few steps on tiny data: the recipe's model, method and schedule, with the step counts of a smoke test.
+SMOKE = ["--trainer.max_steps", "2", "--multiplier", "1", "--trainer.limit_val_batches", "1",
+         "--trainer.limit_test_batches", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+         "false", "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
+         "--data.num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """Per recipe folder, the arguments that point its data module at a tiny dataset."""
+    root = tmp_path_factory.mktemp("datasets")
+    write_cifar10(root / "cifar10", n_per_batch=4, n_test=4)
+    write_cifar100(root / "cifar100", n_train=20, n_test=4)
+    write_imagenet_folder(root / "imagenet", n_train=2, n_val=2, size=(40, 36))
+    cifar = ["--data.download", "false", "--data.batch_size", "4", "--data.val_size", "4"]
+    imagenet = ["--data.data_dir", str(root / "imagenet"), "--data.num_classes", "2", "--data.image_size", "32",
+                "--data.batch_size", "2", "--trainer.accumulate_grad_batches", "1"]
+    return {
+        "cifar10_wrn22_2": ["--data.data_dir", str(root / "cifar10"), *cifar],
+        "cifar100_resnet50": ["--data.data_dir", str(root / "cifar100"), *cifar],
+        "imagenet_resnet50": imagenet,
+        "imagenet_mobilenet_v1": imagenet,
+    }
+
+
+def test_recipes_are_what_the_generator_writes() -> None:
+    result = subprocess.run([sys.executable, str(RECIPES / "generate.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_there_is_a_recipe_per_table_row() -> None:
+    names = {f"{p.parent.name}/{p.stem}" for p in ALL_RECIPES}
+    for sparsity in ("s80", "s90"):  # reproducibility report, Tables 2 and 3
+        for folder in ("cifar10_wrn22_2", "cifar100_resnet50"):
+            for row in ("static_uniform", "static_erk", "set_uniform", "set_erk", "rigl_uniform", "rigl_erk",
+                        "small_dense"):
+                assert f"{folder}/{row}_{sparsity}" in names
+        assert f"cifar10_wrn22_2/rigl_erk_{sparsity}_2x" in names
+    for sparsity in ("s50", "s80", "s90", "s95"):  # the paper's CIFAR-10 table
+        assert {f"cifar10_wrn22_2/{r}" for r in (f"rigl_erk_{sparsity}", f"rigl_erk_{sparsity}_2x",
+                                                 f"static_erk_{sparsity}")} <= names
+    assert {"imagenet_resnet50/rigl_erk_s80_5x", "imagenet_resnet50/rigl_erk_s99_100x",
+            "imagenet_mobilenet_v1/rigl_uniform_s90_10x"} <= names
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_recipe_trains_a_few_steps(
+    recipe: Path, datasets: dict[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    allow_fake_cifar(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(recipe), *datasets[recipe.parent.name], *SMOKE])
+    out = capsys.readouterr().out
+    assert "test accuracy: top1" in out
+    callbacks = yaml.safe_load(recipe.read_text())["trainer"]["callbacks"]
+    sparse = [cb["init_args"] for cb in callbacks if cb["class_path"].startswith("lightning_rigl.")]
+    if sparse:
+        assert f"target sparsity {sparse[0]['sparsity']} ({sparse[0]['distribution']})" in out
+    else:
+        assert "dense training" in out
