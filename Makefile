@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench
+.PHONY: demo data test bench
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	python3 -m venv $(VENV)
@@ -17,8 +17,11 @@ $(FASHION_MNIST):
 		(apt-get install -y -qq dataset-fashion-mnist || \
 		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; fi
 
-demo: $(VENV)/.installed $(FASHION_MNIST)
-	$(PYTHON) -m lightning_rigl.demo
+data: $(FASHION_MNIST)
+
+# `lightning-rigl fit` without a config: RigL 90% ERK, LeNet-300-100, Fashion-MNIST (lightning_rigl/configs/default.yaml).
+demo: $(VENV)/.installed data
+	$(VENV)/bin/lightning-rigl fit
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest
