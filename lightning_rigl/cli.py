@@ -20,7 +20,7 @@ from lightning_rigl.errors import ConfigError
 from lightning_rigl.summary import fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
-_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_SUBCOMMANDS = ("fit", "validate", "test")
 
 
 class RigLCLI(LightningCLI):
@@ -39,6 +39,8 @@ class RigLCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         scale_step_counts(config, config.multiplier)
+        # The config saved next to the logs holds the scaled counts: rerunning it must not scale them again.
+        config.multiplier = 1.0
 
     def after_fit(self) -> None:
         if not self.config.fit.test_after_fit:
@@ -98,7 +100,22 @@ def main(args: Sequence[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": __doc__.splitlines()[0]},
         )
-    except ConfigError as error:
-        print(f"lightning-rigl: error: {error}", file=sys.stderr)
+    except Exception as error:
+        # jsonargparse wraps errors raised while it builds the classes; our ConfigError is in the chain.
+        cause = _config_error(error)
+        if cause is None:
+            raise
+        print(f"lightning-rigl: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _config_error(error: BaseException | None) -> ConfigError | None:
+    """The ConfigError among ``error`` and its causes, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConfigError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 

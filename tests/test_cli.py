@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from fake_datasets import write_fashion_mnist
 
 from lightning_rigl import ImageClassifier, RigL
@@ -31,24 +32,23 @@ def fashion_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def frequent_updates(folder: Path, update_interval: int) -> Path:
-    """A config to stack on the default: its RigL with a short ΔT, so a tiny run updates the masks."""
-    path = folder / "frequent_updates.yaml"
-    path.write_text(
-        "trainer:\n  callbacks:\n    - class_path: lightning_rigl.RigL\n      init_args:\n"
-        f"        sparsity: 0.9\n        distribution: erk\n        update_interval: {update_interval}\n"
-    )
+def rigl_config(folder: Path, **init_args: object) -> Path:
+    """A config to stack on the default that replaces its RigL callback by one with ``init_args``."""
+    path = folder / "rigl.yaml"
+    lines = "".join(f"        {key}: {value}\n" for key, value in init_args.items())
+    path.write_text(f"trainer:\n  callbacks:\n    - class_path: lightning_rigl.RigL\n      init_args:\n{lines}")
     return path
 
 
 def test_default_fit_trains_rigl_at_90_percent_and_prints_a_summary(fashion_dir: Path, capsys) -> None:
-    main(["fit", "--config", str(DEFAULT_CONFIG), "--config", str(frequent_updates(fashion_dir, 5)),
+    frequent_updates = rigl_config(fashion_dir, sparsity=0.9, update_interval=5)
+    main(["fit", "--config", str(DEFAULT_CONFIG), "--config", str(frequent_updates),
           "--data.data_dir", str(fashion_dir), "--data.val_size", "32", "--data.batch_size", "16",
           "--trainer.max_epochs", "3", *QUICK])
     out = capsys.readouterr().out
     assert "test accuracy: top1" in out and "top5" in out
-    assert re.search(r"RigL: target sparsity 0\.9 \(erk\), achieved 0\.9000 over 3 sparse layers, [1-9]\d* mask updates",
-                     out), out
+    summary = r"RigL: target sparsity 0\.9 \(erk\), achieved 0\.9000 over 3 sparse layers, [1-9]\d* mask updates"
+    assert re.search(summary, out), out
     for name in ("net.features.0.weight", "net.features.2.weight", "net.classifier.weight"):
         assert re.search(rf"{re.escape(name)}\s+\(\d+, \d+\)\s+[01]\.\d{{4}}", out), name
     assert list(Path("runs").glob("*/version_0/metrics.csv")), "the CSV logger wrote no metrics"
@@ -74,7 +74,7 @@ def test_multiplier_scales_every_step_count_of_a_recipe(multiplier: int) -> None
     assert cli.trainer.max_steps == 88000 * multiplier
     assert list(cli.model.hparams.lr_milestones) == [m * multiplier for m in (21760, 41760, 61760, 81760)]
     assert cli.model.hparams.warmup_steps == 1760 * multiplier
-    assert rigl.stop_at == 66000 * multiplier
+    assert rigl.stop_at == 75000 * multiplier
     assert rigl.update_interval == 100  # ΔT stays, as in the official code
 
 
@@ -90,24 +90,39 @@ def test_the_data_module_sets_the_number_of_classes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "rigl", "message"),
     [
-        (["--model.arch", "resnet51"], r"Unknown model 'resnet51'.*wrn22_2"),
-        (["--multiplier", "0"], r"--multiplier must be > 0"),
-        (["--data.data_dir", "missing_dir"], r"dataset-fashion-mnist"),
-        (["--model.lr_milestones", "[5, 2]"], r"lr_milestones must be increasing"),
+        (["--model.arch", "resnet51"], None, r"Unknown model 'resnet51'.*wrn22_2"),
+        (["--multiplier", "0"], None, r"--multiplier must be > 0"),
+        (["--data.data_dir", "missing_dir"], None, r"dataset-fashion-mnist"),
+        (["--data.batch_size", "0"], None, r"batch_size must be >= 1"),
+        (["--model.lr_milestones", "[5, 2]"], None, r"lr_milestones must be increasing"),
+        ([], {"sparsity": 0.9, "update_interval": 0}, r"update_interval must be an int >= 1"),
+        ([], {"sparsity": 0.9, "dense": '["net.features.0.weight"]'}, r"(?s)infeasible.*net\.features\.0\.weight"),
+        (["--config", str(REPO / "recipes/imagenet_resnet50/dense.yaml")], None, r"needs --data.data_dir"),
     ],
 )
 def test_configuration_mistakes_exit_with_a_message_not_a_traceback(
-    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    args: list[str], rigl: dict | None, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    configs = ["--config", str(DEFAULT_CONFIG), "--config", str(rigl_config(tmp_path, **rigl))] if rigl else []
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--trainer.max_steps", "1", *QUICK, *args])
+        main(["fit", *configs, "--trainer.max_steps", "1", *QUICK, *args])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert "Traceback" not in err
+
+
+def test_the_saved_config_holds_scaled_counts_and_multiplier_1(fashion_dir: Path) -> None:
+    """Rerunning the config saved beside the logs trains the same run, not one scaled twice."""
+    main(["fit", "--data.data_dir", str(fashion_dir), "--data.val_size", "0", "--trainer.max_epochs", "1",
+          "--trainer.max_steps", "3", "--multiplier", "2", "--test_after_fit", "false", *QUICK])
+    (saved,) = Path("runs").glob("*/version_0/config.yaml")
+    config = yaml.safe_load(saved.read_text())
+    assert config["multiplier"] == 1.0
+    assert config["trainer"]["max_steps"] == 6 and config["trainer"]["max_epochs"] == 2
 
 
 def test_a_key_the_recipe_does_not_have_is_refused_by_the_parser(capsys) -> None:
@@ -124,7 +139,7 @@ def test_two_process_ddp_run_through_the_command(tmp_path: Path) -> None:
     data = tmp_path / "fashion"
     write_fashion_mnist(data, n_train=128, n_test=40)
     command = [str(Path(sys.executable).with_name("lightning-rigl")), "fit", "--config", str(DEFAULT_CONFIG),
-               "--config", str(frequent_updates(tmp_path, 4)), "--data.data_dir", str(data),
+               "--config", str(rigl_config(tmp_path, sparsity=0.9, update_interval=4)), "--data.data_dir", str(data),
                "--data.val_size", "16", "--data.batch_size", "8", "--trainer.max_steps", "12",
                "--trainer.strategy", "ddp",
                "--trainer.devices", "2", *QUICK]

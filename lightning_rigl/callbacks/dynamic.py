@@ -11,6 +11,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_rigl.callbacks.sparse_training import SparseTraining
+from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.distributions import Distribution, live_count
 from lightning_rigl.sparsity.masks import MaskChange, apply_change, generator
 from lightning_rigl.sparsity.schedules import DROP_SCHEDULES, drop_fraction, is_update_step, resolve_stop_step
@@ -58,20 +59,20 @@ class DynamicSparseTraining(SparseTraining):
     ) -> None:
         super().__init__(sparsity, distribution, dense=dense, include=include, exclude=exclude, seed=seed)
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
-            raise ValueError(f"update_interval must be an int >= 1 (optimizer steps), got {update_interval!r}.")
+            raise ConfigError(f"update_interval must be an int >= 1 (optimizer steps), got {update_interval!r}.")
         if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:
-            raise ValueError(f"drop_fraction must be a fraction in (0, 1], got {drop_fraction!r}.")
+            raise ConfigError(f"drop_fraction must be a fraction in (0, 1], got {drop_fraction!r}.")
         if drop_schedule not in DROP_SCHEDULES:
-            raise ValueError(f"Unknown drop_schedule {drop_schedule!r}: use one of {DROP_SCHEDULES}.")
+            raise ConfigError(f"Unknown drop_schedule {drop_schedule!r}: use one of {DROP_SCHEDULES}.")
         if isinstance(stop_at, bool) or not (
             (isinstance(stop_at, int) and stop_at >= 1) or (isinstance(stop_at, float) and 0 < stop_at <= 1)
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"stop_at must be a fraction of the run in (0, 1] (a float) or an optimizer step >= 1 (an int), "
                 f"got {stop_at!r}."
             )
         if grow_init not in GROW_INITS:
-            raise ValueError(f"Unknown grow_init {grow_init!r}: use one of {GROW_INITS}.")
+            raise ConfigError(f"Unknown grow_init {grow_init!r}: use one of {GROW_INITS}.")
         self.update_interval = update_interval
         self.drop_fraction = float(drop_fraction)
         self.drop_schedule = drop_schedule

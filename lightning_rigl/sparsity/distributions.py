@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.targets import resolve_dense, sparsifiable_parameters
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
@@ -127,7 +128,7 @@ def densities_for_shapes(
         empty = error.layers
     if empty:
         best = _largest_feasible_sparsity(shapes, distribution, dense_set)
-        raise ValueError(
+        raise ConfigError(
             f"Sparsity {sparsity} is infeasible with distribution {distribution!r}: layer(s) {empty} "
             f"cannot fit (a layer would have no live weight, or the dense layers use up the budget). "
             f"The largest feasible sparsity here is {best}; lower the sparsity or keep fewer layers dense."
@@ -139,7 +140,7 @@ def _custom_densities(shapes: Shapes, mapping: Mapping[str, float], dense: set[s
     unknown = sorted(set(mapping) - set(shapes))
     missing = sorted(set(shapes) - set(mapping) - dense)
     if unknown or missing:
-        raise ValueError(
+        raise ConfigError(
             f"The sparsity mapping must name every sparsified parameter exactly once. Unknown: {unknown}; "
             f"missing: {missing}. Sparsified parameters are: {list(shapes)}."
         )
@@ -149,7 +150,7 @@ def _custom_densities(shapes: Shapes, mapping: Mapping[str, float], dense: set[s
         densities[name] = 1.0 - float(layer_sparsity)
         if live_count(_numel(shape), densities[name]) == 0:
             largest = 1.0 - 1.0 / _numel(shape)
-            raise ValueError(
+            raise ConfigError(
                 f"Sparsity {layer_sparsity} leaves layer {name!r} without live weights; the largest feasible "
                 f"sparsity for it is {math.floor(largest * 1e4) / 1e4}."
             )
@@ -158,7 +159,7 @@ def _custom_densities(shapes: Shapes, mapping: Mapping[str, float], dense: set[s
 
 def _check_fraction(value: object, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{what} must be a fraction of zeros in [0, 1), got {value!r}.")
+        raise ConfigError(f"{what} must be a fraction of zeros in [0, 1), got {value!r}.")
 
 
 def check_distribution(sparsity: float | None, distribution: Distribution) -> None:
@@ -170,12 +171,12 @@ def check_distribution(sparsity: float | None, distribution: Distribution) -> No
     """
     if isinstance(distribution, Mapping):
         if sparsity is not None:
-            raise ValueError("sparsity must be left unset when distribution is a mapping: the mapping sets it.")
+            raise ConfigError("sparsity must be left unset when distribution is a mapping: the mapping sets it.")
         for name, value in distribution.items():
             _check_fraction(value, f"Sparsity of {name!r}")
         return
     if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"Unknown distribution {distribution!r}: use one of {DISTRIBUTIONS} or a mapping.")
+        raise ConfigError(f"Unknown distribution {distribution!r}: use one of {DISTRIBUTIONS} or a mapping.")
     _check_fraction(sparsity, "sparsity")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from lightning_rigl.errors import ConfigError
+
 DROP_SCHEDULES = ("cosine", "constant", "linear")
 
 
@@ -22,7 +24,7 @@ def drop_fraction(step: int, initial: float, stop_step: int, schedule: str) -> f
         return initial * (1 - progress)
     if schedule == "constant":
         return initial
-    raise ValueError(f"Unknown drop_schedule {schedule!r}: use one of {DROP_SCHEDULES}.")
+    raise ConfigError(f"Unknown drop_schedule {schedule!r}: use one of {DROP_SCHEDULES}.")
 
 
 def is_update_step(step: int, interval: int, stop_step: int) -> bool:
@@ -40,7 +42,7 @@ def resolve_stop_step(stop_at: int | float, total_steps: float) -> int:
     if isinstance(stop_at, int):
         return stop_at
     if not math.isfinite(total_steps):
-        raise ValueError(
+        raise ConfigError(
             f"stop_at={stop_at} is a fraction of the run, but the run has no known length. Set "
             "Trainer(max_steps=...) or max_epochs, or give stop_at as an absolute step (an int)."
         )

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_rigl.errors import ConfigError
+
 SPARSIFIABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
 
 
@@ -22,7 +24,7 @@ def _matching(names: Sequence[str], pattern: str) -> list[str]:
 def _check_patterns(names: Sequence[str], patterns: Sequence[str], option: str) -> None:
     for pattern in patterns:
         if not _matching(names, pattern):
-            raise ValueError(
+            raise ConfigError(
                 f"{option} pattern {pattern!r} matches no parameter. Patterns are shell-style globs "
                 f"(fnmatch) over parameter names such as {list(names)[:3]}; fix or remove the pattern."
             )
@@ -53,7 +55,7 @@ def sparsifiable_parameters(
         chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
         too_flat = [n for n in chosen if all_params[n].dim() < 2]
         if too_flat:
-            raise ValueError(
+            raise ConfigError(
                 f"include selects parameters with fewer than two dimensions: {too_flat}. Only weight "
                 "matrices and kernels can be sparsified; narrow the include patterns."
             )
@@ -67,7 +69,7 @@ def sparsifiable_parameters(
     _check_patterns(names, exclude, "exclude")
     chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
     if not chosen:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has nothing to sparsify: no convolution or linear weight is left "
             "after include/exclude. Check the model and the patterns."
         )
