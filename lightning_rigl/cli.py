@@ -10,13 +10,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from importlib.resources import files
+from pathlib import Path
 
 import pytorch_lightning as pl
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from lightning_rigl.callbacks import SparseTraining
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
+from lightning_rigl.plots import plot_densities
 from lightning_rigl.summary import fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
@@ -43,11 +46,26 @@ class RigLCLI(LightningCLI):
         config.multiplier = 1.0
 
     def after_fit(self) -> None:
-        if not self.config.fit.test_after_fit:
-            return
-        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        if self.trainer.is_global_zero:
-            print(fit_summary(self.trainer, results[0] if results else {}))
+        if self.config.fit.test_after_fit:
+            results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            if self.trainer.is_global_zero:
+                print(fit_summary(self.trainer, results[0] if results else {}))
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if self.trainer.is_global_zero and log_dir:
+            save_density_plots(self.trainer, Path(log_dir))
+
+
+def save_density_plots(trainer: pl.Trainer, folder: Path) -> None:
+    """``densities.png`` in ``folder`` for the run's sparse callback; a hint instead when matplotlib is missing."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, SparseTraining):
+            title = f"{type(callback).__name__}: sparsity {1 - callback.global_density():.4f}"
+            try:
+                path = plot_densities(callback.masks, folder / "densities.png", title)
+            except ModuleNotFoundError:
+                print("Install matplotlib (pip install 'lightning-rigl[plot]') for a plot of the layer densities.")
+                return
+            print(f"  density per layer plotted in {path}")
 
 
 def scale_step_counts(config: Namespace, multiplier: float) -> None:

@@ -15,7 +15,7 @@ import yaml
 from fake_datasets import write_fashion_mnist
 
 from lightning_rigl import ImageClassifier, RigL
-from lightning_rigl.cli import DEFAULT_CONFIG, RigLCLI, main, with_default_config
+from lightning_rigl.cli import DEFAULT_CONFIG, RigLCLI, main, save_density_plots, with_default_config
 from lightning_rigl.data import FashionMNISTDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +52,17 @@ def test_default_fit_trains_rigl_at_90_percent_and_prints_a_summary(fashion_dir:
     for name in ("net.features.0.weight", "net.features.2.weight", "net.classifier.weight"):
         assert re.search(rf"{re.escape(name)}\s+\(\d+, \d+\)\s+[01]\.\d{{4}}", out), name
     assert list(Path("runs").glob("*/version_0/metrics.csv")), "the CSV logger wrote no metrics"
+    (plot,) = Path("runs").glob("*/version_0/densities.png")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plotted in {plot}" in out
+
+
+def test_without_matplotlib_the_plot_is_a_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    rigl = RigL(sparsity=0.5)
+    rigl.masks = {"fc.weight": torch.tensor([[True, False], [False, True]])}
+    trainer = pl.Trainer(callbacks=[rigl], logger=False)
+    save_density_plots(trainer, tmp_path)
+    assert "Install matplotlib" in capsys.readouterr().out and not list(tmp_path.iterdir())
 
 
 def test_default_config_is_inserted_only_without_a_config() -> None:
