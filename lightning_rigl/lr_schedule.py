@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 from lightning_rigl.errors import ConfigError
 
 LRSchedule = Literal["step", "cosine", "constant"]
-LR_SCHEDULES = ("step", "cosine", "constant")
+LR_SCHEDULES = get_args(LRSchedule)
 
 
 def lr_factor(

@@ -100,8 +100,8 @@ class ImageNetDataModule(ImageDataModule):
         ])
 
     def _fit_sets(self) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
-        self._check_layout()
-        return self._folder("train", self._train_transform()), self._test_set()
+        val_set = self._test_set()  # checks the layout first
+        return self._folder("train", self._train_transform()), val_set
 
     def _test_set(self) -> datasets.ImageFolder:
         self._check_layout()
