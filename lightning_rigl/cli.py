@@ -107,13 +107,17 @@ def with_default_config(args: Sequence[str]) -> list[str]:
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-rigl`` console script. Configuration mistakes exit with status 2 and
     the message of the error, without a traceback."""
-    argv = with_default_config(sys.argv[1:] if args is None else args)
+    if args is None:
+        # LightningCLI warns when given args beside a command line: complete the command line instead.
+        sys.argv[1:] = with_default_config(sys.argv[1:])
+    else:
+        args = with_default_config(args)
     try:
         RigLCLI(
             ImageClassifier,
             pl.LightningDataModule,
             subclass_mode_data=True,
-            args=argv,
+            args=args,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": __doc__.splitlines()[0]},
