@@ -50,6 +50,8 @@ class RigLCLI(LightningCLI):
             results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             if self.trainer.is_global_zero:
                 print(fit_summary(self.trainer, results[0] if results else {}))
+        if not self.trainer.loggers:
+            return  # no run folder to put the plot in
         log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
         if self.trainer.is_global_zero and log_dir:
             save_density_plots(self.trainer, Path(log_dir))

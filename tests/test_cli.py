@@ -171,3 +171,10 @@ def test_two_process_ddp_run_through_the_command(tmp_path: Path) -> None:
     weights = model.state_dict()
     for name, mask in rigl_state["masks"].items():
         assert bool((weights[name][~mask] == 0).all()), f"{name}: a dead weight is not 0"
+
+
+def test_without_a_logger_no_plot_is_written(fashion_dir: Path, tmp_path: Path) -> None:
+    main(["fit", "--data.data_dir", str(fashion_dir), "--data.val_size", "0", "--trainer.max_steps", "2",
+          "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--test_after_fit", "false",
+          *QUICK])
+    assert not list(tmp_path.rglob("*.png"))
