@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo data test bench
+.PHONY: demo data test bench sweep
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	python3 -m venv $(VENV)
@@ -29,3 +29,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/mask_update.py
 	$(PYTHON) benchmarks/step_overhead.py
+
+# Test accuracy against sparsity on Fashion-MNIST (dense, Static, SET, RigL); about 8 minutes on 2 cores.
+sweep: $(VENV)/.installed data
+	$(PYTHON) benchmarks/fashion_mnist_sweep.py
