@@ -84,10 +84,8 @@ def create_model(name: str, num_classes: int, width: float = 1.0, **kwargs: obje
     factory = _MODELS.get(name)
     if factory is None:
         raise ConfigError(f"Unknown model {name!r}. Available models: {', '.join(list_models())}.")
-    check_width(width)
-    check_num_classes(num_classes)
     signature = inspect.signature(factory)
-    try:
+    try:  # width and num_classes are checked by the model's config (ModelConfig)
         signature.bind(num_classes=num_classes, width=width, **kwargs)
     except TypeError:
         options = [p for p in signature.parameters if p not in ("num_classes", "width")]
