@@ -63,7 +63,7 @@ def save_density_plots(trainer: pl.Trainer, folder: Path) -> None:
         if isinstance(callback, SparseTraining):
             title = f"{type(callback).__name__}: sparsity {1 - callback.global_density():.4f}"
             try:
-                path = plot_densities(callback.masks, folder / "densities.png", title)
+                path = plot_densities(callback.achieved_densities(), folder / "densities.png", title)
             except ModuleNotFoundError:
                 print("Install matplotlib (pip install 'lightning-rigl[plot]') for a plot of the layer densities.")
                 return

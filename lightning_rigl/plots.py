@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from torch import Tensor
 
-
-def plot_densities(masks: Mapping[str, Tensor], path: str | Path, title: str = "") -> Path:
-    """A bar chart of each sparse layer's density (fraction of live weights), in model order, saved to ``path``.
+def plot_densities(densities: Mapping[str, float], path: str | Path, title: str = "") -> Path:
+    """A bar chart of each layer's density (fraction of live weights, by layer name), in the mapping's order,
+    saved to ``path``.
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed.
@@ -19,10 +18,9 @@ def plot_densities(masks: Mapping[str, Tensor], path: str | Path, title: str = "
     matplotlib.use("Agg")  # files only: no display on a cluster node
     import matplotlib.pyplot as plt
 
-    names = list(masks)
-    densities = [float(mask.float().mean()) for mask in masks.values()]
+    names = list(densities)
     figure, axes = plt.subplots(figsize=(max(6.0, 0.3 * len(names) + 2), 4.5), layout="constrained")
-    axes.bar(range(len(names)), densities, color="tab:blue")
+    axes.bar(range(len(names)), list(densities.values()), color="tab:blue")
     axes.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("density (fraction of live weights)")

@@ -37,6 +37,6 @@ def _sparse_lines(callback: SparseTraining, total: int) -> list[str]:
         f"  parameters: {total - dead:,} live of {total:,}",
         f"  {'layer':<40} {'shape':<20} density",
     ]
-    for name, mask in callback.masks.items():
-        lines.append(f"  {name:<40} {str(tuple(mask.shape)):<20} {float(mask.float().mean()):.4f}")
+    for name, density in callback.achieved_densities().items():
+        lines.append(f"  {name:<40} {str(tuple(callback.masks[name].shape)):<20} {density:.4f}")
     return lines

@@ -132,10 +132,14 @@ class SparseTraining(Callback):
         live = sum(int(mask.sum()) for mask in self.masks.values())
         return live / sum(mask.numel() for mask in self.masks.values())
 
+    def achieved_densities(self) -> dict[str, float]:
+        """Each sparse layer's fraction of live weights now, from its mask (``densities`` holds the targets)."""
+        return {name: float(mask.float().mean()) for name, mask in self.masks.items()}
+
     def density_metrics(self) -> dict[str, float]:
         """Global and per-layer densities, as logged."""
         metrics = {"sparsity/density": self.global_density()}
-        metrics.update({f"sparsity/density/{n}": float(m.float().mean()) for n, m in self.masks.items()})
+        metrics.update({f"sparsity/density/{name}": d for name, d in self.achieved_densities().items()})
         return metrics
 
     def _select(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
