@@ -14,9 +14,9 @@ import torch
 import torchvision
 from timing import median_seconds
 
-from lightning_rigl.callbacks.dynamic import _gradients_finite
+from lightning_rigl.callbacks.sparse_training import gradients_finite
 from lightning_rigl.sparsity import drop_and_grow, layer_densities, live_count, random_mask
-from lightning_rigl.sparsity.masks import apply_change, generator
+from lightning_rigl.sparsity.masks import Stream, apply_change, generator
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9, nesterov=True)
     masks = {}
     for index, (name, param) in enumerate(params.items()):
-        masks[name] = random_mask(param.shape, live_count(param.numel(), densities[name]), generator(0, 0, index), param.device)
+        masks[name] = random_mask(param.shape, live_count(param.numel(), densities[name]), generator(0, Stream.INITIAL_MASK, 0, index), param.device)
         param.grad = torch.randn_like(param)
         with torch.no_grad():
             param.mul_(masks[name])
@@ -43,7 +43,7 @@ def main() -> None:
 
     def lightning_rigl_update() -> None:
         # What the callback does at an update step: the finiteness check of every gradient, then the update.
-        assert _gradients_finite(optimizer)
+        assert gradients_finite(optimizer)
         for name, param in params.items():
             n_swap = int(args.drop_fraction * live_count(param.numel(), densities[name]))
             change = drop_and_grow(masks[name], param.detach(), param.grad.abs(), n_swap)

@@ -164,7 +164,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, method, crash_step):
         assert torch.equal(a, b), name
     (state,) = torch.load(ckpt, weights_only=True)["callbacks"].values()
     # Only bool masks and plain counters: no gradient buffer or random state travels in the checkpoint.
-    assert set(state) == {"masks", "num_updates", "pending_step"}
+    assert set(state) == {"masks", "densities", "targets", "num_updates", "pending_step"}
     assert all(mask.dtype == torch.bool for mask in state["masks"].values())
 
 

@@ -167,7 +167,7 @@ def test_two_process_ddp_run_through_the_command(tmp_path: Path) -> None:
     (single,) = trainer.test(model, datamodule=FashionMNISTDataModule(str(data), batch_size=8), verbose=False)
     assert single["test/acc_top1"] == pytest.approx(ddp_top1, abs=1e-4)
     callbacks = torch.load(checkpoint, weights_only=True)["callbacks"]
-    (rigl_state,) = [state for key, state in callbacks.items() if key.startswith("RigL")]
+    rigl_state = callbacks["lightning_rigl"]
     weights = model.state_dict()
     for name, mask in rigl_state["masks"].items():
         assert bool((weights[name][~mask] == 0).all()), f"{name}: a dead weight is not 0"

@@ -12,7 +12,7 @@ from lightning_rigl.sparsity import (
     random_mask,
     top_k_indices,
 )
-from lightning_rigl.sparsity.masks import generator
+from lightning_rigl.sparsity.masks import Stream, generator
 from lightning_rigl.sparsity.schedules import resolve_stop_step
 
 # A 4×4 layer with 6 live weights; dropping 2 removes the smallest |w| (0.1 at (0,1), -0.2 at (2,2)).
@@ -94,9 +94,9 @@ def test_apply_change_works_on_channels_last():
 
 
 def test_random_mask_has_exact_count_and_depends_on_seed_only():
-    a = random_mask(torch.Size([50, 7]), 33, generator(3, 0, 1), torch.device("cpu"))
-    b = random_mask(torch.Size([50, 7]), 33, generator(3, 0, 1), torch.device("cpu"))
-    c = random_mask(torch.Size([50, 7]), 33, generator(4, 0, 1), torch.device("cpu"))
+    a = random_mask(torch.Size([50, 7]), 33, generator(3, Stream.INITIAL_MASK, 0, 1), torch.device("cpu"))
+    b = random_mask(torch.Size([50, 7]), 33, generator(3, Stream.INITIAL_MASK, 0, 1), torch.device("cpu"))
+    c = random_mask(torch.Size([50, 7]), 33, generator(4, Stream.INITIAL_MASK, 0, 1), torch.device("cpu"))
     assert int(a.sum()) == 33 and torch.equal(a, b) and not torch.equal(a, c)
 
 

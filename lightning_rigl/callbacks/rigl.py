@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_rigl.callbacks.dynamic import DynamicSparseTraining
+from lightning_rigl.sparsity.criteria import gradient_magnitude
 
 
 class RigL(DynamicSparseTraining):
@@ -19,10 +21,6 @@ class RigL(DynamicSparseTraining):
         trainer = pl.Trainer(max_steps=10_000, callbacks=[RigL(sparsity=0.9, distribution="erk")])
     """
 
+    @override
     def grow_scores(self, name: str, param: nn.Parameter, step: int, layer_index: int) -> Tensor:
-        if param.grad is None:
-            raise RuntimeError(
-                f"RigL needs the gradient of {name!r} at step {step}, but it has none: the parameter did not "
-                "take part in the loss. Leave it out with exclude=[...]."
-            )
-        return param.grad.abs()
+        return gradient_magnitude(name, param)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_rigl.callbacks.dynamic import DynamicSparseTraining
-from lightning_rigl.sparsity.masks import generator
+from lightning_rigl.sparsity.criteria import random_scores
 
 
 class SET(DynamicSparseTraining):
@@ -14,6 +14,6 @@ class SET(DynamicSparseTraining):
     drawn uniformly at random among those not kept. The draw depends only on ``seed``, the step and the
     layer, so every DDP rank and every resumed run makes the same choice."""
 
+    @override
     def grow_scores(self, name: str, param: nn.Parameter, step: int, layer_index: int) -> Tensor:
-        scores = torch.rand(param.shape, generator=generator(self.seed, step, layer_index, 0))
-        return scores.to(param.device)
+        return random_scores(param, self.seed, step, layer_index)

@@ -1,8 +1,9 @@
-"""The shared machinery of every sparse-from-scratch callback: masks, gradient masking, checkpoints, DDP."""
+"""The shared machinery of every sparse callback: masks, gradient masking, checkpoints, DDP agreement, logging."""
 
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_rigl.sparsity.distributions import (
     Distribution,
@@ -19,19 +21,25 @@ from lightning_rigl.sparsity.distributions import (
     densities_for_shapes,
     live_count,
 )
-from lightning_rigl.sparsity.masks import apply_mask, generator, random_mask
+from lightning_rigl.sparsity.masks import Stream, apply_mask, generator, random_mask
 from lightning_rigl.sparsity.targets import resolve_dense, sparsifiable_parameters
-
-_INIT_STREAM = 0  # generator key of the initial masks; updates use their step (>= 1) instead
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
+# The key of every lightning-rigl callback's state in a checkpoint: stable across renames and shared by all
+# methods, so that a LotteryTicket (or a resumed run) finds the masks whatever class wrote them.
+STATE_KEY = "lightning_rigl"
 
-class SparseTraining(Callback):
-    """Trains every selected layer with a fixed number of live weights, from a random mask.
 
-    Subclasses decide if and how masks change (``update_masks``); this class owns the masks, keeps dead
-    weights at exactly 0, stores the masks in checkpoints and keeps DDP ranks in agreement.
+class SparseTraining(Callback, ABC):
+    """The machinery every method shares; a method states only when and how its masks change.
+
+    This class owns the masks (``masks``: parameter name → bool tensor, True for a live weight), the per-layer
+    targets (``densities``), keeps dead weights at exactly 0 (gradients masked with ``torch.where`` before
+    every optimizer step, optimizer state zeroed wherever a mask changes), stores masks and densities in
+    checkpoints and keeps DDP ranks in agreement. A method overrides ``update_masks`` (called once per
+    optimizer step, on the accumulated, all-reduced, unscaled gradients, before the gradients are masked),
+    and optionally ``start_densities`` (dense-start methods) or ``initial_masks``.
 
     Args:
         sparsity: target fraction of zeros over all sparsified weights, 0 <= S < 1. Leave unset (None) when
@@ -70,22 +78,56 @@ class SparseTraining(Callback):
         self.exclude = tuple(exclude)
         self.seed = int(seed)
         self.masks: dict[str, Tensor] = {}
-        self.densities: dict[str, float] = {}
+        self.targets: dict[str, float] = {}  # per-layer densities the configuration asks for in the end
+        self.densities: dict[str, float] = {}  # per-layer densities now: the targets, unless the method moves them
+        self.num_updates = 0  # mask changes made so far
         self._params: dict[str, nn.Parameter] = {}
         self._zero: dict[torch.device, Tensor] = {}
+        self._restored_targets: dict[str, float] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return STATE_KEY
+
+    # ------------------------------------------------------------------------------------------ policy
+
+    @abstractmethod
+    def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """Change the masks (and ``densities``) before this optimizer step, if the method does so now.
+
+        Gradients are fully accumulated, all-reduced by DDP and unscaled under 16-mixed; dead positions still
+        hold their dense gradient, which is masked right after this call. Change masks through
+        ``apply_change`` so that the weights and the optimizer state follow.
+        """
+
+    def start_densities(self) -> dict[str, float]:
+        """Per-layer densities at the first step: the targets; dense-start methods return all ones."""
+        return dict(self.targets)
+
+    def initial_masks(self) -> dict[str, Tensor]:
+        """Masks at the first step of a fresh run: random positions, exactly ``live_count`` live per layer."""
+        masks = {}
+        for index, (name, param) in enumerate(self._params.items()):
+            n_live = live_count(param.numel(), self.densities[name])
+            masks[name] = random_mask(param.shape, n_live, generator(self.seed, Stream.INITIAL_MASK, 0, index),
+                                      param.device)
+        return masks
 
     # ------------------------------------------------------------------------------------------- hooks
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         _check_supported(trainer, pl_module)
         params = self._select(pl_module)
         shapes = {name: tuple(p.shape) for name, p in params.items()}
-        self.densities = densities_for_shapes(
-            shapes, self.sparsity, self.distribution, resolve_dense(list(shapes), self.dense)
-        )
+        self.targets = self.target_densities(shapes)
+        if not self.masks:  # masks kept from an earlier fit carry their densities with them
+            self.densities = self.start_densities()
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = _single_optimizer(trainer)
         self._params = self._select(pl_module)
@@ -93,7 +135,7 @@ class SparseTraining(Callback):
         if self.masks:
             self._adopt_existing_masks()
         else:
-            self.masks = self._initial_masks()
+            self.masks = self.initial_masks()
         self._sync_masks(trainer, optimizer)
         for name, param in self._params.items():
             apply_mask(param, self.masks[name], optimizer)
@@ -103,6 +145,7 @@ class SparseTraining(Callback):
         )
         self._log(trainer, self.density_metrics())
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -110,22 +153,33 @@ class SparseTraining(Callback):
         self.update_masks(trainer, optimizer)
         self._mask_gradients()
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._params = {}  # drop references to the model
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}}
+        return {
+            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "densities": dict(self.densities),
+            "targets": dict(self.targets),
+            "num_updates": self.num_updates,
+        }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Runs before the model is on its device; on_fit_start moves the masks next to their parameters.
+        # Runs after setup and before the model is on its device; on_fit_start checks the masks against this
+        # configuration and moves them next to their parameters.
         self.masks = dict(state_dict["masks"])
-
-    # ------------------------------------------------------------------------------------------ policy
-
-    def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
-        """Change the masks before this optimizer step, if the method does so; static masks never change."""
+        self.densities = dict(state_dict["densities"])
+        self._restored_targets = dict(state_dict["targets"])
+        self.num_updates = state_dict["num_updates"]
 
     # ----------------------------------------------------------------------------------------- helpers
+
+    def target_densities(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
+        """The per-layer densities this configuration asks for, for the selected parameters' shapes."""
+        return densities_for_shapes(shapes, self.sparsity, self.distribution, resolve_dense(list(shapes), self.dense))
 
     def global_density(self) -> float:
         """Fraction of live weights over all sparsified parameters."""
@@ -145,19 +199,17 @@ class SparseTraining(Callback):
     def _select(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
         return sparsifiable_parameters(pl_module, include=self.include, exclude=self.exclude)
 
-    def _initial_masks(self) -> dict[str, Tensor]:
-        masks = {}
-        for index, (name, param) in enumerate(self._params.items()):
-            n_live = live_count(param.numel(), self.densities[name])
-            gen = generator(self.seed, _INIT_STREAM, index)
-            masks[name] = random_mask(param.shape, n_live, gen, param.device)
-        return masks
-
     def _adopt_existing_masks(self) -> None:
         """Masks restored from a checkpoint (or kept from an earlier fit): check, then place on device."""
+        restored, self._restored_targets = self._restored_targets, None
+        if restored is not None and restored != self.targets:
+            raise RuntimeError(
+                "The target densities in the checkpoint do not fit this configuration (another sparsity, "
+                "distribution or dense list). Resume with the sparsity, distribution and layer selection the checkpoint was trained with."
+            )
         for name, param in self._params.items():
             mask = self.masks.get(name)
-            expected = live_count(param.numel(), self.densities[name])
+            expected = live_count(param.numel(), self.densities.get(name, 1.0))
             if mask is None or mask.shape != param.shape or int(mask.sum()) != expected:
                 raise RuntimeError(
                     f"The masks in the checkpoint do not fit this configuration (parameter {name!r}: expected "
@@ -193,6 +245,7 @@ class SparseTraining(Callback):
         for (name, mask), chunk in zip(self.masks.items(), received.split([m.numel() for m in self.masks.values()])):
             mask.copy_(chunk.view(mask.shape).bool())
             apply_mask(self._params[name], mask, optimizer)
+            self.densities[name] = int(mask.sum()) / mask.numel()
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         if trainer.is_global_zero:
@@ -231,3 +284,15 @@ def _check_optimized(params: dict[str, nn.Parameter], optimizer: torch.optim.Opt
             f"Sparsified parameters not trained by the optimizer (or frozen): {missing}. Add them to the "
             "optimizer or leave them out with exclude=[...]."
         )
+
+
+def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """False if any gradient holds an inf or NaN: no mask decision may read such a step's gradients.
+
+    A sum propagates both, reads each gradient once and allocates nothing gradient-sized: ten times faster
+    than ``isfinite().all()`` on ResNet-50. It accumulates in fp32 so that fp16 gradients cannot overflow
+    it; only finite gradients summing past 3.4e38 would read as non-finite, and postponing is right then.
+    """
+    sums = [p.grad.sum(dtype=torch.float32) for group in optimizer.param_groups for p in group["params"]
+            if p.grad is not None]
+    return bool(torch.stack(sums).sum().isfinite()) if sums else True

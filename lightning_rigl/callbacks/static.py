@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytorch_lightning as pl
+import torch
+from typing_extensions import override
+
 from lightning_rigl.callbacks.sparse_training import SparseTraining
 
 
@@ -12,3 +16,7 @@ class Static(SparseTraining):
 
         trainer = pl.Trainer(max_epochs=10, callbacks=[Static(sparsity=0.9, distribution="erk")])
     """
+
+    @override
+    def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """Static masks never change."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
 from torch import Tensor
@@ -10,13 +11,21 @@ from torch import Tensor
 _SEED_MASK = (1 << 63) - 1
 
 
-def generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator determined by ``seed`` and ``keys`` (e.g. step and layer index) alone.
+class Stream(IntEnum):
+    """What a random draw is for: one stream per use, so that no two uses of a step and layer share numbers."""
+
+    INITIAL_MASK = 0
+    GROW_POSITIONS = 1  # SET's random growth
+    GROW_VALUES = 2  # grow_init "normal" / "uniform"
+
+
+def generator(seed: int, stream: Stream, step: int, layer_index: int) -> torch.Generator:
+    """A CPU generator determined by ``seed``, the use, the optimizer step and the layer's index alone.
 
     Randomness derived this way is identical on every DDP rank and needs no state in checkpoints: a resumed
     run draws the same numbers as an uninterrupted one.
     """
-    return torch.Generator().manual_seed(hash((seed, *keys)) & _SEED_MASK)
+    return torch.Generator().manual_seed(hash((seed, int(stream), step, layer_index)) & _SEED_MASK)
 
 
 def random_mask(shape: torch.Size, n_live: int, gen: torch.Generator, device: torch.device) -> Tensor:
