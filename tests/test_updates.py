@@ -31,7 +31,7 @@ def _flat(*cells):
 
 def test_drop_smallest_magnitude_grow_largest_gradient():
     mask = MASK.clone()
-    change = drop_and_grow(mask, WEIGHTS, GRADS.abs(), n_swap=2)
+    change = drop_and_grow(mask, WEIGHTS, GRADS.abs(), n_drop=2, n_grow=2)
     # (2,2) has the largest |g| overall but was just dropped: it is regrown and keeps its weight, so the
     # second grown position is the largest |g| elsewhere among non-kept positions: -0.9 at (1,3).
     assert sorted(change.removed.tolist()) == _flat((0, 1))
@@ -46,30 +46,88 @@ def test_count_is_preserved_and_grown_come_from_non_kept():
     weights = torch.randn(300, 400, generator=gen)
     mask = random_mask(weights.shape, 12_000, gen, torch.device("cpu"))
     before = mask.clone()
-    change = drop_and_grow(mask, weights * mask, torch.rand(weights.shape, generator=gen), n_swap=3_000)
+    change = drop_and_grow(mask, weights * mask, torch.rand(weights.shape, generator=gen), 3_000, 3_000)
     assert int(mask.sum()) == 12_000
     assert before.view(-1)[change.removed].all() and not mask.view(-1)[change.removed].any()
     assert not before.view(-1)[change.added].any() and mask.view(-1)[change.added].all()
 
 
+def _scores(kind: str, numel: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(numel, generator=gen)
+    if kind == "90% zeros":  # like the gradient of a 3×3 conv that sees a 1×1 feature map, and ReLU
+        scores[torch.rand(numel, generator=gen) < 0.9] = 0.0
+    elif kind == "all zero":
+        scores.zero_()
+    elif kind == "few values":  # equal weights: many ties at every rank
+        scores = torch.randint(0, 4, (numel,), generator=gen).float()
+    elif kind == "misleading sample":  # every sampled entry is large; the true top-k lies between them
+        scores.zero_()
+        scores[::7] = 1.0
+        scores[1:400:2] = 5.0
+    return scores.abs()
+
+
+def _check_top_k(scores: torch.Tensor, k: int, largest: bool, exclude: torch.Tensor | None) -> None:
+    got = top_k_indices(scores, k, largest=largest, exclude=exclude)
+    assert got.numel() == k and got.unique().numel() == k
+    if exclude is not None:
+        assert not exclude[got].any(), "an excluded position was chosen"
+        allowed = scores[~exclude]
+    else:
+        allowed = scores
+    expected = torch.topk(allowed, k, largest=largest).values.sort().values
+    assert torch.equal(scores[got].sort().values, expected), "not the k best scores"
+
+
 @pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("numel,k", [(100, 7), (300_000, 1), (300_000, 9_000), (300_000, 140_000)])
-def test_top_k_indices_matches_topk(numel, k, largest):
-    scores = torch.randn(numel, generator=torch.Generator().manual_seed(numel + k))
-    got = top_k_indices(scores, k, largest=largest)
-    assert got.numel() == k
-    expected = torch.topk(scores, k, largest=largest).values
-    assert torch.equal(scores[got].sort().values, expected.sort().values)
+@pytest.mark.parametrize("kind", ["random", "90% zeros", "all zero", "few values", "misleading sample"])
+@pytest.mark.parametrize(("numel", "k"), [(100, 7), (300_000, 1), (300_000, 9_000), (300_000, 60_000), (300_000, 140_000)])
+def test_top_k_indices_is_exact(numel, k, kind, largest):
+    _check_top_k(_scores(kind, numel, numel + k), k, largest, exclude=None)
 
 
-def test_top_k_indices_with_ties_and_misleading_sample():
-    # Every sampled entry (stride numel // 2**14) is large, the true top-k lies elsewhere: the fallback runs.
-    scores = torch.zeros(2**18)
-    scores[:: 2**18 // 2**14] = 1.0
-    scores[1:40:2] = 5.0
-    got = top_k_indices(scores, 20)
-    assert torch.equal(got.sort().values, torch.arange(1, 40, 2))
-    assert top_k_indices(torch.zeros(2**18), 1000).unique().numel() == 1000
+@pytest.mark.parametrize("kind", ["random", "90% zeros", "all zero", "few values"])
+@pytest.mark.parametrize("k", [1, 2_000, 30_000])
+def test_top_k_indices_never_chooses_an_excluded_position(kind, k):
+    gen = torch.Generator().manual_seed(k)
+    scores = _scores(kind, 400_000, k)
+    exclude = torch.rand(400_000, generator=gen) < 0.1
+    exclude[scores > scores.quantile(0.99)] = True  # the best scores are the kept connections
+    _check_top_k(scores, k, True, exclude)
+
+
+def test_top_k_indices_breaks_ties_by_lowest_position():
+    # 300k zeros and a few ones: the ones, then the lowest-indexed zeros.
+    scores = torch.zeros(300_000)
+    scores[[5, 70_000, 299_999]] = 1.0
+    got = top_k_indices(scores, 10).sort().values
+    assert got.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 70_000, 299_999]
+
+
+@pytest.mark.parametrize("weights_kind", ["random", "equal"])
+@pytest.mark.parametrize("gradient_kind", ["random", "90% zeros", "all zero"])
+def test_drop_and_grow_is_exact_with_ties(gradient_kind, weights_kind):
+    gen = torch.Generator().manual_seed(0)
+    shape = (256, 128, 3, 3)  # 294,912 weights, 10% live: large enough for the sampled selection
+    mask = random_mask(torch.Size(shape), 29_491, gen, torch.device("cpu"))
+    weights = torch.randn(shape, generator=gen) if weights_kind == "random" else torch.full(shape, 0.5)
+    weights *= mask
+    grads = _scores(gradient_kind, weights.numel(), 1).view(shape)
+    before = mask.clone()
+    change = drop_and_grow(mask, weights, grads, n_drop=8_000, n_grow=8_000)
+    assert int(mask.sum()) == 29_491
+    flat_before, flat_after = before.view(-1), mask.view(-1)
+    # Dropped: among the 8,000 smallest |w| of the live ones (some of which may be regrown).
+    assert torch.equal(change.removed.sort().values, (flat_before & ~flat_after).nonzero().squeeze(1))
+    eighth_thousandth = torch.kthvalue(weights.view(-1).abs()[flat_before], 8_000).values
+    assert weights.view(-1).abs()[change.removed].max() <= eighth_thousandth
+    # Grown: the largest |g| among positions not kept; no position left dead beats a grown one.
+    grown = flat_after & ~flat_before
+    assert torch.equal(change.added.sort().values, grown.nonzero().squeeze(1))
+    still_dead = ~flat_after
+    if change.added.numel():
+        assert grads.view(-1)[change.added].min() >= grads.view(-1)[still_dead].max()
 
 
 def test_apply_change_resets_weights_and_every_state_tensor():

@@ -16,6 +16,7 @@ from lightning_rigl.callbacks.sparse_training import SparseTraining, gradients_f
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.distributions import Distribution, live_count
 from lightning_rigl.sparsity.masks import MaskChange, Stream, apply_change, generator
+from lightning_rigl.sparsity.parallel import for_each_layer
 from lightning_rigl.sparsity.schedules import DROP_SCHEDULES, drop_fraction, is_update_step, resolve_stop_step
 from lightning_rigl.sparsity.updates import drop_and_grow
 
@@ -125,15 +126,17 @@ class DynamicSparseTraining(SparseTraining):
 
     def _update(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, step: int) -> None:
         fraction = drop_fraction(step, self.drop_fraction, self.stop_step, self.drop_schedule)
-        changed = 0
-        for index, (name, param) in enumerate(self._params.items()):
+
+        def update_layer(index: int, name: str, param: nn.Parameter) -> int:
             n_swap = int(fraction * live_count(param.numel(), self.densities[name]))
             if n_swap == 0:
-                continue
+                return 0
             weights = param.detach()
-            change = drop_and_grow(self.masks[name], weights, self.grow_scores(name, param, step, index), n_swap)
+            change = drop_and_grow(self.masks[name], weights, self.grow_scores(name, param, step, index), n_swap, n_swap)
             apply_change(param, change, optimizer, self._grow_values(weights, change, step, index))
-            changed += change.added.numel()
+            return change.added.numel()
+
+        changed = sum(for_each_layer(update_layer, self._params).values())
         self.num_updates += 1
         self._sync_masks(trainer, optimizer)
         self._log(trainer, {"sparsity/drop_fraction": fraction, "sparsity/changed": float(changed)})

@@ -9,7 +9,7 @@ from lightning_rigl.sparsity.distributions import (
 from lightning_rigl.sparsity.masks import MaskChange, apply_change, apply_mask, random_mask
 from lightning_rigl.sparsity.schedules import DROP_SCHEDULES, drop_fraction, is_update_step
 from lightning_rigl.sparsity.targets import sparsifiable_parameters
-from lightning_rigl.sparsity.updates import drop_and_grow, top_k_indices
+from lightning_rigl.sparsity.updates import drop_and_grow, prune, top_k_indices
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -23,6 +23,7 @@ __all__ = [
     "is_update_step",
     "layer_densities",
     "live_count",
+    "prune",
     "random_mask",
     "sparsifiable_parameters",
     "top_k_indices",

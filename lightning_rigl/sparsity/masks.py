@@ -44,12 +44,16 @@ class MaskChange:
     added: Tensor
 
 
-def _fill(tensor: Tensor, flat_index: Tensor, values: Tensor) -> None:
-    """``tensor.view(-1)[flat_index] = values`` for any memory layout (channels_last included)."""
+def _fill(tensor: Tensor, flat_index: Tensor, values: Tensor | None = None) -> None:
+    """``tensor.view(-1)[flat_index] = values`` (0 when None) for any memory layout (channels_last included)."""
     if tensor.is_contiguous():
-        tensor.view(-1).index_put_((flat_index,), values)
+        if values is None:
+            tensor.view(-1).index_fill_(0, flat_index, 0)  # twice as fast as index_put_ with a scalar
+        else:
+            tensor.view(-1).index_copy_(0, flat_index, values)
     else:
-        tensor.index_put_(torch.unravel_index(flat_index, tensor.shape), values)
+        fill = tensor.new_zeros(()) if values is None else values
+        tensor.index_put_(torch.unravel_index(flat_index, tensor.shape), fill)
 
 
 def param_state_tensors(optimizer: torch.optim.Optimizer, param: Tensor) -> list[Tensor]:
@@ -71,14 +75,13 @@ def apply_change(
     0). Every optimizer-state tensor of the parameter's shape is zeroed at both removed and added positions,
     so a dead weight receives no update from stale momentum and a new one starts from a clean state.
     """
-    zero = param.new_zeros(())
-    _fill(param, change.removed, zero)
-    _fill(param, change.added, zero if grow_values is None else grow_values.to(param.dtype))
+    _fill(param, change.removed)
+    _fill(param, change.added, None if grow_values is None else grow_values.to(param.dtype))
     if optimizer is None:
         return
     touched = torch.cat([change.removed, change.added])
     for state in param_state_tensors(optimizer, param):
-        _fill(state, touched, state.new_zeros(()))
+        _fill(state, touched)
 
 
 @torch.no_grad()
