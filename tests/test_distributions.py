@@ -30,7 +30,8 @@ def test_er_ignores_kernel_size():
     d = densities_for_shapes(shapes, 0.8, "er")
     assert d["conv"] / d["fc"] == pytest.approx(((8 + 4) / 32) / ((16 + 8) / 128))
     budget = sum(d[n] * math.prod(s) for n, s in shapes.items())
-    assert budget == pytest.approx(0.2 * (288 + 128))
+    # The official budget is in whole weights: (288 - floor(0.8·288)) + (128 - floor(0.8·128)) = 58 + 26.
+    assert budget == pytest.approx(84)
 
 
 def test_uniform_keeps_first_layer_dense():
@@ -98,9 +99,64 @@ def test_bad_requests_fail_with_advice(kwargs, message):
 
 
 def test_infeasible_request_names_layer_and_largest_sparsity():
-    # "c" kept dense holds 200 of 304 weights, so the sparsity must stay below 1 - 200/304 = 0.34210.
-    with pytest.raises(ValueError, match=r"\['c'\].*largest feasible sparsity here is 0\.342") as error:
+    # "c" kept dense holds 200 of 304 weights, so the sparsity must stay near 1 - 200/304 = 0.342 (a little
+    # above: the budget is in whole weights, floor(S·N) zeros per layer).
+    with pytest.raises(ValueError, match=r"\['c'\].*largest feasible sparsity here is 0\.34") as error:
         densities_for_shapes(SHAPES, 0.5, "erk", dense=["c"])
     best = float(str(error.value).split("here is ")[1].split(";")[0])
     densities_for_shapes(SHAPES, best, "erk", dense=["c"])  # the advice itself is feasible
 
+
+
+def test_erk_budgets_whole_weights_as_the_official_code():
+    # Official: the layers share sum(N - floor(S·N)) live weights; a continuous budget gives 18 here.
+    densities = densities_for_shapes({"a": (8, 6), "b": (4, 3)}, 0.7, "er")
+    assert live_count(48, densities["a"]) + live_count(12, densities["b"]) == 20
+
+
+def test_resnet50_erk_90_has_the_official_live_count():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet50()
+    densities = layer_densities(model, 0.9, "erk")
+    total = sum(live_count(model.get_parameter(n).numel(), d) for n, d in densities.items())
+    assert total == 2_550_353  # the official sparse_utils count (a continuous budget gives 2,550,315)
+
+
+def test_erk_power_scale_zero_spreads_the_sparsity_evenly_over_every_layer():
+    densities = densities_for_shapes(SHAPES, 0.5, "erk", erk_power_scale=0)
+    assert densities == pytest.approx({"a": 152 / 304, "b": 152 / 304, "c": 152 / 304})
+    halfway = densities_for_shapes(SHAPES, 0.5, "erk", erk_power_scale=0.5)
+    full = densities_for_shapes(SHAPES, 0.5, "erk")
+    assert full["c"] < halfway["c"] < densities["c"]
+
+
+def test_custom_sparsity_fixes_layers_outside_the_budget():
+    # "c" fixed at 0.9 (20 live), outside the budget; "a" and "b" share (4 - 2) + (100 - 50) = 52 live weights.
+    # ε = 52 / (1·4 + 0.2·100) makes "a" overflow, so "a" is dense and "b" gets 50 - 2 = 48 of its 100.
+    densities = densities_for_shapes(SHAPES, 0.5, "erk", custom_sparsity={"c": 0.9})
+    assert densities == pytest.approx({"a": 1.0, "b": 0.48, "c": 0.1})
+
+
+def test_custom_sparsity_patterns_through_layer_densities():
+    densities = layer_densities(TinyNet(), 0.8, "uniform", custom_sparsity={"classifier.*": 0.5})
+    assert densities["classifier.1.weight"] == densities["classifier.3.weight"] == 0.5
+    assert densities["features.0.weight"] == 1.0 and densities["features.3.weight"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"custom_sparsity": {"nope.*": 0.5}}, "custom_sparsity pattern 'nope.\\*' matches no parameter"),
+        ({"custom_sparsity": {"classifier.*": 1.0}}, "custom_sparsity of 'classifier.\\*'"),
+        ({"custom_sparsity": {"classifier.*": 0.5, "*.3.weight": 0.4}}, "more than one pattern"),
+        ({"erk_power_scale": -1}, "erk_power_scale"),
+    ],
+)
+def test_bad_custom_options_fail_with_advice(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        layer_densities(TinyNet(), 0.5, "erk", **kwargs)
+
+
+def test_global_distribution_is_refused_where_it_means_nothing():
+    with pytest.raises(ValueError, match="only SNIP and GradualMagnitudePruning"):
+        layer_densities(TinyNet(), 0.5, "global")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -55,6 +55,8 @@ class DynamicSparseTraining(SparseTraining):
         dense: Sequence[str] = (),
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
+        custom_sparsity: Mapping[str, float] | None = None,
+        erk_power_scale: float = 1.0,
         update_interval: int = 100,
         drop_fraction: float = 0.3,
         drop_schedule: str = "cosine",
@@ -62,7 +64,8 @@ class DynamicSparseTraining(SparseTraining):
         grow_init: str = "zeros",
         seed: int = 0,
     ) -> None:
-        super().__init__(sparsity, distribution, dense=dense, include=include, exclude=exclude, seed=seed)
+        super().__init__(sparsity, distribution, dense=dense, include=include, exclude=exclude,
+                         custom_sparsity=custom_sparsity, erk_power_scale=erk_power_scale, seed=seed)
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
             raise ConfigError(f"update_interval must be an int >= 1 (optimizer steps), got {update_interval!r}.")
         if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:

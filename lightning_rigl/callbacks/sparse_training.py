@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -16,13 +17,15 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_rigl.sparsity.distributions import (
+    GLOBAL,
     Distribution,
     check_distribution,
     densities_for_shapes,
+    global_live_total,
     live_count,
 )
 from lightning_rigl.sparsity.masks import Stream, apply_mask, generator, random_mask
-from lightning_rigl.sparsity.targets import resolve_dense, sparsifiable_parameters
+from lightning_rigl.sparsity.targets import resolve_custom, resolve_dense, sparsifiable_parameters
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
@@ -50,6 +53,10 @@ class SparseTraining(Callback, ABC):
             sparsity budget, so the other layers become sparser.
         include: glob patterns that replace the default selection (every conv and linear ``weight``).
         exclude: glob patterns removed from the selection: dense, and outside the budget.
+        custom_sparsity: glob pattern -> sparsity for layers whose sparsity is fixed, outside the budget; the
+            distribution spreads the sparsity over the other layers (the official ``custom_sparsity_map``).
+        erk_power_scale: exponent on the raw ER/ERK score (the official flag): 1 is ER/ERK, 0 puts every
+            layer at the sparsity, values in between interpolate.
         seed: seeds the initial masks and every random choice; identical on all ranks.
 
     Raises:
@@ -59,6 +66,8 @@ class SparseTraining(Callback, ABC):
             strategies, or a sparsified parameter the optimizer does not train (before the first step).
     """
 
+    supports_global: ClassVar[bool] = False  # whether distribution="global" means something for this method
+
     def __init__(
         self,
         sparsity: float | None = None,
@@ -67,15 +76,20 @@ class SparseTraining(Callback, ABC):
         dense: Sequence[str] = (),
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
+        custom_sparsity: Mapping[str, float] | None = None,
+        erk_power_scale: float = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_distribution(sparsity, distribution)
+        check_distribution(sparsity, distribution, allow_global=self.supports_global,
+                           custom_sparsity=custom_sparsity, erk_power_scale=erk_power_scale)
         self.sparsity = sparsity
         self.distribution = distribution
         self.dense = tuple(dense)
         self.include = None if include is None else tuple(include)
         self.exclude = tuple(exclude)
+        self.custom_sparsity = dict(custom_sparsity or {})
+        self.erk_power_scale = float(erk_power_scale)
         self.seed = int(seed)
         self.masks: dict[str, Tensor] = {}
         self.targets: dict[str, float] = {}  # per-layer densities the configuration asks for in the end
@@ -178,8 +192,17 @@ class SparseTraining(Callback, ABC):
     # ----------------------------------------------------------------------------------------- helpers
 
     def target_densities(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
-        """The per-layer densities this configuration asks for, for the selected parameters' shapes."""
-        return densities_for_shapes(shapes, self.sparsity, self.distribution, resolve_dense(list(shapes), self.dense))
+        """The per-layer densities this configuration asks for, for the selected parameters' shapes. Under
+        ``distribution="global"`` the scores decide each layer's share, so the layers outside ``dense`` all
+        get their mean density."""
+        dense = resolve_dense(list(shapes), self.dense)
+        if self.distribution == GLOBAL:
+            pool = [name for name in shapes if name not in dense]
+            mean = global_live_total(shapes, self.sparsity, dense) / sum(math.prod(shapes[n]) for n in pool)
+            return {name: 1.0 if name in dense else mean for name in shapes}
+        custom = resolve_custom(list(shapes), self.custom_sparsity)
+        return densities_for_shapes(shapes, self.sparsity, self.distribution, dense, custom_sparsity=custom,
+                                    erk_power_scale=self.erk_power_scale)
 
     def global_density(self) -> float:
         """Fraction of live weights over all sparsified parameters."""

@@ -2,6 +2,7 @@
 
 from lightning_rigl.sparsity.distributions import (
     DISTRIBUTIONS,
+    GLOBAL,
     densities_for_shapes,
     layer_densities,
     live_count,
@@ -14,6 +15,7 @@ from lightning_rigl.sparsity.updates import drop_and_grow, prune, top_k_indices
 __all__ = [
     "DISTRIBUTIONS",
     "DROP_SCHEDULES",
+    "GLOBAL",
     "MaskChange",
     "apply_change",
     "apply_mask",

@@ -7,7 +7,7 @@ layer. Biases, normalisation layers and embeddings stay dense. Names are those o
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
@@ -84,3 +84,19 @@ def resolve_dense(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
     """
     _check_patterns(names, patterns, "dense")
     return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
+def resolve_custom(names: Sequence[str], patterns: Mapping[str, float]) -> dict[str, float]:
+    """Name -> sparsity for every name among ``names`` matched by a ``custom_sparsity`` glob pattern.
+
+    Raises:
+        ValueError: a pattern matches none of the sparsified parameters, or a name matches two patterns.
+    """
+    _check_patterns(names, list(patterns), "custom_sparsity")
+    resolved: dict[str, float] = {}
+    for pattern, sparsity in patterns.items():
+        for name in _matching(names, pattern):
+            if name in resolved:
+                raise ConfigError(f"custom_sparsity: {name!r} matches more than one pattern; make them disjoint.")
+            resolved[name] = sparsity
+    return resolved
