@@ -1,8 +1,33 @@
-"""lightning-rigl: sparse networks trained from scratch (RigL, SET, static) as PyTorch Lightning callbacks."""
+"""lightning-rigl: sparse networks trained from scratch (RigL and the methods it is compared with) as PyTorch
+Lightning callbacks."""
 
-from lightning_rigl.callbacks import SET, DynamicSparseTraining, RigL, SparseTraining, Static
+from lightning_rigl.callbacks import (
+    SET,
+    SNFS,
+    SNIP,
+    DynamicSparseTraining,
+    GradualMagnitudePruning,
+    LotteryTicket,
+    PruningFromDense,
+    RigL,
+    SparseTraining,
+    Static,
+)
 from lightning_rigl.classifier import ImageClassifier
 
 __version__ = "0.1.0"
 
-__all__ = ["SET", "DynamicSparseTraining", "ImageClassifier", "RigL", "SparseTraining", "Static", "__version__"]
+__all__ = [
+    "SET",
+    "SNFS",
+    "SNIP",
+    "DynamicSparseTraining",
+    "GradualMagnitudePruning",
+    "ImageClassifier",
+    "LotteryTicket",
+    "PruningFromDense",
+    "RigL",
+    "SparseTraining",
+    "Static",
+    "__version__",
+]

@@ -13,7 +13,7 @@ from lightning_rigl.sparsity import (
     top_k_indices,
 )
 from lightning_rigl.sparsity.masks import Stream, generator
-from lightning_rigl.sparsity.schedules import resolve_stop_step
+from lightning_rigl.sparsity.schedules import cubic_sparsity, is_pruning_step, resolve_step
 
 # A 4×4 layer with 6 live weights; dropping 2 removes the smallest |w| (0.1 at (0,1), -0.2 at (2,2)).
 WEIGHTS = torch.tensor(
@@ -168,8 +168,21 @@ def test_drop_fraction_schedules():
 
 
 def test_update_cadence_and_stop_step():
-    assert [s for s in range(500) if is_update_step(s, 100, 350)] == [100, 200, 300]
-    assert resolve_stop_step(0.75, 1000) == 750
-    assert resolve_stop_step(300, 1000) == 300
+    assert [s for s in range(500) if is_update_step(s, 100, 1, 350)] == [100, 200, 300]
+    assert [s for s in range(500) if is_update_step(s, 100, 0, 350)] == [0, 100, 200, 300]
+    assert [s for s in range(500) if is_update_step(s, 100, 150, 350)] == [200, 300]
+    assert resolve_step("stop_at", 0.75, 1000) == 750
+    assert resolve_step("stop_at", 300, 1000) == 300
+    assert resolve_step("start_at", 0.0, 1000) == 0
     with pytest.raises(ValueError, match="no known length"):
-        resolve_stop_step(0.75, float("inf"))
+        resolve_step("stop_at", 0.75, float("inf"))
+
+
+def test_cubic_schedule_and_pruning_steps():
+    # Zhu & Gupta with s_0 = 0: s_t = s_f · (1 - (1 - p)³).
+    assert cubic_sparsity(100, 0.9, 200, 800) == 0.0
+    assert cubic_sparsity(200, 0.9, 200, 800) == 0.0
+    assert cubic_sparsity(500, 0.9, 200, 800) == pytest.approx(0.9 * (1 - 0.5**3))
+    assert cubic_sparsity(800, 0.9, 200, 800) == pytest.approx(0.9)
+    assert cubic_sparsity(900, 0.9, 200, 800) == pytest.approx(0.9)
+    assert [s for s in range(1000) if is_pruning_step(s, 250, 200, 800)] == [200, 450, 700, 800]

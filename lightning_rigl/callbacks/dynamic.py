@@ -1,4 +1,5 @@
-"""Dynamic sparse training: drop and grow every ΔT optimizer steps until T_end."""
+"""Dynamic sparse training: every ΔT optimizer steps until T_end, drop the weakest live connections and grow new
+ones; a method states what it grows by (``grow_scores``)."""
 
 from __future__ import annotations
 
@@ -14,34 +15,59 @@ from typing_extensions import override
 
 from lightning_rigl.callbacks.sparse_training import SparseTraining, gradients_finite
 from lightning_rigl.errors import ConfigError
+from lightning_rigl.sparsity.criteria import dense_gradient, mean_magnitude
 from lightning_rigl.sparsity.distributions import Distribution, live_count
 from lightning_rigl.sparsity.masks import MaskChange, Stream, apply_change, generator
 from lightning_rigl.sparsity.parallel import for_each_layer
-from lightning_rigl.sparsity.schedules import DROP_SCHEDULES, drop_fraction, is_update_step, resolve_stop_step
+from lightning_rigl.sparsity.redistribution import grow_counts
+from lightning_rigl.sparsity.schedules import (
+    DROP_SCHEDULES,
+    check_step_or_fraction,
+    drop_fraction,
+    is_update_step,
+    resolve_step,
+)
 from lightning_rigl.sparsity.updates import drop_and_grow
 
 GROW_INITS = ("zeros", "normal", "uniform")
+REDISTRIBUTIONS = ("none", "gradient", "momentum")
+UPDATE_PLACEMENTS = ("before_step", "skip_step")
+# Decay of the callback's own moving average of the dense gradient, where redistribution="momentum" finds no
+# momentum in the optimizer (SNFS sets its own).
+DEFAULT_MOMENTUM = 0.9
 
 
 class DynamicSparseTraining(SparseTraining):
-    """Every ``update_interval`` optimizer steps, each layer drops its ``f(t) · n_live`` smallest-magnitude
-    live weights and grows as many new ones chosen by ``grow_scores``; layer densities never change.
+    """Every ``update_interval`` optimizer steps from ``start_at`` until ``stop_at``, each layer drops its
+    ``f(t) · n_live`` smallest-magnitude live weights and grows new ones where ``grow_scores`` is largest.
+    Layer densities stay fixed, or move between layers with ``redistribution``.
 
-    The update runs in ``on_before_optimizer_step`` of update steps, on the fully accumulated, all-reduced
-    and unscaled gradient; that same optimizer step then trains the new mask. Updates happen at steps
-    ΔT, 2ΔT, ... strictly before T_end (step 0 is not an update). If the gradients of an update step are
-    not finite (an fp16 overflow, which the GradScaler skips), the update waits for the next finite step.
+    The update reads the fully accumulated, all-reduced and unscaled gradient (``on_before_optimizer_step``).
+    If the gradients of an update step are not finite (an fp16 overflow, which the GradScaler skips), the
+    update waits for the next finite step.
 
     Besides the options of ``SparseTraining``:
 
     Args:
-        update_interval: ΔT, optimizer steps between mask updates (>= 1).
-        drop_fraction: α, the fraction of each layer's live weights exchanged at the first update, (0, 1].
-        drop_schedule: how the fraction decays: "cosine" (α/2·(1 + cos(π·t/T_end))), "constant", "linear".
-        stop_at: T_end, after which masks stay fixed: a float in (0, 1] is a fraction of the run's total
+        update_interval: ΔT, optimizer steps between mask updates (>= 1). Updates happen at the multiples of
+            ΔT within [start_at, stop_at).
+        drop_fraction: α, the fraction of each layer's live weights exchanged by an update at step 0; the
+            schedule lowers it from there (at step t < T_end: α/2·(1 + cos(π·t/T_end)) for "cosine").
+        drop_schedule: how the fraction decays: "cosine", "constant" (α throughout), "linear" (α·(1 - t/T_end)).
+        start_at: the first optimizer step that may update masks (the official ``maskupdate_begin_step``): an
+            int is a step, a float in [0, 1) a fraction of the run. 1 (the default) puts the first update at
+            step ΔT, after the random mask has trained; 0 updates at step 0, as the official code does.
+        stop_at: T_end, from which masks stay fixed: a float in (0, 1] is a fraction of the run's total
             optimizer steps (``trainer.estimated_stepping_batches``); an int is an absolute step.
         grow_init: value of new connections: "zeros"; "normal" (std of the layer's current weights);
             "uniform" (within ±mean |w| of the layer), as in the official implementation.
+        redistribution: how the layers share the grown connections: "none" (each layer grows what it
+            dropped: densities stay); "gradient" (RigL-SG: in proportion to the layer's mean |gradient| over
+            its live weights); "momentum" (RigL-SM: its mean |momentum| over live weights: SGD's momentum
+            buffer or Adam's first moment, else a moving average of the dense gradient kept by the callback).
+            The global live count stays exactly the target; every layer keeps between 1 and all of its weights.
+        update_placement: "before_step": the update's optimizer step trains the new mask; "skip_step": the
+            update replaces that optimizer step (the official TensorFlow RigL), which then changes no weight.
 
     Raises:
         ValueError: any option outside the ranges above.
@@ -60,89 +86,149 @@ class DynamicSparseTraining(SparseTraining):
         update_interval: int = 100,
         drop_fraction: float = 0.3,
         drop_schedule: str = "cosine",
-        stop_at: int | float = 0.75,  # int first: LightningCLI tries a union in order, and 75000 is a step
+        start_at: int | float = 1,  # int first: LightningCLI tries a union in order, and 75000 is a step
+        stop_at: int | float = 0.75,
         grow_init: str = "zeros",
+        redistribution: str = "none",
+        update_placement: str = "before_step",
+        rewind_step: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(sparsity, distribution, dense=dense, include=include, exclude=exclude,
-                         custom_sparsity=custom_sparsity, erk_power_scale=erk_power_scale, seed=seed)
+                         custom_sparsity=custom_sparsity, erk_power_scale=erk_power_scale, rewind_step=rewind_step,
+                         seed=seed)
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
             raise ConfigError(f"update_interval must be an int >= 1 (optimizer steps), got {update_interval!r}.")
         if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:
             raise ConfigError(f"drop_fraction must be a fraction in (0, 1], got {drop_fraction!r}.")
-        if drop_schedule not in DROP_SCHEDULES:
-            raise ConfigError(f"Unknown drop_schedule {drop_schedule!r}: use one of {DROP_SCHEDULES}.")
-        if isinstance(stop_at, bool) or not (
-            (isinstance(stop_at, int) and stop_at >= 1) or (isinstance(stop_at, float) and 0 < stop_at <= 1)
-        ):
-            raise ConfigError(
-                f"stop_at must be a fraction of the run in (0, 1] (a float) or an optimizer step >= 1 (an int), "
-                f"got {stop_at!r}."
-            )
-        if grow_init not in GROW_INITS:
-            raise ConfigError(f"Unknown grow_init {grow_init!r}: use one of {GROW_INITS}.")
+        _check_choice("drop_schedule", drop_schedule, DROP_SCHEDULES)
+        check_step_or_fraction("start_at", start_at, allow_zero=True)
+        check_step_or_fraction("stop_at", stop_at, allow_zero=False)
+        _check_choice("grow_init", grow_init, GROW_INITS)
+        _check_choice("redistribution", redistribution, REDISTRIBUTIONS)
+        _check_choice("update_placement", update_placement, UPDATE_PLACEMENTS)
         self.update_interval = update_interval
         self.drop_fraction = float(drop_fraction)
         self.drop_schedule = drop_schedule
+        self.start_at = start_at
         self.stop_at = stop_at
         self.grow_init = grow_init
+        self.redistribution = redistribution
+        self.update_placement = update_placement
+        self.momentum = DEFAULT_MOMENTUM
+        self.start_step = 0
         self.stop_step = 0
+        self.moving_average: dict[str, Tensor] | None = None  # of the dense gradient, where the method needs one
         self._pending_step: int | None = None  # an update step still waiting for finite gradients
 
     # ------------------------------------------------------------------------------------------ policy
 
     @abstractmethod
     def grow_scores(self, name: str, param: nn.Parameter, step: int, layer_index: int) -> Tensor:
-        """Non-negative scores of the parameter's shape; the largest among non-kept positions grow. Must
-        return a fresh tensor (it is overwritten)."""
+        """Scores of the parameter's shape; the largest among positions not kept grow. Only read."""
+
+    def needs_moving_average(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the callback keeps a moving average of the dense gradient (``moving_average``), updated at
+        every optimizer step until T_end: for redistribution="momentum" when the optimizer keeps no momentum."""
+        return self.redistribution == "momentum" and _momentum_key(optimizer) is None
 
     # ------------------------------------------------------------------------------------------- hooks
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self.stop_step = resolve_stop_step(self.stop_at, trainer.estimated_stepping_batches)
+        total = trainer.estimated_stepping_batches
+        self.start_step = resolve_step("start_at", self.start_at, total)
+        self.stop_step = resolve_step("stop_at", self.stop_at, total)
+        optimizer = trainer.optimizers[0]
+        if not self.needs_moving_average(optimizer) or trainer.global_step >= self.stop_step:
+            self.moving_average = None
+        elif self.moving_average is None:
+            self.moving_average = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self._params.items()}
+        else:  # restored from a checkpoint, on the CPU
+            self.moving_average = {name: self.moving_average[name].to(p.device) for name, p in self._params.items()}
 
     @override
     def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step
-        if is_update_step(step, self.update_interval, self.stop_step):
+        if is_update_step(step, self.update_interval, self.start_step, self.stop_step):
             self._pending_step = step
-        if self._pending_step is None:
+        if self.moving_average is not None and step >= self.stop_step:
+            self.moving_average = None  # masks are final: nothing reads it any more
+        if self._pending_step is None and self.moving_average is None:
             return
         if not gradients_finite(optimizer):
-            rank_zero_warn(f"Mask update of step {self._pending_step} postponed: gradients at step {step} are not finite.")
+            if self._pending_step is not None:
+                rank_zero_warn(f"Mask update of step {self._pending_step} postponed: gradients at step {step} "
+                               "are not finite.")
             return
-        self._update(trainer, optimizer, self._pending_step)
-        self._pending_step = None
+        if self.moving_average is not None:
+            self._track_gradients()
+        if self._pending_step is not None:
+            self._update(trainer, optimizer, self._pending_step)
+            self._pending_step = None
+            if self.update_placement == "skip_step":
+                _skip_optimizer_step(optimizer)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "pending_step": self._pending_step}
+        state = {**super().state_dict(), "pending_step": self._pending_step}
+        if self.moving_average is not None:
+            state["moving_average"] = {name: value.cpu() for name, value in self.moving_average.items()}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._pending_step = state_dict["pending_step"]
+        self.moving_average = state_dict.get("moving_average")
 
     # ----------------------------------------------------------------------------------------- helpers
 
+    def _track_gradients(self) -> None:
+        # An exponential moving average of the dense gradient: m ← β·m + (1 - β)·g, before g is masked.
+        for name, param in self._params.items():
+            average = self.moving_average[name]
+            average.lerp_(dense_gradient(name, param).to(average.dtype), 1.0 - self.momentum)
+
     def _update(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, step: int) -> None:
         fraction = drop_fraction(step, self.drop_fraction, self.stop_step, self.drop_schedule)
+        names = list(self._params)
+        live = [live_count(p.numel(), self.densities[name]) for name, p in self._params.items()]
+        drops = [int(fraction * n) for n in live]
+        grows = drops
+        if self.redistribution != "none":
+            shares = [self._share(name, param, optimizer) for name, param in self._params.items()]
+            grows = grow_counts(live, drops, [p.numel() for p in self._params.values()], shares)
+        counts = {name: (n_drop, n_grow) for name, n_drop, n_grow in zip(names, drops, grows)}
 
         def update_layer(index: int, name: str, param: nn.Parameter) -> int:
-            n_swap = int(fraction * live_count(param.numel(), self.densities[name]))
-            if n_swap == 0:
+            n_drop, n_grow = counts[name]
+            if n_drop == n_grow == 0:
                 return 0
             weights = param.detach()
-            change = drop_and_grow(self.masks[name], weights, self.grow_scores(name, param, step, index), n_swap, n_swap)
+            change = drop_and_grow(self.masks[name], weights, self.grow_scores(name, param, step, index), n_drop, n_grow)
             apply_change(param, change, optimizer, self._grow_values(weights, change, step, index))
             return change.added.numel()
 
         changed = sum(for_each_layer(update_layer, self._params).values())
+        for (name, param), n, n_drop, n_grow in zip(self._params.items(), live, drops, grows):
+            self.densities[name] = (n - n_drop + n_grow) / param.numel()
         self.num_updates += 1
         self._sync_masks(trainer, optimizer)
-        self._log(trainer, {"sparsity/drop_fraction": fraction, "sparsity/changed": float(changed)})
+        metrics = {"sparsity/drop_fraction": fraction, "sparsity/changed": float(changed)}
+        if self.redistribution != "none":
+            metrics.update(self.density_metrics())
+        self._log(trainer, metrics)
+
+    def _share(self, name: str, param: nn.Parameter, optimizer: torch.optim.Optimizer) -> float:
+        """The layer's redistribution statistic: mean |gradient| or |momentum| over its live weights."""
+        if self.redistribution == "gradient":
+            return mean_magnitude(dense_gradient(name, param), self.masks[name])
+        if self.moving_average is not None:
+            return mean_magnitude(self.moving_average[name], self.masks[name])
+        momentum = optimizer.state.get(param, {}).get(_momentum_key(optimizer))
+        return 0.0 if momentum is None else mean_magnitude(momentum, self.masks[name])  # none before step 1
 
     def _grow_values(self, weights: Tensor, change: MaskChange, step: int, layer_index: int) -> Tensor | None:
         if self.grow_init == "zeros":
@@ -156,3 +242,26 @@ class DynamicSparseTraining(SparseTraining):
             values = (torch.rand(count, generator=gen) * 2 - 1) * bound
         return values.to(weights.device)
 
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"Unknown {option} {value!r}: use one of {choices}.")
+
+
+def _momentum_key(optimizer: torch.optim.Optimizer) -> str | None:
+    """The optimizer-state entry holding a parameter's momentum: SGD's (and RMSprop's) ``momentum_buffer``
+    when momentum > 0, the Adam family's first moment ``exp_avg``; None for optimizers without one."""
+    groups = optimizer.param_groups
+    if any(group.get("momentum", 0) for group in groups):
+        return "momentum_buffer"
+    if any("betas" in group for group in groups):
+        return "exp_avg"
+    return None
+
+
+def _skip_optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """Make this iteration's optimizer step a no-op: PyTorch optimizers leave parameters without a gradient
+    untouched (no step, no weight decay, no momentum, no step count), exactly as after ``zero_grad``."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None

@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.distributions import (
     GLOBAL,
     Distribution,
@@ -57,6 +58,8 @@ class SparseTraining(Callback, ABC):
             distribution spreads the sparsity over the other layers (the official ``custom_sparsity_map``).
         erk_power_scale: exponent on the raw ER/ERK score (the official flag): 1 is ER/ERK, 0 puts every
             layer at the sparsity, values in between interpolate.
+        rewind_step: keep a CPU copy of every parameter of the model as it is after this many optimizer steps
+            (0: the initialisation) in the checkpoint, for a ``LotteryTicket`` to rewind to; None keeps none.
         seed: seeds the initial masks and every random choice; identical on all ranks.
 
     Raises:
@@ -78,6 +81,7 @@ class SparseTraining(Callback, ABC):
         exclude: Sequence[str] = (),
         custom_sparsity: Mapping[str, float] | None = None,
         erk_power_scale: float = 1.0,
+        rewind_step: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -90,11 +94,16 @@ class SparseTraining(Callback, ABC):
         self.exclude = tuple(exclude)
         self.custom_sparsity = dict(custom_sparsity or {})
         self.erk_power_scale = float(erk_power_scale)
+        if rewind_step is not None and (isinstance(rewind_step, bool) or not isinstance(rewind_step, int)
+                                        or rewind_step < 0):
+            raise ConfigError(f"rewind_step must be an optimizer step >= 0 (an int) or None, got {rewind_step!r}.")
+        self.rewind_step = rewind_step
         self.seed = int(seed)
         self.masks: dict[str, Tensor] = {}
         self.targets: dict[str, float] = {}  # per-layer densities the configuration asks for in the end
         self.densities: dict[str, float] = {}  # per-layer densities now: the targets, unless the method moves them
         self.num_updates = 0  # mask changes made so far
+        self.rewind: dict[str, Tensor] | None = None  # every parameter at rewind_step, on the CPU
         self._params: dict[str, nn.Parameter] = {}
         self._zero: dict[torch.device, Tensor] = {}
         self._restored_targets: dict[str, float] | None = None
@@ -164,6 +173,8 @@ class SparseTraining(Callback, ABC):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # Gradients here are fully accumulated, all-reduced by DDP and unscaled under 16-mixed.
+        if self.rewind is None and trainer.global_step == self.rewind_step:
+            self.rewind = {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters()}
         self.update_masks(trainer, optimizer)
         self._mask_gradients()
 
@@ -173,12 +184,15 @@ class SparseTraining(Callback, ABC):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "masks": {name: mask.cpu() for name, mask in self.masks.items()},
             "densities": dict(self.densities),
             "targets": dict(self.targets),
             "num_updates": self.num_updates,
         }
+        if self.rewind is not None:
+            state["rewind"] = self.rewind
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -188,6 +202,7 @@ class SparseTraining(Callback, ABC):
         self.densities = dict(state_dict["densities"])
         self._restored_targets = dict(state_dict["targets"])
         self.num_updates = state_dict["num_updates"]
+        self.rewind = state_dict.get("rewind")
 
     # ----------------------------------------------------------------------------------------- helpers
 

@@ -27,23 +27,55 @@ def drop_fraction(step: int, initial: float, stop_step: int, schedule: str) -> f
     raise ConfigError(f"Unknown drop_schedule {schedule!r}: use one of {DROP_SCHEDULES}.")
 
 
-def is_update_step(step: int, interval: int, stop_step: int) -> bool:
-    """True at steps ΔT, 2ΔT, ... strictly before T_end. Step 0 is not an update: the random initial mask
-    has not seen a gradient step yet."""
-    return 0 < step < stop_step and step % interval == 0
+def is_update_step(step: int, interval: int, start_step: int, stop_step: int) -> bool:
+    """True at the multiples of ``interval`` within [start_step, stop_step): the mask-update steps of the
+    dynamic methods."""
+    return start_step <= step < stop_step and step % interval == 0
 
 
-def resolve_stop_step(stop_at: int | float, total_steps: float) -> int:
-    """T_end in optimizer steps: ``stop_at`` is a fraction of the run (a float in (0, 1]) or a step (int).
+def is_pruning_step(step: int, interval: int, start_step: int, stop_step: int) -> bool:
+    """True at start_step, start_step + interval, ... up to stop_step, and at stop_step itself so that the
+    final sparsity is always reached: the pruning steps of gradual magnitude pruning."""
+    return start_step <= step <= stop_step and ((step - start_step) % interval == 0 or step == stop_step)
+
+
+def cubic_sparsity(step: int, final: float, start_step: int, stop_step: int, initial: float = 0.0) -> float:
+    """Zhu & Gupta's schedule: s_t = s_f + (s_0 - s_f)·(1 - (t - t_0)/(t_1 - t_0))³, held at s_0 before t_0 and
+    at s_f after t_1 (fractions of zeros)."""
+    if stop_step <= start_step:
+        return final if step >= stop_step else initial
+    progress = min(1.0, max(0.0, (step - start_step) / (stop_step - start_step)))
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+def check_step_or_fraction(option: str, value: int | float, allow_zero: bool) -> None:
+    """An optimizer step (an int, >= 0 or >= 1) or a fraction of the run (a float, in [0, 1) or (0, 1]).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if allow_zero:
+        ok = (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0 <= value < 1)
+        ranges = "a fraction of the run in [0, 1) (a float) or an optimizer step >= 0 (an int)"
+    else:
+        ok = (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value <= 1)
+        ranges = "a fraction of the run in (0, 1] (a float) or an optimizer step >= 1 (an int)"
+    if isinstance(value, bool) or not ok:
+        raise ConfigError(f"{option} must be {ranges}, got {value!r}.")
+
+
+def resolve_step(option: str, value: int | float, total_steps: float) -> int:
+    """An optimizer step from ``value``: an int is the step, a float a fraction of ``total_steps``.
 
     Raises:
         ValueError: a fraction is given but the run's length is unknown (no max_steps / max_epochs).
     """
-    if isinstance(stop_at, int):
-        return stop_at
+    if isinstance(value, int):
+        return value
     if not math.isfinite(total_steps):
         raise ConfigError(
-            f"stop_at={stop_at} is a fraction of the run, but the run has no known length. Set "
-            "Trainer(max_steps=...) or max_epochs, or give stop_at as an absolute step (an int)."
+            f"{option}={value} is a fraction of the run, but the run has no known length. Set "
+            f"Trainer(max_steps=...) or max_epochs, or give {option} as an absolute step (an int)."
         )
-    return max(1, int(stop_at * total_steps))
+    step = int(value * total_steps)
+    return step if value == 0 else max(1, step)

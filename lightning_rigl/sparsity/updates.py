@@ -10,7 +10,9 @@ depends on the sample, only the speed does.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -170,3 +172,34 @@ def prune(mask: Tensor, scores: Tensor, n_keep: int) -> MaskChange:
     removed = live.take(top_k_indices(scores.reshape(-1).take(live), live.numel() - n_keep, largest=False))
     flat.index_fill_(0, removed, False)
     return MaskChange(removed=removed, added=removed.new_empty(0))
+
+
+@torch.no_grad()
+def prune_globally(masks: Mapping[str, Tensor], scores: Mapping[str, Tensor], n_keep: int) -> dict[str, MaskChange]:
+    """Keep the ``n_keep`` live connections with the largest ``scores`` ranked across all layers together;
+    every layer keeps at least its best one. Updates the masks in place (masks only shrink).
+
+    Args:
+        masks: name -> bool mask (True for live), contiguous; all on one device.
+        scores: name -> scores of the same shape (only live entries are read).
+        n_keep: live connections to keep in all, between the number of layers and the number live now.
+    """
+    names = list(masks)
+    live = [masks[name].view(-1).nonzero().squeeze(1) for name in names]
+    values = [scores[name].reshape(-1).take(positions).float() for name, positions in zip(names, live)]
+    sizes = [positions.numel() for positions in live]
+    if not len(names) <= n_keep <= sum(sizes):
+        raise ValueError(f"n_keep={n_keep} must be within [{len(names)}, {sum(sizes)}] (one per layer, all live).")
+    for layer_values in values:
+        layer_values[layer_values.argmax()] = math.inf  # each layer's best connection survives
+    kept = top_k_indices(torch.cat(values), n_keep).sort().values
+    offsets = torch.tensor([0, *itertools.accumulate(sizes)], device=kept.device)
+    bounds = torch.searchsorted(kept, offsets).tolist()
+    changes = {}
+    for i, name in enumerate(names):
+        survivors = kept[bounds[i]:bounds[i + 1]] - offsets[i]
+        still_live = torch.zeros(sizes[i], dtype=torch.bool, device=kept.device).index_fill_(0, survivors, True)
+        removed = _where(live[i], ~still_live)
+        masks[name].view(-1).index_fill_(0, removed, False)
+        changes[name] = MaskChange(removed=removed, added=removed.new_empty(0))
+    return changes

@@ -1,0 +1,135 @@
+"""Methods that start dense and only ever remove connections: what they share, and gradual magnitude pruning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_rigl.callbacks.sparse_training import SparseTraining
+from lightning_rigl.errors import ConfigError
+from lightning_rigl.sparsity.distributions import GLOBAL, global_live_total, live_count
+from lightning_rigl.sparsity.masks import apply_change
+from lightning_rigl.sparsity.parallel import for_each_layer
+from lightning_rigl.sparsity.schedules import check_step_or_fraction, cubic_sparsity, is_pruning_step, resolve_step
+from lightning_rigl.sparsity.targets import resolve_dense
+from lightning_rigl.sparsity.updates import prune, prune_globally
+
+Scores = Callable[[str, nn.Parameter], Tensor]
+
+
+class PruningFromDense(SparseTraining):
+    """Starts dense (every mask all True, ``densities`` all 1) and prunes towards the targets, keeping the
+    connections a score ranks highest: per layer under the distribution, or across all layers at once with
+    ``distribution="global"`` (each layer keeps at least one connection). Masks only shrink.
+    """
+
+    supports_global: ClassVar[bool] = True
+
+    @override
+    def start_densities(self) -> dict[str, float]:
+        return dict.fromkeys(self.targets, 1.0)
+
+    def prune_to(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, scores: Scores, fraction: float) -> None:
+        """Prune every layer to ``fraction`` of its target sparsity (1: the targets), or, under "global", the
+        whole selection to ``fraction`` of the sparsity; the highest ``scores(name, param)`` survive."""
+        if self.distribution == GLOBAL:
+            self._prune_globally(optimizer, scores, fraction)
+        else:
+
+            def prune_layer(index: int, name: str, param: nn.Parameter) -> None:
+                n_keep = live_count(param.numel(), 1.0 - (1.0 - self.targets[name]) * fraction)
+                if n_keep < live_count(param.numel(), self.densities[name]):
+                    apply_change(param, prune(self.masks[name], scores(name, param), n_keep), optimizer)
+                    self.densities[name] = n_keep / param.numel()
+
+            for_each_layer(prune_layer, self._params)
+        self.num_updates += 1
+        self._sync_masks(trainer, optimizer)
+        self._log(trainer, {"sparsity/target": fraction * self._target_sparsity(), **self.density_metrics()})
+
+    def _prune_globally(self, optimizer: torch.optim.Optimizer, scores: Scores, fraction: float) -> None:
+        shapes = {name: tuple(p.shape) for name, p in self._params.items()}
+        dense = resolve_dense(list(shapes), self.dense)
+        pool = [name for name in shapes if name not in dense]
+        n_keep = global_live_total(shapes, self.sparsity * fraction, dense)
+        if n_keep >= sum(live_count(self._params[name].numel(), self.densities[name]) for name in pool):
+            return
+        changes = prune_globally({n: self.masks[n] for n in pool}, {n: scores(n, self._params[n]) for n in pool}, n_keep)
+        for name, change in changes.items():
+            param = self._params[name]
+            apply_change(param, change, optimizer)
+            live = live_count(param.numel(), self.densities[name]) - change.removed.numel()
+            self.densities[name] = live / param.numel()
+
+    def _target_sparsity(self) -> float:
+        """Fraction of zeros over all sparsified weights once the targets are reached."""
+        total = sum(p.numel() for p in self._params.values())
+        live = sum(live_count(p.numel(), self.targets[name]) for name, p in self._params.items())
+        return 1.0 - live / total
+
+
+class GradualMagnitudePruning(PruningFromDense):
+    """Gradual magnitude pruning (Zhu & Gupta, 2018): dense at first; every ``update_interval`` optimizer steps
+    from ``start_at`` to ``stop_at`` (both included) the smallest-magnitude live weights are removed so that
+    the sparsity follows the cubic schedule s_t = s_f·(1 - (1 - (t - t_0)/(t_1 - t_0))³), reaching the target
+    s_f exactly at ``stop_at``. Every layer follows it towards its own target under the distribution
+    (uniform, ER, ERK, a mapping), or all layers are ranked together with ``distribution="global"``.
+
+    With ``rewind_step=0`` the run keeps the initial weights, from which ``LotteryTicket`` retrains its mask.
+
+    Example::
+
+        trainer = pl.Trainer(max_steps=10_000, callbacks=[GradualMagnitudePruning(sparsity=0.9, rewind_step=0)])
+
+    Besides the options of ``SparseTraining`` (``distribution`` may also be "global"):
+
+    Args:
+        update_interval: optimizer steps between pruning steps (>= 1). The reproducibility report prunes at
+            RigL's ΔT = 100 for a fair comparison; the official CIFAR recipe every 1,000 steps.
+        start_at: t_0, the first pruning step: a float in [0, 1) is a fraction of the run's optimizer steps,
+            an int a step.
+        stop_at: t_1, the last pruning step, where the target is reached: a float in (0, 1] or an int step.
+
+    Raises:
+        ValueError: an option outside the ranges above, or ``stop_at`` before ``start_at`` (at setup).
+    """
+
+    def __init__(self, *args: Any, update_interval: int = 100, start_at: int | float = 0.2,
+                 stop_at: int | float = 0.75, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
+            raise ConfigError(f"update_interval must be an int >= 1 (optimizer steps), got {update_interval!r}.")
+        check_step_or_fraction("start_at", start_at, allow_zero=True)
+        check_step_or_fraction("stop_at", stop_at, allow_zero=False)
+        self.update_interval = update_interval
+        self.start_at = start_at
+        self.stop_at = stop_at
+        self.start_step = 0
+        self.stop_step = 0
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.estimated_stepping_batches
+        self.start_step = resolve_step("start_at", self.start_at, total)
+        self.stop_step = resolve_step("stop_at", self.stop_at, total)
+        if self.stop_step < self.start_step:
+            raise ConfigError(f"stop_at (step {self.stop_step}) comes before start_at (step {self.start_step}); "
+                              "pruning must end after it starts.")
+        super().on_fit_start(trainer, pl_module)
+
+    @override
+    def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        step = trainer.global_step
+        if is_pruning_step(step, self.update_interval, self.start_step, self.stop_step):
+            fraction = cubic_sparsity(step, 1.0, self.start_step, self.stop_step)
+            if fraction > 0:  # at t_0 the schedule is still at sparsity 0
+                self.prune_to(trainer, optimizer, _magnitude, fraction)
+
+
+def _magnitude(name: str, param: nn.Parameter) -> Tensor:
+    return param.detach().abs()
