@@ -35,6 +35,8 @@ class TinyNet(pl.LightningModule):
         params = self.parameters()
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        if self.optimizer_name == "sgd_plain":  # no momentum state
+            return torch.optim.SGD(params, lr=self.lr, weight_decay=5e-4)
         if self.optimizer_name == "adam":
             return torch.optim.Adam(params, lr=self.lr / 10, weight_decay=1e-4)
         if self.optimizer_name == "adamw":

@@ -1,4 +1,5 @@
-"""End-to-end behaviour of RigL, SET and Static on a real Trainer (CPU)."""
+"""The invariants every method keeps, on a real Trainer (CPU): exact counts, dead weights at 0, clean new
+connections, resume, accumulation, mixed precision, errors. Parametrized over every method in methods.py."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import SPARSE_NAMES, TinyNet, make_data, train
+from methods import CHANGING, METHODS
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import FSDPStrategy
 
-from lightning_rigl import SET, RigL, Static
+from lightning_rigl import SET, SNFS, SNIP, GradualMagnitudePruning, LotteryTicket, RigL, Static
 from lightning_rigl.callbacks.sparse_training import _check_supported
 from lightning_rigl.sparsity import MaskChange, live_count
 from lightning_rigl.sparsity.masks import param_state_tensors
 
-METHODS = {"rigl": RigL, "set": SET}
+DYNAMIC_CLASSES = {"rigl": RigL, "set": SET}
 
 
 class Recorder(pl.Callback):
@@ -31,6 +33,7 @@ class Recorder(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.previous = {n: m.clone() for n, m in self.sparse.masks.items()}
+        self.initial = self.previous
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # Runs right after the sparse callback's update: new connections must start clean.
@@ -40,7 +43,8 @@ class Recorder(pl.Callback):
             assert (param.detach()[new] == 0).all(), f"{name}: a new connection has a non-zero weight"
             for state in param_state_tensors(optimizer, param):
                 assert (state[new] == 0).all(), f"{name}: a new connection has stale optimizer state"
-            assert (param.grad[~mask] == 0).all(), f"{name}: a dead weight has a gradient"
+            if param.grad is not None:  # None where update_placement="skip_step" skips this step
+                assert (param.grad[~mask] == 0).all(), f"{name}: a dead weight has a gradient"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         for name, mask in self.sparse.masks.items():
@@ -56,11 +60,21 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-@pytest.mark.parametrize("method", ["rigl", "set"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_dead_weights_stay_zero_and_counts_stay_exact(method, optimizer):
-    sparse = METHODS[method](sparsity=0.8, update_interval=3, drop_fraction=0.5, stop_at=1.0)
+    sparse = METHODS[method]()
     recorder = Recorder(sparse)
     train([sparse, recorder], model=TinyNet(optimizer=optimizer), steps=13)
+    history = [recorder.initial, *recorder.masks]
+    changes = [_changed(a, b) for a, b in zip(history, history[1:])]
+    assert any(changes) == (method in CHANGING)
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_masks_change_exactly_at_update_steps(method):
+    sparse = DYNAMIC_CLASSES[method](sparsity=0.8, update_interval=3, drop_fraction=0.5, stop_at=1.0)
+    recorder = Recorder(sparse)
+    train([sparse, recorder], steps=13)
     assert sparse.num_updates == 4  # steps 3, 6, 9, 12
     changes = [_changed(a, b) for a, b in zip(recorder.masks, recorder.masks[1:])]
     update_steps = [i + 1 for i, c in enumerate(changes) if c]
@@ -103,20 +117,21 @@ def test_rigl_grows_where_the_accumulated_gradient_is_largest():
     assert grad[grown].min() >= grad[~new].max()
 
 
-def test_accumulated_micro_batches_update_like_one_large_batch():
+@pytest.mark.parametrize("method", ["rigl", "snfs", "rigl_sg", "snip"])
+def test_accumulated_micro_batches_update_like_one_large_batch(method):
     class NoBatchNormNet(TinyNet):
         def __init__(self):
             super().__init__(dtype=torch.float64)
             self.features[1] = torch.nn.Identity()  # batch statistics differ between micro-batches
 
     def run(accumulate, batch_size):
-        rigl = RigL(sparsity=0.8, update_interval=2, drop_fraction=0.5, stop_at=100)
-        train([rigl], model_factory=NoBatchNormNet, steps=3, batch_size=batch_size,
+        sparse = METHODS[method]()
+        train([sparse], model_factory=NoBatchNormNet, steps=4, batch_size=batch_size,
               data=make_data(32, dtype=torch.float64), accumulate_grad_batches=accumulate)
-        return rigl
+        return sparse
 
     full, accumulated = run(1, 32), run(4, 8)
-    assert full.num_updates == accumulated.num_updates == 1
+    assert full.num_updates == accumulated.num_updates >= 1
     for name in SPARSE_NAMES:
         assert torch.equal(full.masks[name], accumulated.masks[name]), name
     single_micro_batch = run(1, 8)
@@ -139,37 +154,58 @@ class CrashAfter(pl.Callback):
             raise Crash
 
 
-@pytest.mark.parametrize("crash_step", [6, 7])  # right after an update, and between updates
-@pytest.mark.parametrize("method", ["rigl", "set"])
-def test_resume_matches_uninterrupted_run(tmp_path, method, crash_step):
-    def make():
-        return METHODS[method](sparsity=0.8, update_interval=3, drop_fraction=0.5, stop_at=1.0, grow_init="normal")
+STATE_KEYS = {"masks", "densities", "targets", "num_updates", "pending_step", "moving_average", "rewind"}
 
+
+def _assert_resume_matches(tmp_path, make, crash_step, model_factory=TinyNet, steps=14):
     straight_cb = make()
-    straight = train([straight_cb], steps=14, max_epochs=-1).lightning_module
+    straight = train([straight_cb], model_factory=model_factory, steps=steps, max_epochs=-1).lightning_module
 
     ckpt = tmp_path / "crash.ckpt"
     with pytest.raises(Crash):
-        train([make(), CrashAfter(crash_step, ckpt)], steps=14, max_epochs=-1)
+        train([make(), CrashAfter(crash_step, ckpt)], model_factory=model_factory, steps=steps, max_epochs=-1)
 
     resumed_cb = make()
     torch.manual_seed(1)  # fresh weights and a fresh callback: everything must come from the checkpoint
-    resumed = TinyNet()
-    train([resumed_cb], model=resumed, steps=14, max_epochs=-1, ckpt_path=str(ckpt))
+    resumed = model_factory()
+    train([resumed_cb], model=resumed, steps=steps, max_epochs=-1, ckpt_path=str(ckpt))
 
-    assert resumed_cb.num_updates == straight_cb.num_updates == 4
+    assert resumed_cb.num_updates == straight_cb.num_updates
+    assert resumed_cb.densities == straight_cb.densities
     for name in SPARSE_NAMES:
         assert torch.equal(resumed_cb.masks[name], straight_cb.masks[name]), name
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    (state,) = torch.load(ckpt, weights_only=True)["callbacks"].values()
-    # Only bool masks and plain counters: no gradient buffer or random state travels in the checkpoint.
-    assert set(state) == {"masks", "densities", "targets", "num_updates", "pending_step"}
+    state = torch.load(ckpt, weights_only=True)["callbacks"]["lightning_rigl"]
+    # Masks, densities and counters, and only the tensors a method needs: no gradient buffer, no random state.
+    assert set(state) <= STATE_KEYS
     assert all(mask.dtype == torch.bool for mask in state["masks"].values())
+    return state
+
+
+@pytest.mark.parametrize("crash_step", [6, 7])  # right after an update, and between updates
+@pytest.mark.parametrize("method", list(METHODS))
+def test_resume_matches_uninterrupted_run(tmp_path, method, crash_step):
+    state = _assert_resume_matches(tmp_path, METHODS[method], crash_step)
+    assert ("moving_average" in state) == (method == "snfs")
+
+
+def test_resume_keeps_the_moving_average_where_the_optimizer_has_no_momentum(tmp_path):
+    def make():
+        return RigL(sparsity=0.8, redistribution="momentum", update_interval=3, drop_fraction=0.5, stop_at=1.0)
+
+    state = _assert_resume_matches(tmp_path, make, 7, model_factory=lambda: TinyNet(optimizer="sgd_plain"))
+    assert set(state["moving_average"]) == set(SPARSE_NAMES)
+
+
+@pytest.mark.parametrize("grow_init", ["normal", "uniform"])
+def test_resume_with_random_grow_init(tmp_path, grow_init):
+    _assert_resume_matches(tmp_path, lambda: SET(sparsity=0.8, grow_init=grow_init, update_interval=3, stop_at=1.0), 7)
 
 
 class NaNInjector(pl.Callback):
-    """Before the sparse callback: puts a NaN at one dead position of a gradient on chosen steps."""
+    """Before the sparse callback: puts a NaN at one dead position of a gradient on chosen steps (at a live one
+    while the network is dense)."""
 
     def __init__(self, sparse: pl.Callback, steps: set[int]) -> None:
         self.sparse, self.steps = sparse, steps
@@ -177,18 +213,42 @@ class NaNInjector(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step in self.steps:
             name = "classifier.1.weight"
-            dead = (~self.sparse.masks[name]).nonzero()[0]
-            pl_module.get_parameter(name).grad[tuple(dead)] = float("nan")
+            dead = (~self.sparse.masks[name]).nonzero()
+            position = tuple(dead[0]) if len(dead) else (0, 0)
+            pl_module.get_parameter(name).grad[position] = float("nan")
 
 
-def test_non_finite_gradient_postpones_the_update():
-    rigl = RigL(sparsity=0.8, update_interval=4, drop_fraction=0.5, stop_at=100)
-    recorder = Recorder(rigl)
+class NaNCleaner(pl.Callback):
+    """After the sparse callback: zeroes non-finite gradients, as a GradScaler skipping the step would leave
+    the weights untouched (a NaN at a live position would otherwise reach the weights)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for param in pl_module.parameters():
+            if param.grad is not None:
+                torch.nan_to_num_(param.grad, nan=0.0)
+
+
+@pytest.mark.parametrize(
+    ("make", "nan_steps", "first_change"),
+    [
+        (lambda: RigL(sparsity=0.8, update_interval=4, drop_fraction=0.5, stop_at=100), {4, 5}, 6),
+        (lambda: RigL(sparsity=0.8, redistribution="gradient", update_interval=4, stop_at=100), {4, 5}, 6),
+        (lambda: SNFS(sparsity=0.8, update_interval=4, drop_fraction=0.5, stop_at=100), {3, 4, 5}, 6),
+        (lambda: SNIP(sparsity=0.8), {0, 1}, 2),
+    ],
+    ids=["rigl", "rigl_sg", "snfs", "snip"],
+)
+def test_non_finite_gradient_postpones_the_update(make, nan_steps, first_change):
+    sparse = make()
+    recorder = Recorder(sparse)
     with pytest.warns(UserWarning, match="postponed"):
-        train([NaNInjector(rigl, {4, 5}), rigl, recorder], steps=8)
-    changes = [_changed(a, b) for a, b in zip(recorder.masks, recorder.masks[1:])]
-    assert [i + 1 for i, c in enumerate(changes) if c] == [6], "the update waits for the first finite step"
-    assert rigl.num_updates == 1
+        train([NaNInjector(sparse, nan_steps), sparse, NaNCleaner(), recorder], steps=8)
+    history = [recorder.initial, *recorder.masks]
+    changes = [_changed(a, b) for a, b in zip(history, history[1:])]
+    assert [i for i, c in enumerate(changes) if c] == [first_change], "the update waits for the first finite step"
+    assert sparse.num_updates == 1
+    if isinstance(sparse, SNFS):  # the moving average skipped the non-finite steps
+        assert all(bool(m.isfinite().all()) for m in sparse.moving_average.values())
 
 
 def test_nan_at_dead_position_never_reaches_weights():
@@ -231,10 +291,11 @@ def test_fp16_grad_scaler_overflow_defers_update_to_first_finite_unscaled_gradie
     assert (got - reference).abs().max() <= 1e-2 * reference.abs().max()
 
 
-def test_bf16_mixed_precision_runs_with_exact_invariants():
-    sparse = RigL(sparsity=0.8, update_interval=2, stop_at=1.0)
-    train([sparse, Recorder(sparse)], steps=5, precision="bf16-mixed")
-    assert sparse.num_updates == 2
+@pytest.mark.parametrize("method", list(METHODS))
+def test_bf16_mixed_precision_runs_with_exact_invariants(method):
+    sparse = METHODS[method]()
+    train([sparse, Recorder(sparse)], steps=7, precision="bf16-mixed")
+    assert sparse.num_updates >= (method in CHANGING)
 
 
 def test_logs_densities_drop_fraction_and_changes(tmp_path):
@@ -261,6 +322,14 @@ def test_logs_densities_drop_fraction_and_changes(tmp_path):
         ({"sparsity": 0.9, "stop_at": 1.5}, "stop_at"),
         ({"sparsity": 0.9, "stop_at": 0}, "stop_at"),
         ({"sparsity": 0.9, "grow_init": "ones"}, "grow_init"),
+        ({"sparsity": 0.9, "start_at": -1}, "start_at"),
+        ({"sparsity": 0.9, "start_at": 1.0}, "start_at"),
+        ({"sparsity": 0.9, "redistribution": "flops"}, "redistribution"),
+        ({"sparsity": 0.9, "update_placement": "after_step"}, "update_placement"),
+        ({"sparsity": 0.9, "distribution": "global"}, "only SNIP and GradualMagnitudePruning"),
+        ({"sparsity": 0.9, "rewind_step": -1}, "rewind_step"),
+        ({"sparsity": 0.9, "erk_power_scale": -0.5}, "erk_power_scale"),
+        ({"sparsity": 0.9, "custom_sparsity": {"fc.*": 1.0}}, "custom_sparsity"),
     ],
 )
 def test_bad_options_fail_at_construction(kwargs, message):

@@ -1,0 +1,46 @@
+"""Every method, configured to change its masks within a few steps of the tiny test model: the shared
+invariants are tested over all of them."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from lightning_rigl import SET, SNFS, SNIP, GradualMagnitudePruning, LotteryTicket, RigL, Static
+
+DYNAMIC = {"update_interval": 3, "drop_fraction": 0.5, "stop_at": 1.0}
+
+
+@functools.cache
+def ticket_checkpoint() -> str:
+    """A finished pruning run's checkpoint with a rewind copy of the initial weights (made once)."""
+    from conftest import train  # the test helpers, importable once pytest has put tests/ on the path
+
+    path = Path(tempfile.mkdtemp(prefix="lightning_rigl_ticket_")) / "pruned.ckpt"
+    trainer = train([GradualMagnitudePruning(sparsity=0.8, update_interval=2, start_at=2, stop_at=8, rewind_step=0)],
+                    steps=10)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+METHODS: dict[str, Callable[[], pl.Callback]] = {
+    "static": lambda: Static(sparsity=0.8),
+    "rigl": lambda: RigL(sparsity=0.8, **DYNAMIC),
+    "set": lambda: SET(sparsity=0.8, **DYNAMIC),
+    "snfs": lambda: SNFS(sparsity=0.8, **DYNAMIC),
+    "rigl_sg": lambda: RigL(sparsity=0.8, redistribution="gradient", **DYNAMIC),
+    "rigl_sm": lambda: RigL(sparsity=0.8, redistribution="momentum", **DYNAMIC),
+    "rigl_skip_step": lambda: RigL(sparsity=0.8, update_placement="skip_step", start_at=0, **DYNAMIC),
+    "snip": lambda: SNIP(sparsity=0.8),
+    "snip_global": lambda: SNIP(sparsity=0.8, distribution="global"),
+    "pruning": lambda: GradualMagnitudePruning(sparsity=0.8, update_interval=2, start_at=2, stop_at=10),
+    "pruning_global": lambda: GradualMagnitudePruning(sparsity=0.8, distribution="global", update_interval=2,
+                                                      start_at=2, stop_at=10),
+    "lottery": lambda: LotteryTicket(checkpoint=ticket_checkpoint()),
+}
+# Methods whose masks change during training (all but the static ones), and the update steps of a 13-step run.
+CHANGING = [name for name in METHODS if name not in ("static", "lottery")]
