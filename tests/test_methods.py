@@ -1,0 +1,285 @@
+"""What defines each method, on small exact cases and real Trainer runs."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import SPARSE_NAMES, TinyNet, train
+from methods import ticket_checkpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from lightning_rigl import SNFS, SNIP, GradualMagnitudePruning, LotteryTicket, RigL, Static
+from lightning_rigl.sparsity import live_count, prune
+from lightning_rigl.sparsity.criteria import mean_magnitude
+from lightning_rigl.sparsity.redistribution import apportion, grow_counts
+from lightning_rigl.sparsity.updates import prune_globally
+
+# ------------------------------------------------------------------------------------ redistribution maths
+
+
+def test_apportion_is_proportional_within_bounds():
+    assert apportion(10, [1.0, 1.0], [0, 0], [10, 10]) == [5, 5]
+    assert apportion(10, [3.0, 1.0], [0, 0], [10, 10]) == [8, 2]  # 7.5 and 2.5: the tie goes to the first
+    # The first layer can take 4 only; its excess goes to the others in proportion to their shares.
+    assert apportion(20, [10.0, 1.0, 1.0], [0, 0, 0], [4, 100, 100]) == [4, 8, 8]
+    assert apportion(7, [0.0, 0.0], [1, 0], [5, 5]) == [4, 3]  # no information: in proportion to the room
+    assert apportion(6, [1.0, float("nan")], [0, 2], [9, 9]) == [4, 2]  # a NaN share counts as 0
+
+
+def test_apportion_refuses_impossible_bounds():
+    with pytest.raises(ValueError, match="Cannot apportion"):
+        apportion(30, [1.0, 1.0], [0, 0], [10, 10])
+
+
+def test_grow_counts_move_live_weights_toward_the_larger_share_and_keep_the_total():
+    live, dropped, numel = [100, 100], [30, 30], [1000, 1000]
+    grown = grow_counts(live, dropped, numel, shares=[3.0, 1.0])
+    assert grown == [45, 15] and sum(grown) == sum(dropped)
+    # Every layer keeps at least one live weight and at most all of its weights.
+    assert grow_counts([10, 100], [10, 0], [10, 110], shares=[0.0, 1.0]) == [1, 9]
+    assert grow_counts([10, 100], [5, 50], [10, 110], shares=[1.0, 0.0]) == [5, 50]  # first layer is full
+    assert grow_counts([10, 10], [3, 3], [50, 50], shares=[0.0, 0.0]) == [3, 3]  # no signal: densities stay
+
+
+# ------------------------------------------------------------------------------------------ pruning maths
+
+
+def test_prune_keeps_exactly_the_largest_scores():
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[0, 0] = False
+    scores = torch.arange(16.0).view(4, 4)
+    change = prune(mask, scores, n_keep=5)
+    assert int(mask.sum()) == 5 and mask.view(-1)[11:].all()
+    assert sorted(change.removed.tolist()) == list(range(1, 11))
+
+
+def test_prune_globally_ranks_all_layers_together_and_keeps_one_per_layer():
+    masks = {"a": torch.ones(10, dtype=torch.bool), "b": torch.ones(5, dtype=torch.bool)}
+    scores = {"a": torch.arange(10.0) + 10, "b": torch.arange(5.0)}  # every score of "a" beats every one of "b"
+    changes = prune_globally(masks, scores, n_keep=4)
+    assert masks["a"].tolist() == [False] * 7 + [True] * 3  # the three best overall...
+    assert masks["b"].tolist() == [False] * 4 + [True]  # ...and "b" keeps its best
+    assert sorted(changes["b"].removed.tolist()) == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------------- SNFS
+
+
+class MomentumSpy(pl.Callback):
+    """Before SNFS: remembers the moving average and densities just before each update step."""
+
+    def __init__(self, snfs: SNFS, step: int) -> None:
+        self.snfs, self.step = snfs, step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            self.densities = dict(self.snfs.densities)
+            self.masks = {n: m.clone() for n, m in self.snfs.masks.items()}
+
+
+def test_snfs_moves_density_toward_the_layer_with_larger_momentum_and_keeps_the_total():
+    snfs = SNFS(sparsity=0.8, distribution="uniform", update_interval=4, drop_fraction=0.5, drop_schedule="constant",
+                stop_at=100)
+    spy = MomentumSpy(snfs, 4)
+    train([spy, snfs], steps=5)
+    live_before = {n: live_count(snfs.masks[n].numel(), d) for n, d in spy.densities.items()}
+    live_after = {n: int(m.sum()) for n, m in snfs.masks.items()}
+    assert sum(live_after.values()) == sum(live_before.values())
+    # The moving average includes step 4's gradient: its per-layer means decide the shares.
+    shares = {n: mean_magnitude(snfs.moving_average[n], spy.masks[n]) for n in SPARSE_NAMES}
+    order = sorted(SPARSE_NAMES, key=shares.get)
+    gained = {n: live_after[n] - live_before[n] for n in SPARSE_NAMES}
+    assert gained != dict.fromkeys(SPARSE_NAMES, 0), "densities must move"
+    dropped = {n: int(0.5 * live_before[n]) for n in SPARSE_NAMES}
+    expected = grow_counts([live_before[n] for n in SPARSE_NAMES], [dropped[n] for n in SPARSE_NAMES],
+                           [snfs.masks[n].numel() for n in SPARSE_NAMES], [shares[n] for n in SPARSE_NAMES])
+    assert [live_after[n] for n in SPARSE_NAMES] == [live_before[n] - dropped[n] + g
+                                                     for n, g in zip(SPARSE_NAMES, expected)]
+    assert snfs.densities == {n: live_after[n] / snfs.masks[n].numel() for n in SPARSE_NAMES}
+    assert gained[order[-1]] >= gained[order[0]]
+
+
+def test_snfs_grows_where_the_moving_average_is_largest():
+    snfs = SNFS(sparsity=0.8, redistribution="none", update_interval=4, drop_fraction=0.3, stop_at=100)
+    spy = MomentumSpy(snfs, 4)
+    train([spy, snfs], steps=5)
+    name = "classifier.1.weight"
+    old, new, average = spy.masks[name], snfs.masks[name], snfs.moving_average[name].abs()
+    grown = new & ~old
+    assert grown.any() and average[grown].min() >= average[~new].max()
+
+
+def test_redistribution_logs_the_moving_densities(tmp_path):
+    rigl = RigL(sparsity=0.8, redistribution="gradient", update_interval=2, stop_at=1.0)
+    train([rigl], steps=5, logger=CSVLogger(tmp_path, name="run"))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    column = "sparsity/density/features.3.weight"
+    logged = [float(r[column]) for r in rows if r[column]]
+    assert len(logged) == 3 and len(set(logged)) > 1  # at the start, and after each update
+    assert float([r for r in rows if r[column]][-1]["sparsity/density"]) == pytest.approx(rigl.global_density())
+
+
+# --------------------------------------------------------------------------------- when updates happen
+
+
+def test_start_at_zero_updates_at_step_zero_and_skip_step_replaces_the_optimizer_step():
+    class StepSpy(pl.Callback):
+        """After RigL: the weights and Adam's step counts right after the update and after the step."""
+
+        def __init__(self):
+            self.before, self.after, self.steps = {}, {}, {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.before[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step - 1
+            self.after[step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            optimizer = trainer.optimizers[0]
+            self.steps[step] = [int(optimizer.state[p].get("step", 0)) for p in pl_module.parameters()]
+
+    rigl = RigL(sparsity=0.8, update_interval=3, start_at=0, stop_at=1.0, update_placement="skip_step")
+    spy = StepSpy()
+    train([rigl, spy], model=TinyNet(optimizer="adam"), steps=7)
+    assert rigl.num_updates == 3  # steps 0, 3, 6
+    for step in range(7):
+        unchanged = all(torch.equal(spy.before[step][n], spy.after[step][n]) for n in spy.before[step])
+        assert unchanged == (step in (0, 3, 6)), f"step {step}"
+    assert spy.steps[5] == spy.steps[6]  # Adam counted no step at the update of step 6
+    assert spy.steps[4] != spy.steps[5]
+
+
+# ----------------------------------------------------------------------------------------------- pruning
+
+
+class DensitySpy(pl.Callback):
+    """After the sparse callback: the global live count after every optimizer step."""
+
+    def __init__(self, sparse: pl.Callback) -> None:
+        self.sparse, self.live = sparse, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.live[trainer.global_step - 1] = sum(int(m.sum()) for m in self.sparse.masks.values())
+
+
+@pytest.mark.parametrize("distribution", ["erk", "global"])
+def test_gradual_pruning_follows_the_cubic_schedule(distribution):
+    pruning = GradualMagnitudePruning(sparsity=0.9, distribution=distribution, update_interval=3, start_at=2,
+                                      stop_at=14)
+    spy = DensitySpy(pruning)
+    train([pruning, spy], steps=16)
+    total = sum(m.numel() for m in pruning.masks.values())
+    final_zeros = total - sum(live_count(pruning.masks[n].numel(), d) for n, d in pruning.targets.items())
+    for step in range(16):
+        pruned_at = min(14, 2 + 3 * ((step - 2) // 3))  # the last pruning step so far: 2, 5, 8, 11, 14
+        progress = min(1.0, max(0.0, (pruned_at - 2) / 12))
+        scale = 1 - (1 - progress) ** 3
+        if distribution == "global":  # one budget: floor(s_t · N) zeros over the selection
+            expected = total - math.floor(0.9 * scale * total)
+        else:  # each layer to its own target: floor(s_l · scale · N_l) zeros
+            expected = sum(live_count(pruning.masks[n].numel(), 1 - (1 - d) * scale)
+                           for n, d in pruning.targets.items())
+        assert spy.live[step] == expected, f"step {step}"
+    if distribution == "erk":
+        assert total - spy.live[15] == final_zeros  # the targets, exactly
+    assert pruning.num_updates == 4  # steps 5, 8, 11, 14: step 2 is still at sparsity 0
+    assert [s for s in range(16) if spy.live[s] != spy.live.get(s - 1, total)] == [5, 8, 11, 14]
+
+
+def test_gradual_pruning_keeps_the_largest_magnitudes():
+    class WeightSpy(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 6:
+                self.weights = {n: pl_module.get_parameter(n).detach().abs().clone() for n in SPARSE_NAMES}
+
+    spy = WeightSpy()
+    pruning = GradualMagnitudePruning(sparsity=0.8, distribution="uniform", update_interval=6, start_at=0, stop_at=6)
+    train([spy, pruning], steps=7)
+    for name in SPARSE_NAMES[1:]:
+        mask, weights = pruning.masks[name], spy.weights[name]
+        assert weights[mask].min() >= weights[~mask].max(), name
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "erk", "global"])
+def test_snip_keeps_exactly_the_largest_connection_sensitivity(distribution):
+    class SaliencySpy(pl.Callback):
+        """Before SNIP: |g·w| of the first step."""
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 0:
+                self.scores = {n: (p.grad * p.detach()).abs() for n, p in pl_module.named_parameters()
+                               if n in SPARSE_NAMES}
+
+    spy = SaliencySpy()
+    snip = SNIP(sparsity=0.8, distribution=distribution)
+    train([spy, snip], steps=3)
+    if distribution == "global":
+        kept = torch.cat([spy.scores[n][snip.masks[n]] for n in SPARSE_NAMES])
+        lost = torch.cat([spy.scores[n][~snip.masks[n]] for n in SPARSE_NAMES])
+        total = sum(m.numel() for m in snip.masks.values())
+        assert kept.numel() == total - math.floor(0.8 * total)
+        assert kept.min() >= lost.max()
+    else:
+        for name in SPARSE_NAMES:
+            mask = snip.masks[name]
+            assert int(mask.sum()) == live_count(mask.numel(), snip.targets[name])
+            if not mask.all():
+                assert spy.scores[name][mask].min() >= spy.scores[name][~mask].max(), name
+    assert snip.num_updates == 1
+
+
+# ------------------------------------------------------------------------------------------ lottery ticket
+
+
+def test_ticket_takes_the_source_masks_and_rewound_weights():
+    source = torch.load(ticket_checkpoint(), weights_only=True)["callbacks"]["lightning_rigl"]
+
+    class StartSpy(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    ticket, spy = LotteryTicket(checkpoint=ticket_checkpoint()), StartSpy()
+    torch.manual_seed(5)
+    train([ticket, spy], model=TinyNet(), steps=2)
+    for name, mask in source["masks"].items():
+        assert torch.equal(ticket.masks[name], mask), name
+    for name, value in spy.params.items():
+        expected = source["rewind"][name] * source["masks"][name] if name in source["masks"] else source["rewind"][name]
+        assert torch.equal(value, expected), name
+
+
+def test_ticket_needs_a_rewind_copy(tmp_path):
+    trainer = train([Static(sparsity=0.8)], steps=1)
+    trainer.save_checkpoint(tmp_path / "static.ckpt")
+    with pytest.raises(ValueError, match="rewind_step"):
+        LotteryTicket(checkpoint=str(tmp_path / "static.ckpt"))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        LotteryTicket(checkpoint=str(tmp_path / "missing.ckpt"))
+
+
+def test_ticket_refuses_another_model():
+    class Wider(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.classifier[1] = torch.nn.Linear(256, 48)
+            self.classifier[3] = torch.nn.Linear(48, 4)
+
+    with pytest.raises(ValueError, match="another model"):
+        train([LotteryTicket(checkpoint=ticket_checkpoint())], model=Wider(), steps=1)
+
+
+def test_rewind_copy_is_taken_at_the_chosen_step():
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                self.params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    spy = Spy()
+    rigl = RigL(sparsity=0.8, update_interval=2, stop_at=1.0, rewind_step=3)
+    train([spy, rigl], steps=6)
+    assert set(rigl.rewind) == set(spy.params)
+    assert all(torch.equal(rigl.rewind[n], spy.params[n]) for n in spy.params)
