@@ -32,11 +32,11 @@ def fashion_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def rigl_config(folder: Path, **init_args: object) -> Path:
-    """A config to stack on the default that replaces its RigL callback by one with ``init_args``."""
+def rigl_config(folder: Path, class_path: str = "lightning_rigl.RigL", **init_args: object) -> Path:
+    """A config to stack on the default that replaces its RigL callback by ``class_path`` with ``init_args``."""
     path = folder / "rigl.yaml"
     lines = "".join(f"        {key}: {value}\n" for key, value in init_args.items())
-    path.write_text(f"trainer:\n  callbacks:\n    - class_path: lightning_rigl.RigL\n      init_args:\n{lines}")
+    path.write_text(f"trainer:\n  callbacks:\n    - class_path: {class_path}\n      init_args:\n{lines}")
     return path
 
 
@@ -110,6 +110,9 @@ def test_the_data_module_sets_the_number_of_classes() -> None:
         (["--model.lr_milestones", "[5, 2]"], None, r"lr_milestones must be increasing"),
         ([], {"sparsity": 0.9, "update_interval": 0}, r"update_interval must be an int >= 1"),
         ([], {"sparsity": 0.9, "dense": '["net.features.0.weight"]'}, r"(?s)infeasible.*net\.features\.0\.weight"),
+        ([], {"sparsity": 0.9, "distribution": "global"}, r"only SNIP and GradualMagnitudePruning"),
+        ([], {"class_path": "lightning_rigl.LotteryTicket", "checkpoint": "missing.ckpt"}, r"no checkpoint at"),
+        ([], {"class_path": "lightning_rigl.SNFS", "sparsity": 0.9, "momentum": 1.5}, r"momentum must be"),
         (["--config", str(REPO / "recipes/imagenet_resnet50/dense.yaml")], None, r"needs --data.data_dir"),
     ],
 )
