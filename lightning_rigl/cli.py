@@ -33,7 +33,8 @@ class RigLCLI(LightningCLI):
         parser.add_argument(
             "--multiplier", type=float, default=1.0,
             help="Extended training (RigL 2x, 5x): multiplies every step count of the recipe: trainer.max_steps "
-            "and max_epochs, model.lr_milestones and warmup_steps, and a callback's stop_at when it is a step.",
+            "and max_epochs, model.lr_milestones and warmup_steps, and a callback's start_at and stop_at when they are "
+            "steps.",
         )
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final weights and print a summary.")
@@ -74,7 +75,8 @@ def scale_step_counts(config: Namespace, multiplier: float) -> None:
     """Multiplies in place every step count of a parsed config by ``multiplier`` (rounded to whole steps).
 
     The drop fraction's cadence (``update_interval``) stays: extended training makes more updates, as in the
-    official code. ``stop_at`` given as a fraction of the run already scales with the run.
+    official code; nor does ``rewind_step`` (a point early in training). ``start_at`` and ``stop_at`` given as
+    fractions of the run already scale with the run.
     """
     if multiplier <= 0:
         raise ConfigError(f"--multiplier must be > 0, got {multiplier}.")
@@ -92,9 +94,10 @@ def scale_step_counts(config: Namespace, multiplier: float) -> None:
     model.lr_milestones = [scaled(step) for step in model.lr_milestones]
     model.warmup_steps = round(model.warmup_steps * multiplier)
     for callback in trainer.callbacks or ():
-        stop_at = callback.init_args.get("stop_at") if isinstance(callback, Namespace) else None
-        if isinstance(stop_at, int) and not isinstance(stop_at, bool):
-            callback.init_args.stop_at = scaled(stop_at)
+        for option in ("start_at", "stop_at"):
+            step = callback.init_args.get(option) if isinstance(callback, Namespace) else None
+            if isinstance(step, int) and not isinstance(step, bool):
+                callback.init_args[option] = round(step * multiplier) if option == "start_at" else scaled(step)
 
 
 def with_default_config(args: Sequence[str]) -> list[str]:

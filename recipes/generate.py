@@ -25,9 +25,24 @@ from lightning_rigl.sparsity.targets import sparsifiable_parameters
 
 RECIPES = Path(__file__).resolve().parent
 
-# The RigL update of every source: ΔT = 100 steps, α = 0.3 decayed by cosine (REFERENCE §1).
+# The RigL update of every source: ΔT = 100 steps, α = 0.3 decayed by cosine (REFERENCE §1). SET, SNFS and
+# RigL-SG/SM use the same cadence and fraction, as in the reproducibility report's unified code.
 DYNAMIC_ARGS = {"update_interval": 100, "drop_fraction": 0.3, "drop_schedule": "cosine"}
-METHOD_CLASSES = {"static": "lightning_rigl.Static", "set": "lightning_rigl.SET", "rigl": "lightning_rigl.RigL"}
+METHOD_CLASSES = {
+    "static": "lightning_rigl.Static",
+    "set": "lightning_rigl.SET",
+    "rigl": "lightning_rigl.RigL",
+    "rigl_sg": "lightning_rigl.RigL",
+    "rigl_sm": "lightning_rigl.RigL",
+    "snfs": "lightning_rigl.SNFS",
+    "pruning": "lightning_rigl.GradualMagnitudePruning",
+    "lottery": "lightning_rigl.LotteryTicket",
+}
+DYNAMIC_METHODS = ("set", "rigl", "rigl_sg", "rigl_sm", "snfs")
+REDISTRIBUTION = {"rigl_sg": "gradient", "rigl_sm": "momentum"}
+TITLES = {"rigl": "RigL", "rigl_sg": "RigL-SG (RigL, redistribution by sparse gradient)",
+          "rigl_sm": "RigL-SM (RigL, redistribution by sparse momentum)", "pruning": "Gradual magnitude pruning",
+          "lottery": "Lottery ticket (the pruning run's mask, rewound to its initial weights)"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,8 @@ class Setup:
         trainer: Trainer arguments (step counts of the 1x run).
         model: ImageClassifier arguments besides ``arch`` and ``width``.
         stop_at: T_end of the 1x run, in optimizer steps: masks are updated only at steps before it.
+        pruning: (start, stop, interval) of gradual magnitude pruning in optimizer steps of the 1x run.
+        pruning_source: where that schedule comes from (written into the pruning recipes' headers).
         sparse_args: further arguments of every sparse callback (e.g. layers kept out of the masks).
         uniform_over_masks: "uniform" puts every masked layer at the sparsity, instead of our rule that keeps
             the first masked layer dense; for a model whose first layer is already outside the masks.
@@ -57,6 +74,8 @@ class Setup:
     trainer: dict[str, Any]
     model: dict[str, Any]
     stop_at: int
+    pruning: tuple[int, int, int] = (0, 0, 100)
+    pruning_source: str = ""
     sparse_args: dict[str, Any] = field(default_factory=dict)
     uniform_over_masks: bool = False
     notes: tuple[str, ...] = ()
@@ -64,7 +83,8 @@ class Setup:
 
 @dataclass(frozen=True)
 class Row:
-    """A method at a sparsity: "dense", "small_dense", "static", "set" or "rigl".
+    """A method at a sparsity: "dense", "small_dense", or a key of ``METHOD_CLASSES``. A "lottery" row retrains
+    the mask of the "pruning" row with the same distribution and sparsity, which keeps its initial weights.
 
     ``sparsity`` is the fraction of zeros over the sparsified weights; for "small_dense" it names the sparse
     model whose parameter count the shrunk dense model matches. ``reported`` is the result to reproduce.
@@ -88,6 +108,12 @@ class Row:
         return "_".join(parts)
 
 
+def ticket_source(setup: Setup, row: Row) -> tuple[Row, str]:
+    """The pruning row a "lottery" row retrains, and the checkpoint that run leaves for it."""
+    source = replace(row, method="pruning", multiplier=1, reported="")
+    return source, f"runs/{setup.folder}/{source.name}/final.ckpt"
+
+
 def recipe(setup: Setup, row: Row) -> dict[str, Any]:
     """The LightningCLI config of ``row`` trained on ``setup``."""
     model: dict[str, Any] = {"arch": setup.arch, **setup.model}
@@ -96,12 +122,24 @@ def recipe(setup: Setup, row: Row) -> dict[str, Any]:
     ]
     if row.method == "small_dense":
         model["width"] = small_dense_width(setup, row)
+    elif row.method == "lottery":
+        callbacks.append({"class_path": METHOD_CLASSES["lottery"],
+                          "init_args": {"checkpoint": ticket_source(setup, row)[1]}})
     elif row.method in METHOD_CLASSES:
         init_args = {"sparsity": row.sparsity, "distribution": row.distribution}
         if row.distribution == "uniform" and setup.uniform_over_masks:
             init_args = {"sparsity": None, "distribution": dict.fromkeys(masked_names(setup), row.sparsity)}
-        if row.method != "static":
+        if row.method in DYNAMIC_METHODS:
             init_args |= {**DYNAMIC_ARGS, "stop_at": setup.stop_at}
+        if row.method in REDISTRIBUTION:
+            init_args["redistribution"] = REDISTRIBUTION[row.method]
+        if row.method == "pruning":
+            start, stop, interval = setup.pruning
+            init_args |= {"update_interval": interval, "start_at": start, "stop_at": stop, "rewind_step": 0}
+            # The final weights, masks and the rewind copy at a fixed path, for the lottery ticket.
+            callbacks.append({"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                              "init_args": {"dirpath": f"runs/{setup.folder}/{row.name}", "filename": "final",
+                                            "enable_version_counter": False}})
         callbacks.append({"class_path": METHOD_CLASSES[row.method], "init_args": init_args | setup.sparse_args})
     elif row.method != "dense":
         raise ValueError(f"unknown method {row.method!r}")
@@ -132,7 +170,7 @@ def small_dense_width(setup: Setup, row: Row) -> float:
 
 def header(setup: Setup, row: Row) -> str:
     what = {"dense": "dense baseline", "small_dense": f"Small-Dense, parameters of a {row.sparsity} sparse model"}
-    title = what.get(row.method) or f"{row.method.upper() if row.method != 'rigl' else 'RigL'} " \
+    title = what.get(row.method) or f"{TITLES.get(row.method, row.method.upper())} " \
                                     f"{row.distribution}, sparsity {row.sparsity}"
     if row.multiplier != 1:
         title += f", {row.multiplier:g}x training"
@@ -140,9 +178,28 @@ def header(setup: Setup, row: Row) -> str:
     if row.reported:
         lines.append(f"Reported: {row.reported}.")
     lines.extend(setup.notes)
+    if row.method in METHOD_NOTES:
+        lines.extend(METHOD_NOTES[row.method](setup, row))
+    if row.method == "lottery":
+        source, checkpoint = ticket_source(setup, row)
+        lines.append(f"First: lightning-rigl fit --config recipes/{setup.folder}/{source.name}.yaml (writes {checkpoint}).")
     lines.append(f"Run: lightning-rigl fit --config recipes/{setup.folder}/{row.name}.yaml")
     lines.append("Generated by recipes/generate.py: edit that script, not this file.")
     return "".join(f"# {line}\n" for line in lines)
+
+
+def _pruning_notes(setup: Setup, row: Row) -> list[str]:
+    start, stop, interval = setup.pruning
+    return [f"Pruning: from step {start} to step {stop}, every {interval} steps ({setup.pruning_source}). The run "
+            f"keeps its initial weights (rewind_step 0) and writes runs/{setup.folder}/{row.name}/final.ckpt for "
+            "the lottery ticket."]
+
+
+METHOD_NOTES = {
+    "pruning": _pruning_notes,
+    "snfs": lambda setup, row: ["SNFS: the callback's moving average of the dense gradient (momentum 0.9) costs 4 bytes "
+                                "per sparsified weight; same cadence and drop fraction as RigL."],
+}
 
 
 def render(setup: Setup, row: Row) -> str:
@@ -164,6 +221,9 @@ CIFAR10_WRN = Setup(
     model={"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0005, "lr_schedule": "step",
            "lr_milestones": [30000, 60000, 90000], "lr_gamma": 0.2},
     stop_at=75000,
+    pruning=(20000, 75000, 100),
+    pruning_source="start and end of the official CIFAR pruning recipe; every 100 steps, RigL's ΔT, as the "
+    "reproducibility report prunes for a fair comparison (the official recipe prunes every 1,000)",
     notes=("Validation: 5,000 training images held out, as in the reproducibility report; the paper trained on all "
            "50,000 (--data.val_size 0).",),
 )
@@ -182,6 +242,8 @@ CIFAR100_RESNET = Setup(
            "lr_milestones": [21760, 41760, 61760, 81760], "lr_gamma": 0.2, "warmup_steps": 1760,
            "label_smoothing": 0.1},
     stop_at=75000,
+    pruning=(20000, 75000, 100),
+    pruning_source="not stated by the report for CIFAR-100: the CIFAR-10 schedule (official start and end, RigL's ΔT)",
     notes=("The report's text says 2 warm-up epochs; its code warms up for 1,760 steps (5 epochs) and starts the "
            "20k-step decay after the warm-up. These are the code's numbers, which produced the table.",
            "Its code stops mask updates at step 75,000 of 88,000 (85%), not at 75% of the run.",),
@@ -216,6 +278,9 @@ IMAGENET_RESNET = Setup(
            "weight_decay": 0.0001, "lr_schedule": "step", "lr_milestones": _epochs_to_steps(30, 70, 90),
            "lr_gamma": 0.1, "label_smoothing": 0.1},
     stop_at=25000,
+    pruning=(6400, 24000, 100),
+    pruning_source="not from a source: 20% to 75% of the 1x run (this library's defaults) every ΔT; the paper "
+    "quotes Gale et al.'s pruning results rather than a schedule",
     notes=IMAGENET_NOTES,
 )
 
@@ -275,7 +340,22 @@ def _cifar10_rows() -> list[Row]:
         rows.append(Row("small_dense", sparsity, "erk", reported=reported("small_dense", None, sparsity, 1)))
         for method, dist, multiplier in runs + (report_2x if sparsity in (0.8, 0.9) else []):
             rows.append(Row(method, sparsity, dist, multiplier, reported(method, dist, sparsity, multiplier)))
-    return rows
+    table_2 = {  # reproducibility report Table 2, the rows that need the methods beyond RigL, SET and Static
+        ("snfs", "uniform", 1): ("92.4", "92.7"), ("snfs", "erk", 1): ("92.2", "92.8"),
+        ("snfs", "uniform", 2): ("92.3", "93.2"), ("pruning", "uniform", 1): ("92.6", "93.2"),
+        ("lottery", "uniform", 1): ("90.4", "92.0"),
+    }
+    table_5 = {  # reproducibility report Table 5, CIFAR-10: RigL with redistribution
+        ("rigl_sg", "uniform", 1): ("92.2", "92.7"), ("rigl_sm", "uniform", 1): ("92.2", "92.9"),
+        ("rigl_sg", "erk", 1): ("92.1", "92.7"), ("rigl_sm", "erk", 1): ("92.27", "93.0"),
+    }
+    return rows + _report_rows(table_2, "Table 2") + _report_rows(table_5, "Table 5")
+
+
+def _report_rows(table: dict[tuple[str, str, int], tuple[str, str]], name: str) -> list[Row]:
+    """Rows at 90% and 80% sparsity (the report's densities 0.1 and 0.2) of one of its tables."""
+    return [Row(method, sparsity, dist, multiplier, f"{accuracy[sparsity == 0.8]} (reproducibility report {name})")
+            for sparsity in (0.8, 0.9) for (method, dist, multiplier), accuracy in table.items()]
 
 
 def _cifar100_rows() -> list[Row]:
@@ -286,12 +366,16 @@ def _cifar100_rows() -> list[Row]:
         ("rigl", "erk", 1): ("72.6", "73.4"), ("rigl", "uniform", 2): ("73.1", "74.0"),
         ("rigl", "uniform", 3): ("73.7", "74.2"), ("rigl", "erk", 2): ("73.6", "74.4"),
     }
+    report |= {
+        ("snfs", "uniform", 1): ("72.3", "73.9"), ("snfs", "erk", 1): ("73.0", "73.9"),
+        ("pruning", "uniform", 1): ("73.1", "73.8"), ("lottery", "uniform", 1): ("73.6", "74.2"),
+    }
+    table_5 = {  # reproducibility report Table 5, CIFAR-100
+        ("rigl_sg", "uniform", 1): ("72.3", "73.7"), ("rigl_sm", "uniform", 1): ("72.6", "73.7"),
+        ("rigl_sg", "erk", 1): ("73.0", "74.2"), ("rigl_sm", "erk", 1): ("72.6", "74.2"),
+    }
     rows = [Row("dense", reported="74.7 (reproducibility report Table 3)")]
-    for sparsity in (0.8, 0.9):
-        for (method, dist, multiplier), accuracy in report.items():
-            text = f"{accuracy[sparsity == 0.8]} (reproducibility report Table 3)"
-            rows.append(Row(method, sparsity, dist, multiplier, text))
-    return rows
+    return rows + _report_rows(report, "Table 3") + _report_rows(table_5, "Table 5")
 
 
 def _imagenet_resnet_rows() -> list[Row]:
@@ -302,6 +386,11 @@ def _imagenet_resnet_rows() -> list[Row]:
     rows = [Row("dense", reported="top-1 76.8 (official README)")]
     rows += [Row("rigl", s, d, 1, f"top-1 {acc} (official README)") for (s, d), acc in one_x.items()]
     rows += [Row("rigl", s, d, 5, f"top-1 {acc} (official README)") for (s, d), acc in five_x.items()]
+    # The paper's 80% ResNet-50 comparison (the official README shows it as a plot, flops8.jpg; its values are
+    # not in our sources): every method with the uniform distribution at 1x.
+    compared = "in the paper's 80% ResNet-50 comparison (a plot in the official README; value not in our sources)"
+    rows.append(Row("small_dense", 0.8, "uniform", reported=compared))
+    rows += [Row(method, 0.8, "uniform", reported=compared) for method in ("static", "set", "snfs", "pruning")]
     return rows
 
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 from fake_datasets import write_fashion_mnist
 
-from lightning_rigl import ImageClassifier, RigL
+from lightning_rigl import GradualMagnitudePruning, ImageClassifier, RigL
 from lightning_rigl.cli import DEFAULT_CONFIG, RigLCLI, main, save_density_plots, with_default_config
 from lightning_rigl.data import FashionMNISTDataModule
 
@@ -87,6 +87,14 @@ def test_multiplier_scales_every_step_count_of_a_recipe(multiplier: int) -> None
     assert cli.model.hparams.warmup_steps == 1760 * multiplier
     assert rigl.stop_at == 75000 * multiplier
     assert rigl.update_interval == 100  # ΔT stays, as in the official code
+
+
+def test_multiplier_scales_the_pruning_schedule_but_not_the_rewind_step() -> None:
+    cli = _parse("--config", str(REPO / "recipes/cifar10_wrn22_2/pruning_uniform_s90.yaml"), "--multiplier", "2",
+                 "--data.data_dir", "unused")
+    pruning = next(cb for cb in cli.trainer.callbacks if isinstance(cb, GradualMagnitudePruning))
+    assert (pruning.start_at, pruning.stop_at, pruning.update_interval) == (40000, 150000, 100)
+    assert pruning.rewind_step == 0
 
 
 def test_a_fractional_stop_at_is_left_to_scale_with_the_run() -> None:
