@@ -337,6 +337,11 @@ def test_bad_options_fail_at_construction(kwargs, message):
         RigL(**kwargs)
 
 
+def test_two_sparse_callbacks_fail_before_training():
+    with pytest.raises(ValueError, match="One sparse callback per Trainer"):
+        train([RigL(sparsity=0.9), Static(sparsity=0.5)], steps=1)
+
+
 def test_pattern_matching_nothing_fails_before_training():
     with pytest.raises(ValueError, match="matches no parameter"):
         train([RigL(sparsity=0.9, exclude=["encoder.*"])], steps=1)
