@@ -144,10 +144,6 @@ class SparseTraining(Callback, ABC):
         if stage != "fit":
             return
         _check_supported(trainer, pl_module)
-        others = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, SparseTraining) and cb is not self]
-        if others:
-            raise ConfigError(f"One sparse callback per Trainer: {type(self).__name__} is attached beside {others}; "
-                              "remove all but one (they would fight over the same masks and checkpoint entry).")
         params = self._select(pl_module)
         shapes = {name: tuple(p.shape) for name, p in params.items()}
         self.targets = self.target_densities(shapes)
