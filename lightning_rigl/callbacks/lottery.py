@@ -60,6 +60,11 @@ class LotteryTicket(SparseTraining):
         super().on_fit_start(trainer, pl_module)
 
     @override
+    def target_densities(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
+        # Exactly the source's live counts (the mapping passed to the base class only names the layers).
+        return {name: int(mask.sum()) / mask.numel() for name, mask in self.source_masks.items()}
+
+    @override
     def initial_masks(self) -> dict[str, Tensor]:
         return {name: self.source_masks[name].to(param.device, torch.bool) for name, param in self._params.items()}
 

@@ -1,7 +1,8 @@
 """Layer-wise sparsity distributions: uniform, Erdős–Rényi (ER), Erdős–Rényi-Kernel (ERK), or a custom map.
 
-All functions return *densities* (fraction of live weights, 0 < d <= 1) keyed by parameter name. The live
-count of a layer with N weights at density d is ``live_count(N, d)``: exactly ``floor((1 - d) * N)`` zeros.
+All functions return *densities* (fraction of live weights, 0 < d <= 1) keyed by parameter name. Each layer
+of N weights at sparsity s holds exactly N - ⌊s·N⌋ live weights, the float product floored as the official
+code floors it, and its density is that count over N, so that ``live_count(N, d)`` gives the count back.
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ GLOBAL = "global"  # one ranking across all layers (SNIP, gradual magnitude prun
 Distribution = str | Mapping[str, float]
 Shapes = Mapping[str, Sequence[int]]
 
-# Guards floor((1 - d) * N) against float error such as 0.29 * 100 = 28.999999999999996.
+# Densities are counts over N; guards the way back, floor((1 - k/N)·N), against float error below N - k.
 _COUNT_TOLERANCE = 1e-6
 
 
 def live_count(numel: int, density: float) -> int:
-    """Number of live weights of a layer of ``numel`` weights at ``density``: ``numel - floor((1-d)·numel)``."""
+    """Number of live weights of a layer of ``numel`` weights at ``density``: ``numel - floor((1-d)·numel)``,
+    exact for a density that is a count over ``numel`` (as every density here is)."""
     return numel - math.floor((1.0 - density) * numel + _COUNT_TOLERANCE)
+
+
+def count_density(numel: int, sparsity: float) -> float:
+    """Density of a layer at ``sparsity`` counted as the official code counts: numel - ⌊sparsity·numel⌋ live
+    weights (the float product floored, no tolerance), over numel."""
+    return (numel - math.floor(sparsity * numel)) / numel
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -40,10 +48,10 @@ def _raw_score(shape: Sequence[int], kind: str, power: float) -> float:
     return ((n_in + n_out) / (n_in * n_out)) ** power
 
 
-def _scaled_densities(
+def _scaled_sparsities(
     shapes: Shapes, sparsity: float, kind: str, dense: set[str], custom: Mapping[str, float], power: float
 ) -> dict[str, float]:
-    """ER / ERK as the official code solves it: density_l = ε · raw_l over the layers being solved.
+    """ER / ERK as the official code solves it: sparsity_l = 1 - ε · raw_l over the layers being solved.
 
     The budget is in whole weights: the layers being solved share Σ (N_l − ⌊S·N_l⌋) live weights, less
     Σ ⌊S·N_l⌋ for every layer kept dense (dense layers count against the budget); layers with a custom
@@ -70,7 +78,7 @@ def _scaled_densities(
             break
         dense.update(name for name in free if _raw_score(shapes[name], kind, power) == max_raw)
     return {
-        name: 1.0 if name in dense else 1.0 - custom[name] if name in custom else epsilon * _raw_score(shape, kind, power)
+        name: 0.0 if name in dense else custom[name] if name in custom else 1.0 - epsilon * _raw_score(shape, kind, power)
         for name, shape in shapes.items()
     }
 
@@ -85,12 +93,13 @@ def _densities_or_raise(
 ) -> dict[str, float]:
     if distribution == "uniform":
         first = next(iter(shapes))
-        return {
-            name: 1.0 if name in dense else 1.0 - custom[name] if name in custom else 1.0 if name == first
-            else 1.0 - sparsity
+        sparsities = {
+            name: 0.0 if name in dense else custom[name] if name in custom else 0.0 if name == first else sparsity
             for name in shapes
         }
-    return _scaled_densities(shapes, sparsity, distribution, dense, custom, power)
+    else:
+        sparsities = _scaled_sparsities(shapes, sparsity, distribution, dense, custom, power)
+    return {name: count_density(_numel(shape), sparsities[name]) for name, shape in shapes.items()}
 
 
 def _empty_layers(shapes: Shapes, densities: Mapping[str, float]) -> list[str]:
@@ -196,7 +205,7 @@ def _custom_densities(shapes: Shapes, mapping: Mapping[str, float], dense: set[s
     densities = {}
     for name, shape in shapes.items():
         layer_sparsity = 0.0 if name in dense else mapping[name]
-        densities[name] = 1.0 - float(layer_sparsity)
+        densities[name] = count_density(_numel(shape), float(layer_sparsity))
         if live_count(_numel(shape), densities[name]) == 0:
             largest = 1.0 - 1.0 / _numel(shape)
             raise ConfigError(
