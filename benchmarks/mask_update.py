@@ -18,7 +18,7 @@ import torch
 import torchvision
 from timing import median_seconds
 
-from lightning_rigl.callbacks.sparse_training import gradients_finite
+from lightning_rigl.callbacks.sparse_training import gradients_ready
 from lightning_rigl.sparsity import drop_and_grow, layer_densities, live_count, random_mask
 from lightning_rigl.sparsity.masks import Stream, apply_change, generator
 from lightning_rigl.sparsity.parallel import for_each_layer
@@ -76,7 +76,7 @@ def main() -> None:
 
         def update() -> None:
             # What the callback does at an update step: the finiteness check of every gradient, then the update.
-            assert gradients_finite(optimizer)
+            assert gradients_ready(optimizer)
             for_each_layer(update_layer, params)
 
         def elementwise_pass() -> None:

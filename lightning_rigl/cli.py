@@ -97,7 +97,8 @@ def scale_step_counts(config: Namespace, multiplier: float) -> None:
         for option in ("start_at", "stop_at"):
             step = callback.init_args.get(option) if isinstance(callback, Namespace) else None
             if isinstance(step, int) and not isinstance(step, bool):
-                callback.init_args[option] = round(step * multiplier) if option == "start_at" else scaled(step)
+                if option == "stop_at" or step > 1:  # start_at 0 and 1 mean "at step 0" and "after ΔT"
+                    callback.init_args[option] = scaled(step)
 
 
 def with_default_config(args: Sequence[str]) -> list[str]:

@@ -37,9 +37,9 @@ METHODS: dict[str, Callable[[], pl.Callback]] = {
     "rigl_skip_step": lambda: RigL(sparsity=0.8, update_placement="skip_step", start_at=0, **DYNAMIC),
     "snip": lambda: SNIP(sparsity=0.8),
     "snip_global": lambda: SNIP(sparsity=0.8, distribution="global"),
-    "pruning": lambda: GradualMagnitudePruning(sparsity=0.8, update_interval=2, start_at=2, stop_at=10),
+    "pruning": lambda: GradualMagnitudePruning(sparsity=0.8, update_interval=2, start_at=2, stop_at=8),
     "pruning_global": lambda: GradualMagnitudePruning(sparsity=0.8, distribution="global", update_interval=2,
-                                                      start_at=2, stop_at=10),
+                                                      start_at=2, stop_at=8),
     "lottery": lambda: LotteryTicket(checkpoint=ticket_checkpoint()),
 }
 # Methods whose masks change during training (all but the static ones), and the update steps of a 13-step run.

@@ -11,6 +11,7 @@ import torch
 from conftest import SPARSE_NAMES, TinyNet, train
 from methods import ticket_checkpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins import MixedPrecision
 
 from lightning_rigl import SNFS, SNIP, GradualMagnitudePruning, LotteryTicket, RigL, Static
 from lightning_rigl.sparsity import live_count, prune
@@ -283,3 +284,90 @@ def test_rewind_copy_is_taken_at_the_chosen_step():
     train([spy, rigl], steps=6)
     assert set(rigl.rewind) == set(spy.params)
     assert all(torch.equal(rigl.rewind[n], spy.params[n]) for n in spy.params)
+
+
+# ------------------------------------------------------------------------------------- edge cases (review)
+
+
+def test_a_postponed_last_update_runs_after_stop_at_and_then_frees_the_moving_average():
+    class InfAt(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 9:  # the last update before stop_at
+                pl_module.get_parameter("classifier.3.weight").grad[0, 0] = float("inf")
+
+    class Skip(pl.Callback):  # after SNFS: a skipped step, as the GradScaler would make it
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 9:
+                for p in pl_module.parameters():
+                    p.grad = None
+
+    snfs = SNFS(sparsity=0.8, update_interval=3, stop_at=10)
+    with pytest.warns(UserWarning, match="postponed"):
+        train([InfAt(), snfs, Skip()], steps=13)
+    assert snfs.num_updates == 3  # steps 3, 6, and the one of step 9 made at step 10
+    assert snfs.moving_average is None
+
+
+@pytest.mark.parametrize("make", [lambda: RigL(sparsity=0.8, update_interval=2, stop_at=1.0),
+                                  lambda: SNFS(sparsity=0.8, update_interval=2, stop_at=1.0),
+                                  lambda: SNIP(sparsity=0.8)], ids=["rigl", "snfs", "snip"])
+def test_a_step_without_gradients_postpones_the_decision(make):
+    class SkipsBatches(TinyNet):
+        def training_step(self, batch, batch_idx):  # Lightning skips the step when this returns None
+            return None if self.trainer.global_step in (0, 2) else super().training_step(batch, batch_idx)
+
+    sparse = make()
+    with pytest.warns(UserWarning, match="missing or not finite"):
+        train([sparse], model=SkipsBatches(), steps=5)
+    assert sparse.num_updates >= 1
+
+
+@pytest.mark.parametrize("redistribution", ["gradient", "momentum"])
+def test_redistribution_keeps_layers_the_configuration_keeps_dense(redistribution):
+    rigl = RigL(sparsity=0.5, distribution="uniform", dense=["classifier.1.weight"], redistribution=redistribution,
+                update_interval=2, drop_fraction=0.5, stop_at=1.0)
+    train([rigl], steps=9)
+    assert rigl.num_updates == 4
+    for name in ("features.0.weight", "classifier.1.weight"):  # uniform's first layer, and the dense pattern
+        assert rigl.masks[name].all() and rigl.densities[name] == 1.0, name
+    assert rigl.densities["features.3.weight"] != 0.5 or rigl.densities["classifier.3.weight"] != 0.5
+
+
+def test_fused_optimizer_under_fp16_is_refused():
+    class Fused(TinyNet):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, fused=True)
+
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="fused=False"):
+        train([RigL(sparsity=0.8)], model=Fused(), steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    train([Static(sparsity=0.8)], model=Fused(), steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: RigL(sparsity=0.8, start_at=18, stop_at=10), "is not before stop_at"),
+        (lambda: GradualMagnitudePruning(sparsity=0.8, start_at=2, stop_at=40), "not within the run"),
+        (lambda: RigL(sparsity=0.8, rewind_step=12), "rewind_step 12 is not within the run"),
+    ],
+)
+def test_schedules_outside_the_run_fail_before_training(make, message):
+    with pytest.raises(ValueError, match=message):
+        train([make()], steps=12)
+
+
+def test_fractions_of_a_run_too_short_for_an_update_only_warn():
+    rigl = RigL(sparsity=0.8, stop_at=0.75)
+    with pytest.warns(UserWarning, match="no mask will be updated"):
+        train([rigl], steps=2)
+    assert rigl.num_updates == 0
+
+
+def test_global_pruning_ranks_in_the_scores_own_precision():
+    masks = {"a": torch.ones(2, dtype=torch.bool), "b": torch.ones(2, dtype=torch.bool)}
+    scores = {"a": torch.tensor([1.0, 5.0], dtype=torch.float64), "b": torch.tensor([1.0 + 1e-12, 5.0], dtype=torch.float64)}
+    # Each layer keeps its best; the third place goes to 1 + 1e-12, which beats 1.0 only in fp64 (in fp32 the
+    # two tie and the lower position, in "a", would win).
+    prune_globally(masks, scores, n_keep=3)
+    assert masks["a"].tolist() == [False, True] and masks["b"].tolist() == [True, True]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -13,7 +13,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_rigl.callbacks.sparse_training import SparseTraining, gradients_finite
+from lightning_rigl.callbacks.sparse_training import SparseTraining, gradients_ready
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.criteria import dense_gradient, mean_magnitude
 from lightning_rigl.sparsity.distributions import Distribution, live_count
@@ -70,8 +70,11 @@ class DynamicSparseTraining(SparseTraining):
             update replaces that optimizer step (the official TensorFlow RigL), which then changes no weight.
 
     Raises:
-        ValueError: any option outside the ranges above.
+        ValueError: any option outside the ranges above; ``start_at`` not before ``stop_at``, both given as steps
+            (at fit start; as fractions of a run too short for an update, a warning).
     """
+
+    reads_gradients: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -140,8 +143,14 @@ class DynamicSparseTraining(SparseTraining):
         total = trainer.estimated_stepping_batches
         self.start_step = resolve_step("start_at", self.start_at, total)
         self.stop_step = resolve_step("stop_at", self.stop_at, total)
+        if self.start_step >= self.stop_step:
+            message = (f"start_at (step {self.start_step}) is not before stop_at (step {self.stop_step}): no mask will "
+                       "be updated. Start earlier or stop later.")
+            if isinstance(self.start_at, int) and isinstance(self.stop_at, int):
+                raise ConfigError(message)
+            rank_zero_warn(message)  # fractions of a very short run: the settings are fine, the run is short
         optimizer = trainer.optimizers[0]
-        if not self.needs_moving_average(optimizer) or trainer.global_step >= self.stop_step:
+        if not self.needs_moving_average(optimizer) or self._updates_done(trainer.global_step):
             self.moving_average = None
         elif self.moving_average is None:
             self.moving_average = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self._params.items()}
@@ -153,14 +162,14 @@ class DynamicSparseTraining(SparseTraining):
         step = trainer.global_step
         if is_update_step(step, self.update_interval, self.start_step, self.stop_step):
             self._pending_step = step
-        if self.moving_average is not None and step >= self.stop_step:
+        if self.moving_average is not None and self._updates_done(step):
             self.moving_average = None  # masks are final: nothing reads it any more
         if self._pending_step is None and self.moving_average is None:
             return
-        if not gradients_finite(optimizer):
+        if not gradients_ready(optimizer):
             if self._pending_step is not None:
                 rank_zero_warn(f"Mask update of step {self._pending_step} postponed: gradients at step {step} "
-                               "are not finite.")
+                               "are missing or not finite.")
             return
         if self.moving_average is not None:
             self._track_gradients()
@@ -185,6 +194,10 @@ class DynamicSparseTraining(SparseTraining):
 
     # ----------------------------------------------------------------------------------------- helpers
 
+    def _updates_done(self, step: int) -> bool:
+        """T_end is reached and no postponed update is left."""
+        return step >= self.stop_step and self._pending_step is None
+
     def _track_gradients(self) -> None:
         # An exponential moving average of the dense gradient: m ← β·m + (1 - β)·g, before g is masked.
         for name, param in self._params.items():
@@ -193,17 +206,19 @@ class DynamicSparseTraining(SparseTraining):
 
     def _update(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, step: int) -> None:
         fraction = drop_fraction(step, self.drop_fraction, self.stop_step, self.drop_schedule)
-        names = list(self._params)
-        live = [live_count(p.numel(), self.densities[name]) for name, p in self._params.items()]
+        # Layers the configuration keeps dense (dense patterns, uniform's first layer, ER/ERK overflow) stay so.
+        names = [name for name in self._params if self.targets[name] < 1.0]
+        numel = [self._params[name].numel() for name in names]
+        live = [live_count(n, self.densities[name]) for name, n in zip(names, numel)]
         drops = [int(fraction * n) for n in live]
         grows = drops
-        if self.redistribution != "none":
-            shares = [self._share(name, param, optimizer) for name, param in self._params.items()]
-            grows = grow_counts(live, drops, [p.numel() for p in self._params.values()], shares)
+        if self.redistribution != "none" and names:
+            shares = [self._share(name, self._params[name], optimizer) for name in names]
+            grows = grow_counts(live, drops, numel, shares)
         counts = {name: (n_drop, n_grow) for name, n_drop, n_grow in zip(names, drops, grows)}
 
         def update_layer(index: int, name: str, param: nn.Parameter) -> int:
-            n_drop, n_grow = counts[name]
+            n_drop, n_grow = counts.get(name, (0, 0))
             if n_drop == n_grow == 0:
                 return 0
             weights = param.detach()
@@ -212,8 +227,8 @@ class DynamicSparseTraining(SparseTraining):
             return change.added.numel()
 
         changed = sum(for_each_layer(update_layer, self._params).values())
-        for (name, param), n, n_drop, n_grow in zip(self._params.items(), live, drops, grows):
-            self.densities[name] = (n - n_drop + n_grow) / param.numel()
+        for name, n_all, n, n_drop, n_grow in zip(names, numel, live, drops, grows):
+            self.densities[name] = (n - n_drop + n_grow) / n_all
         self.num_updates += 1
         self._sync_masks(trainer, optimizer)
         metrics = {"sparsity/drop_fraction": fraction, "sparsity/changed": float(changed)}

@@ -96,7 +96,8 @@ class GradualMagnitudePruning(PruningFromDense):
         stop_at: t_1, the last pruning step, where the target is reached: a float in (0, 1] or an int step.
 
     Raises:
-        ValueError: an option outside the ranges above, or ``stop_at`` before ``start_at`` (at setup).
+        ValueError: an option outside the ranges above; ``stop_at`` before ``start_at`` or past the end of the run
+            (at fit start).
     """
 
     def __init__(self, *args: Any, update_interval: int = 100, start_at: int | float = 0.2,
@@ -117,9 +118,14 @@ class GradualMagnitudePruning(PruningFromDense):
         total = trainer.estimated_stepping_batches
         self.start_step = resolve_step("start_at", self.start_at, total)
         self.stop_step = resolve_step("stop_at", self.stop_at, total)
+        if isinstance(self.stop_at, float):  # a fraction up to 1: the last step of the run at most
+            self.stop_step = min(self.stop_step, int(total) - 1)
         if self.stop_step < self.start_step:
             raise ConfigError(f"stop_at (step {self.stop_step}) comes before start_at (step {self.start_step}); "
                               "pruning must end after it starts.")
+        if self.stop_step >= total:
+            raise ConfigError(f"stop_at (step {self.stop_step}) is not within the run ({total} optimizer steps): the "
+                              "target sparsity would never be reached. Stop earlier or train longer.")
         super().on_fit_start(trainer, pl_module)
 
     @override

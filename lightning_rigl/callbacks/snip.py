@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_rigl.callbacks.pruning import PruningFromDense
-from lightning_rigl.callbacks.sparse_training import gradients_finite
+from lightning_rigl.callbacks.sparse_training import gradients_ready
 from lightning_rigl.sparsity.criteria import saliency
 
 
@@ -26,11 +28,14 @@ class SNIP(PruningFromDense):
     Takes the options of ``SparseTraining``; ``distribution`` may also be "global".
     """
 
+    reads_gradients: ClassVar[bool] = True
+
     @override
     def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         if self.num_updates:
             return
-        if not gradients_finite(optimizer):
-            rank_zero_warn(f"SNIP pruning postponed: gradients at step {trainer.global_step} are not finite.")
+        if not gradients_ready(optimizer):
+            rank_zero_warn(f"SNIP pruning postponed: gradients at step {trainer.global_step} are missing or not "
+                           "finite.")
             return
         self.prune_to(trainer, optimizer, saliency, 1.0)

@@ -70,6 +70,7 @@ class SparseTraining(Callback, ABC):
     """
 
     supports_global: ClassVar[bool] = False  # whether distribution="global" means something for this method
+    reads_gradients: ClassVar[bool] = False  # whether mask decisions read gradients (they must be unscaled)
 
     def __init__(
         self,
@@ -155,6 +156,12 @@ class SparseTraining(Callback, ABC):
         optimizer = _single_optimizer(trainer)
         self._params = self._select(pl_module)
         _check_optimized(self._params, optimizer)
+        if self.reads_gradients:
+            _check_unscaled(trainer, optimizer)
+        total = trainer.estimated_stepping_batches
+        if self.rewind_step is not None and self.rewind_step >= total:
+            raise ConfigError(f"rewind_step {self.rewind_step} is not within the run ({total} optimizer steps): no "
+                              "copy would be kept. Lower it (0 keeps the initial weights).")
         if self.masks:
             self._adopt_existing_masks()
         else:
@@ -305,6 +312,17 @@ def _check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
         )
 
 
+def _check_unscaled(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    # Lightning unscales fp16 gradients before on_before_optimizer_step, except for optimizers that unscale
+    # inside their own step (fused ones): decisions would then read scaled gradients.
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise ConfigError(
+            f"{type(optimizer).__name__} unscales fp16 gradients inside its own step (fused), so mask updates would "
+            "read scaled gradients. Use it with fused=False, or train in bf16-mixed or 32-bit."
+        )
+
+
 def _single_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
     if len(trainer.optimizers) != 1:
         raise RuntimeError(
@@ -324,13 +342,18 @@ def _check_optimized(params: dict[str, nn.Parameter], optimizer: torch.optim.Opt
         )
 
 
-def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """False if any gradient holds an inf or NaN: no mask decision may read such a step's gradients.
+def gradients_ready(optimizer: torch.optim.Optimizer) -> bool:
+    """True if this step has gradients and every one is finite: no mask decision may read a step whose
+    gradients hold an inf or NaN (an fp16 overflow) or that has none (``training_step`` returned None).
 
-    A sum propagates both, reads each gradient once and allocates nothing gradient-sized: ten times faster
-    than ``isfinite().all()`` on ResNet-50. It accumulates in fp32 so that fp16 gradients cannot overflow
-    it; only finite gradients summing past 3.4e38 would read as non-finite, and postponing is right then.
+    A sum propagates inf and NaN, reads each gradient once and allocates nothing gradient-sized: ten times
+    faster than ``isfinite().all()`` on ResNet-50. It accumulates in fp32 so that fp16 gradients cannot
+    overflow it; only finite gradients summing past 3.4e38 would read as non-finite, and postponing is right
+    then. Sums are combined per device, so parameters may live on several devices.
     """
-    sums = [p.grad.sum(dtype=torch.float32) for group in optimizer.param_groups for p in group["params"]
-            if p.grad is not None]
-    return bool(torch.stack(sums).sum().isfinite()) if sums else True
+    sums: dict[torch.device, list[Tensor]] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                sums.setdefault(param.grad.device, []).append(param.grad.sum(dtype=torch.float32))
+    return bool(sums) and all(bool(torch.stack(device_sums).sum().isfinite()) for device_sums in sums.values())

@@ -10,6 +10,7 @@ depends on the sample, only the speed does.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping
@@ -186,19 +187,22 @@ def prune_globally(masks: Mapping[str, Tensor], scores: Mapping[str, Tensor], n_
     """
     names = list(masks)
     live = [masks[name].view(-1).nonzero().squeeze(1) for name in names]
-    values = [scores[name].reshape(-1).take(positions).float() for name, positions in zip(names, live)]
+    # Ranked together in the widest score dtype, on the first layer's device.
+    dtype = functools.reduce(torch.promote_types, [scores[name].dtype for name in names])
+    device = masks[names[0]].device
+    values = [scores[name].reshape(-1).take(positions).to(device, dtype) for name, positions in zip(names, live)]
     sizes = [positions.numel() for positions in live]
     if not len(names) <= n_keep <= sum(sizes):
         raise ValueError(f"n_keep={n_keep} must be within [{len(names)}, {sum(sizes)}] (one per layer, all live).")
     for layer_values in values:
         layer_values[layer_values.argmax()] = math.inf  # each layer's best connection survives
     kept = top_k_indices(torch.cat(values), n_keep).sort().values
-    offsets = torch.tensor([0, *itertools.accumulate(sizes)], device=kept.device)
+    offsets = torch.tensor([0, *itertools.accumulate(sizes)], device=device)
     bounds = torch.searchsorted(kept, offsets).tolist()
     changes = {}
     for i, name in enumerate(names):
-        survivors = kept[bounds[i]:bounds[i + 1]] - offsets[i]
-        still_live = torch.zeros(sizes[i], dtype=torch.bool, device=kept.device).index_fill_(0, survivors, True)
+        survivors = (kept[bounds[i]:bounds[i + 1]] - offsets[i]).to(live[i].device)
+        still_live = torch.zeros(sizes[i], dtype=torch.bool, device=live[i].device).index_fill_(0, survivors, True)
         removed = _where(live[i], ~still_live)
         masks[name].view(-1).index_fill_(0, removed, False)
         changes[name] = MaskChange(removed=removed, added=removed.new_empty(0))
