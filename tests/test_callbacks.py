@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import FSDPStrategy
 
-from lightning_rigl import SET, SNFS, SNIP, GradualMagnitudePruning, LotteryTicket, RigL, Static
+from lightning_rigl import SET, SNFS, SNIP, RigL, Static
 from lightning_rigl.callbacks.sparse_training import _check_supported
 from lightning_rigl.sparsity import MaskChange, live_count
 from lightning_rigl.sparsity.masks import param_state_tensors

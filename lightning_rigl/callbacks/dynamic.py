@@ -140,15 +140,6 @@ class DynamicSparseTraining(SparseTraining):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        total = trainer.estimated_stepping_batches
-        self.start_step = resolve_step("start_at", self.start_at, total)
-        self.stop_step = resolve_step("stop_at", self.stop_at, total)
-        if self.start_step >= self.stop_step:
-            message = (f"start_at (step {self.start_step}) is not before stop_at (step {self.stop_step}): no mask will "
-                       "be updated. Start earlier or stop later.")
-            if isinstance(self.start_at, int) and isinstance(self.stop_at, int):
-                raise ConfigError(message)
-            rank_zero_warn(message)  # fractions of a very short run: the settings are fine, the run is short
         optimizer = trainer.optimizers[0]
         if not self.needs_moving_average(optimizer) or self._updates_done(trainer.global_step):
             self.moving_average = None
@@ -193,6 +184,19 @@ class DynamicSparseTraining(SparseTraining):
         self.moving_average = state_dict.get("moving_average")
 
     # ----------------------------------------------------------------------------------------- helpers
+
+    @override
+    def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        super()._check_fit(trainer, optimizer)
+        total = trainer.estimated_stepping_batches
+        self.start_step = resolve_step("start_at", self.start_at, total)
+        self.stop_step = resolve_step("stop_at", self.stop_at, total)
+        if self.start_step >= self.stop_step:
+            message = (f"start_at (step {self.start_step}) is not before stop_at (step {self.stop_step}): no mask will "
+                       "be updated. Start earlier or stop later.")
+            if isinstance(self.start_at, int) and isinstance(self.stop_at, int):
+                raise ConfigError(message)
+            rank_zero_warn(message)  # fractions of a very short run: the settings are fine, the run is short
 
     def _updates_done(self, step: int) -> bool:
         """T_end is reached and no postponed update is left."""

@@ -114,7 +114,8 @@ class GradualMagnitudePruning(PruningFromDense):
         self.stop_step = 0
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        super()._check_fit(trainer, optimizer)
         total = trainer.estimated_stepping_batches
         self.start_step = resolve_step("start_at", self.start_at, total)
         self.stop_step = resolve_step("stop_at", self.stop_at, total)
@@ -126,7 +127,6 @@ class GradualMagnitudePruning(PruningFromDense):
         if self.stop_step >= total:
             raise ConfigError(f"stop_at (step {self.stop_step}) is not within the run ({total} optimizer steps): the "
                               "target sparsity would never be reached. Stop earlier or train longer.")
-        super().on_fit_start(trainer, pl_module)
 
     @override
     def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:

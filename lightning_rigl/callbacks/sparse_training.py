@@ -155,13 +155,7 @@ class SparseTraining(Callback, ABC):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = _single_optimizer(trainer)
         self._params = self._select(pl_module)
-        _check_optimized(self._params, optimizer)
-        if self.reads_gradients:
-            _check_unscaled(trainer, optimizer)
-        total = trainer.estimated_stepping_batches
-        if self.rewind_step is not None and self.rewind_step >= total:
-            raise ConfigError(f"rewind_step {self.rewind_step} is not within the run ({total} optimizer steps): no "
-                              "copy would be kept. Lower it (0 keeps the initial weights).")
+        self._check_fit(trainer, optimizer)
         if self.masks:
             self._adopt_existing_masks()
         else:
@@ -240,6 +234,16 @@ class SparseTraining(Callback, ABC):
         metrics = {"sparsity/density": self.global_density()}
         metrics.update({f"sparsity/density/{name}": d for name, d in self.achieved_densities().items()})
         return metrics
+
+    def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """What can only be checked once the optimizer and the run's length are known."""
+        _check_optimized(self._params, optimizer)
+        if self.reads_gradients:
+            _check_unscaled(trainer, optimizer)
+        total = trainer.estimated_stepping_batches
+        if self.rewind_step is not None and self.rewind_step >= total:
+            raise ConfigError(f"rewind_step {self.rewind_step} is not within the run ({total} optimizer steps): no "
+                              "copy would be kept. Lower it (0 keeps the initial weights).")
 
     def _select(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
         return sparsifiable_parameters(pl_module, include=self.include, exclude=self.exclude)
