@@ -42,7 +42,8 @@ def main() -> None:
     with torch.no_grad():
         for index, (name, param) in enumerate(params.items()):
             n_live = live_count(param.numel(), densities[name])
-            start_masks[name] = random_mask(param.shape, n_live, generator(0, Stream.INITIAL_MASK, 0, index), param.device)
+            gen = generator(0, Stream.INITIAL_MASK, 0, index)
+            start_masks[name] = random_mask(param.shape, n_live, gen, param.device)
             param.mul_(start_masks[name])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     for param in model.parameters():

@@ -168,7 +168,8 @@ def test_global_distribution_is_refused_where_it_means_nothing():
     [
         # Official counts (google-research/rigl sparse_utils, restated): zeros are the float product s·N
         # floored, with no tolerance; a tolerance on that product made some of these one off.
-        ({"l0": (214, 290), "l1": (2, 5, 5, 1), "l2": (292, 236)}, 0.58, "uniform", {"l0": 62060, "l1": 22, "l2": 28944}),
+        ({"l0": (214, 290), "l1": (2, 5, 5, 1), "l2": (292, 236)}, 0.58, "uniform",
+         {"l0": 62060, "l1": 22, "l2": 28944}),
         ({"a": (8, 6), "b": (4, 3)}, 0.7, "er", {"a": 13, "b": 7}),
         ({"a": (246, 108), "b": (3, 3)}, 0.2, "er", {"a": 21255, "b": 9}),
         ({"a": (286, 252), "b": (5, 5)}, 0.3, "erk", {"a": 50445, "b": 25}),

@@ -366,7 +366,8 @@ def test_fractions_of_a_run_too_short_for_an_update_only_warn():
 
 def test_global_pruning_ranks_in_the_scores_own_precision():
     masks = {"a": torch.ones(2, dtype=torch.bool), "b": torch.ones(2, dtype=torch.bool)}
-    scores = {"a": torch.tensor([1.0, 5.0], dtype=torch.float64), "b": torch.tensor([1.0 + 1e-12, 5.0], dtype=torch.float64)}
+    scores = {"a": torch.tensor([1.0, 5.0], dtype=torch.float64),
+              "b": torch.tensor([1.0 + 1e-12, 5.0], dtype=torch.float64)}
     # Each layer keeps its best; the third place goes to 1 + 1e-12, which beats 1.0 only in fp64 (in fp32 the
     # two tie and the lower position, in "a", would win).
     prune_globally(masks, scores, n_keep=3)

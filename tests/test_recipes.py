@@ -68,7 +68,8 @@ def test_there_is_a_recipe_per_table_row() -> None:
             for row in ("snfs_uniform", "snfs_erk", "pruning_uniform", "lottery_uniform", "rigl_sg_uniform",
                         "rigl_sm_uniform", "rigl_sg_erk", "rigl_sm_erk"):
                 assert f"{folder}/{row}_{sparsity}" in names
-        assert {f"cifar10_wrn22_2/{r}_{sparsity}_2x" for r in ("static_uniform", "set_uniform", "snfs_uniform")} <= names
+        extended = ("static_uniform", "set_uniform", "snfs_uniform")
+        assert {f"cifar10_wrn22_2/{r}_{sparsity}_2x" for r in extended} <= names
         assert f"cifar100_resnet50/rigl_uniform_{sparsity}_3x" in names
     # The paper's 80% ResNet-50 comparison.
     assert {f"imagenet_resnet50/{r}" for r in ("static_uniform_s80", "small_dense_s80", "set_uniform_s80",

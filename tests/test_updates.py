@@ -82,7 +82,9 @@ def _check_top_k(scores: torch.Tensor, k: int, largest: bool, exclude: torch.Ten
 
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("kind", ["random", "90% zeros", "all zero", "few values", "misleading sample"])
-@pytest.mark.parametrize(("numel", "k"), [(100, 7), (300_000, 1), (300_000, 9_000), (300_000, 60_000), (300_000, 140_000)])
+@pytest.mark.parametrize(
+    ("numel", "k"), [(100, 7), (300_000, 1), (300_000, 9_000), (300_000, 60_000), (300_000, 140_000)]
+)
 def test_top_k_indices_is_exact(numel, k, kind, largest):
     _check_top_k(_scores(kind, numel, numel + k), k, largest, exclude=None)
 

@@ -226,7 +226,8 @@ class DynamicSparseTraining(SparseTraining):
             if n_drop == n_grow == 0:
                 return 0
             weights = param.detach()
-            change = drop_and_grow(self.masks[name], weights, self.grow_scores(name, param, step, index), n_drop, n_grow)
+            scores = self.grow_scores(name, param, step, index)
+            change = drop_and_grow(self.masks[name], weights, scores, n_drop, n_grow)
             apply_change(param, change, optimizer, self._grow_values(weights, change, step, index))
             return change.added.numel()
 

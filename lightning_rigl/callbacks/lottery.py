@@ -75,8 +75,8 @@ class LotteryTicket(SparseTraining):
     def _check_fits(self, pl_module: pl.LightningModule) -> None:
         params = dict(pl_module.named_parameters())
         wrong = sorted(set(params) ^ set(self.source_rewind))
-        wrong += [name for name, value in self.source_rewind.items() if name in params and value.shape != params[name].shape]
-        wrong += [name for name, mask in self.source_masks.items() if name in params and mask.shape != params[name].shape]
+        for saved in (self.source_rewind, self.source_masks):
+            wrong += [name for name, value in saved.items() if name in params and value.shape != params[name].shape]
         if wrong:
             raise ConfigError(
                 f"The checkpoint {self.checkpoint} was trained on another model: parameters {wrong[:5]} differ in "

@@ -59,7 +59,8 @@ class PruningFromDense(SparseTraining):
         n_keep = global_live_total(shapes, self.sparsity * fraction, dense)
         if n_keep >= sum(live_count(self._params[name].numel(), self.densities[name]) for name in pool):
             return
-        changes = prune_globally({n: self.masks[n] for n in pool}, {n: scores(n, self._params[n]) for n in pool}, n_keep)
+        pool_scores = {name: scores(name, self._params[name]) for name in pool}
+        changes = prune_globally({name: self.masks[name] for name in pool}, pool_scores, n_keep)
         for name, change in changes.items():
             param = self._params[name]
             apply_change(param, change, optimizer)

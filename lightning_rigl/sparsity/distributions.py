@@ -77,10 +77,8 @@ def _scaled_sparsities(
         if epsilon * max_raw <= 1.0:
             break
         dense.update(name for name in free if _raw_score(shapes[name], kind, power) == max_raw)
-    return {
-        name: 0.0 if name in dense else custom[name] if name in custom else 1.0 - epsilon * _raw_score(shape, kind, power)
-        for name, shape in shapes.items()
-    }
+    sparsities = {name: 1.0 - epsilon * _raw_score(shape, kind, power) for name, shape in shapes.items()}
+    return {name: 0.0 if name in dense else custom.get(name, sparsities[name]) for name in shapes}
 
 
 class _InfeasibleError(Exception):

@@ -55,7 +55,9 @@ def apportion(total: int, shares: Sequence[float], lower: Sequence[int], upper: 
     return [lo + c for lo, c in zip(lower, counts)]
 
 
-def grow_counts(live: Sequence[int], dropped: Sequence[int], numel: Sequence[int], shares: Sequence[float]) -> list[int]:
+def grow_counts(
+    live: Sequence[int], dropped: Sequence[int], numel: Sequence[int], shares: Sequence[float]
+) -> list[int]:
     """How many connections each layer grows after dropping ``dropped`` of its ``live`` ones, so that the
     layers together grow exactly what they dropped, in proportion to ``shares`` (RigL-SG / RigL-SM, SNFS),
     with every layer keeping between 1 and ``numel`` live weights. Without any positive share, each layer
