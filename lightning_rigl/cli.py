@@ -97,7 +97,7 @@ def scale_step_counts(config: Namespace, multiplier: float) -> None:
         for option in ("start_at", "stop_at"):
             step = callback.init_args.get(option) if isinstance(callback, Namespace) else None
             if isinstance(step, int) and not isinstance(step, bool):
-                if option == "stop_at" or step > 1:  # start_at 0 and 1 mean "at step 0" and "after ΔT"
+                if option == "stop_at" or step > 0:  # start_at 0 is "at step 0" however long the run
                     callback.init_args[option] = scaled(step)
 
 

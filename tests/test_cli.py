@@ -101,7 +101,7 @@ def test_a_short_multiplier_keeps_the_first_update_after_delta_t() -> None:
     cli = _parse("--config", str(REPO / "recipes/cifar10_wrn22_2/rigl_erk_s90.yaml"), "--multiplier", "0.5",
                  "--data.data_dir", "unused")
     rigl = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RigL))
-    assert rigl.start_at == 1 and rigl.stop_at == 37500
+    assert rigl.start_at is None and rigl.stop_at == 37500
 
 
 def test_a_fractional_stop_at_is_left_to_scale_with_the_run() -> None:

@@ -167,12 +167,17 @@ def test_drop_fraction_schedules():
     assert drop_fraction(250, 0.3, 1000, "linear") == pytest.approx(0.225)
     assert drop_fraction(999, 0.3, 1000, "constant") == 0.3
     assert drop_fraction(1000, 0.3, 1000, "constant") == 0.0
+    # With a first update step t_0 the official cosine runs over T_end - t_0 steps of the raw step, and
+    # reaches 0 once t >= T_end - t_0.
+    assert drop_fraction(250, 0.3, 1000, "cosine", start_step=500) == pytest.approx(0.15)
+    assert drop_fraction(600, 0.3, 1000, "cosine", start_step=500) == 0.0
 
 
 def test_update_cadence_and_stop_step():
-    assert [s for s in range(500) if is_update_step(s, 100, 1, 350)] == [100, 200, 300]
+    assert [s for s in range(500) if is_update_step(s, 100, 100, 350)] == [100, 200, 300]
     assert [s for s in range(500) if is_update_step(s, 100, 0, 350)] == [0, 100, 200, 300]
-    assert [s for s in range(500) if is_update_step(s, 100, 150, 350)] == [200, 300]
+    # The official maskupdate_begin_step: updates at t_0, t_0 + ΔT, ...
+    assert [s for s in range(500) if is_update_step(s, 100, 150, 350)] == [150, 250]
     assert resolve_step("stop_at", 0.75, 1000) == 750
     assert resolve_step("stop_at", 300, 1000) == 300
     assert resolve_step("start_at", 0.0, 1000) == 0

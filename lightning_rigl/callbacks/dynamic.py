@@ -49,14 +49,15 @@ class DynamicSparseTraining(SparseTraining):
     Besides the options of ``SparseTraining``:
 
     Args:
-        update_interval: ΔT, optimizer steps between mask updates (>= 1). Updates happen at the multiples of
-            ΔT within [start_at, stop_at).
+        update_interval: ΔT, optimizer steps between mask updates (>= 1).
         drop_fraction: α, the fraction of each layer's live weights exchanged by an update at step 0; the
             schedule lowers it from there (at step t < T_end: α/2·(1 + cos(π·t/T_end)) for "cosine").
         drop_schedule: how the fraction decays: "cosine", "constant" (α throughout), "linear" (α·(1 - t/T_end)).
-        start_at: the first optimizer step that may update masks (the official ``maskupdate_begin_step``): an
-            int is a step, a float in [0, 1) a fraction of the run. 1 (the default) puts the first update at
-            step ΔT, after the random mask has trained; 0 updates at step 0, as the official code does.
+        start_at: t_0, the first update step (the official ``maskupdate_begin_step``); updates then follow at
+            t_0 + ΔT, t_0 + 2ΔT, ... before T_end, and the schedule decays over T_end - t_0 steps, as in the
+            official code. An int is a step, a float in [0, 1) a fraction of the run. None (the default):
+            the first update is at ΔT, after the random mask has trained, and the schedule decays over T_end;
+            0: the first update is at step 0, as in the official code's default.
         stop_at: T_end, from which masks stay fixed: a float in (0, 1] is a fraction of the run's total
             optimizer steps (``trainer.estimated_stepping_batches``); an int is an absolute step.
         grow_init: value of new connections: "zeros"; "normal" (std of the layer's current weights);
@@ -89,7 +90,7 @@ class DynamicSparseTraining(SparseTraining):
         update_interval: int = 100,
         drop_fraction: float = 0.3,
         drop_schedule: str = "cosine",
-        start_at: int | float = 1,  # int first: LightningCLI tries a union in order, and 75000 is a step
+        start_at: int | float | None = None,  # int first: LightningCLI tries a union in order, and 75000 is a step
         stop_at: int | float = 0.75,
         grow_init: str = "zeros",
         redistribution: str = "none",
@@ -105,7 +106,8 @@ class DynamicSparseTraining(SparseTraining):
         if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:
             raise ConfigError(f"drop_fraction must be a fraction in (0, 1], got {drop_fraction!r}.")
         _check_choice("drop_schedule", drop_schedule, DROP_SCHEDULES)
-        check_step_or_fraction("start_at", start_at, allow_zero=True)
+        if start_at is not None:
+            check_step_or_fraction("start_at", start_at, allow_zero=True)
         check_step_or_fraction("stop_at", stop_at, allow_zero=False)
         _check_choice("grow_init", grow_init, GROW_INITS)
         _check_choice("redistribution", redistribution, REDISTRIBUTIONS)
@@ -189,12 +191,13 @@ class DynamicSparseTraining(SparseTraining):
     def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         super()._check_fit(trainer, optimizer)
         total = trainer.estimated_stepping_batches
-        self.start_step = resolve_step("start_at", self.start_at, total)
         self.stop_step = resolve_step("stop_at", self.stop_at, total)
+        explicit = self.start_at is not None
+        self.start_step = resolve_step("start_at", self.start_at, total) if explicit else self.update_interval
         if self.start_step >= self.stop_step:
             message = (f"start_at (step {self.start_step}) is not before stop_at (step {self.stop_step}): no mask will "
                        "be updated. Start earlier or stop later.")
-            if isinstance(self.start_at, int) and isinstance(self.stop_at, int):
+            if not isinstance(self.start_at, float) and isinstance(self.stop_at, int):
                 raise ConfigError(message)
             rank_zero_warn(message)  # fractions of a very short run: the settings are fine, the run is short
 
@@ -209,7 +212,8 @@ class DynamicSparseTraining(SparseTraining):
             average.lerp_(dense_gradient(name, param).to(average.dtype), 1.0 - self.momentum)
 
     def _update(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, step: int) -> None:
-        fraction = drop_fraction(step, self.drop_fraction, self.stop_step, self.drop_schedule)
+        decay_from = 0 if self.start_at is None else self.start_step
+        fraction = drop_fraction(step, self.drop_fraction, self.stop_step, self.drop_schedule, decay_from)
         # Layers the configuration keeps dense (dense patterns, uniform's first layer, ER/ERK overflow) stay so.
         names = [name for name in self._params if self.targets[name] < 1.0]
         numel = [self._params[name].numel() for name in names]

@@ -9,15 +9,16 @@ from lightning_rigl.errors import ConfigError
 DROP_SCHEDULES = ("cosine", "constant", "linear")
 
 
-def drop_fraction(step: int, initial: float, stop_step: int, schedule: str) -> float:
+def drop_fraction(step: int, initial: float, stop_step: int, schedule: str, start_step: int = 0) -> float:
     """Fraction of live connections exchanged at update ``step``.
 
-    cosine: α/2 · (1 + cos(π·t / T_end)) (the paper's default); constant: α; linear: α · (1 - t / T_end).
-    Zero from ``stop_step`` (T_end) on.
+    cosine: α/2 · (1 + cos(π·p)) (the paper's default); constant: α; linear: α · (1 - p); with
+    p = min(t, T_end - t_0) / (T_end - t_0), where t_0 is the first update step when it was set (0 otherwise):
+    the official code decays over T_end - t_0 steps of the raw step t. Zero from ``stop_step`` (T_end) on.
     """
     if step >= stop_step:
         return 0.0
-    progress = step / stop_step
+    progress = min(step, stop_step - start_step) / (stop_step - start_step)
     if schedule == "cosine":
         return initial / 2 * (1 + math.cos(math.pi * progress))
     if schedule == "linear":
@@ -28,9 +29,9 @@ def drop_fraction(step: int, initial: float, stop_step: int, schedule: str) -> f
 
 
 def is_update_step(step: int, interval: int, start_step: int, stop_step: int) -> bool:
-    """True at the multiples of ``interval`` within [start_step, stop_step): the mask-update steps of the
-    dynamic methods."""
-    return start_step <= step < stop_step and step % interval == 0
+    """True at start_step, start_step + interval, ... before stop_step: the mask-update steps of the dynamic
+    methods (the official ``maskupdate_begin_step`` semantics)."""
+    return start_step <= step < stop_step and (step - start_step) % interval == 0
 
 
 def is_pruning_step(step: int, interval: int, start_step: int, stop_step: int) -> bool:
