@@ -90,10 +90,10 @@ def test_multiplier_scales_every_step_count_of_a_recipe(multiplier: int) -> None
 
 
 def test_multiplier_scales_the_pruning_schedule_but_not_the_rewind_step() -> None:
-    cli = _parse("--config", str(REPO / "recipes/cifar10_wrn22_2/pruning_uniform_s90.yaml"), "--multiplier", "2",
+    cli = _parse("--config", str(REPO / "recipes/cifar10_wrn22_2/pruning_global_s90.yaml"), "--multiplier", "2",
                  "--data.data_dir", "unused")
     pruning = next(cb for cb in cli.trainer.callbacks if isinstance(cb, GradualMagnitudePruning))
-    assert (pruning.start_at, pruning.stop_at, pruning.update_interval) == (40000, 150000, 100)
+    assert (pruning.start_at, pruning.stop_at, pruning.update_interval) == (1400, 150000, 100)
     assert pruning.rewind_step == 0
 
 

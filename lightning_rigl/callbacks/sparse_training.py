@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -242,8 +242,8 @@ class SparseTraining(Callback, ABC):
             _check_unscaled(trainer, optimizer)
         total = trainer.estimated_stepping_batches
         if self.rewind_step is not None and self.rewind_step >= total:
-            raise ConfigError(f"rewind_step {self.rewind_step} is not within the run ({total} optimizer steps): no "
-                              "copy would be kept. Lower it (0 keeps the initial weights).")
+            rank_zero_warn(f"rewind_step {self.rewind_step} is not within the run ({total} optimizer steps): no copy "
+                           "will be kept. Lower it (0 keeps the initial weights).")
 
     def _select(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
         return sparsifiable_parameters(pl_module, include=self.include, exclude=self.exclude)
