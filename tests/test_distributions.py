@@ -1,10 +1,18 @@
 import math
 
 import pytest
+import torch
 from conftest import SPARSE_NAMES, TinyNet
 from torch import nn
 
-from lightning_rigl.sparsity import densities_for_shapes, layer_densities, live_count, sparsifiable_parameters
+from lightning_rigl.sparsity import (
+    densities_for_shapes,
+    layer_densities,
+    live_count,
+    random_mask,
+    sparsifiable_parameters,
+)
+from lightning_rigl.sparsity.distributions import count_density
 
 SHAPES = {"a": (2, 2), "b": (10, 10), "c": (20, 10)}  # 4, 100 and 200 weights
 
@@ -178,3 +186,54 @@ def test_global_distribution_is_refused_where_it_means_nothing():
 def test_live_counts_are_the_official_ones(shapes, sparsity, distribution, official_live):
     densities = densities_for_shapes(shapes, sparsity, distribution)
     assert {n: live_count(math.prod(shapes[n]), d) for n, d in densities.items()} == official_live
+
+
+# The official sparse_utils_test.py cases (google-research/rigl), restated as data.
+
+
+@pytest.mark.parametrize(("shape", "sparsity", "ones"), [((30, 4), 0.5, 60), ((1, 2, 1, 4), 0.8, 2), ((30,), 0.1, 27)])
+def test_official_mask_fractions(shape, sparsity, ones):
+    numel = math.prod(shape)
+    mask = random_mask(torch.Size(shape), live_count(numel, count_density(numel, sparsity)), torch.Generator(), "cpu")
+    assert int(mask.sum()) == ones
+
+
+@pytest.mark.parametrize("default", [0.0, 0.4, 0.9])
+def test_official_uniform_with_a_custom_layer(default):
+    # var1 is custom (and the first layer, so our first-layer-dense rule does not apply); the rest at default.
+    shapes = {"var1": (2, 3), "var2": (2, 3), "var3": (1, 1, 3)}
+    densities = densities_for_shapes(shapes, default, "uniform", custom_sparsity={"var1": 0.8})
+    assert densities == {"var1": count_density(6, 0.8), "var2": count_density(6, default),
+                         "var3": count_density(3, default)}
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "expected"),
+    # ER over var1 (2, 4) and var2 (2, 3) with var3 fixed at 0.8 outside the budget; the sparsities follow from
+    # the official algorithm (the test itself asserts var3 only). At 0.1, var2 overflows and is made dense.
+    [(0.1, {"var1": 0.0, "var2": 0.0}), (0.4, {"var1": 0.386364, "var2": 0.318182}),
+     (0.9, {"var1": 0.863636, "var2": 0.848485})],
+)
+def test_official_er_with_a_custom_layer(sparsity, expected):
+    shapes = {"var1": (2, 4), "var2": (2, 3), "var3": (1, 1, 3)}
+    densities = densities_for_shapes(shapes, sparsity, "er", custom_sparsity={"var3": 0.8})
+    assert densities["var3"] == count_density(3, 0.8)
+    for name, layer_sparsity in expected.items():
+        numel = math.prod(shapes[name])
+        assert live_count(numel, densities[name]) == numel - math.floor(layer_sparsity * numel), name
+
+
+@pytest.mark.parametrize(
+    ("shape1", "shape2", "sparsity", "s1", "s2"),
+    [((2, 3), (2, 3), 0.5, 0.5, 0.5), ((8, 6), (4, 3), 0.7, 0.736111, 0.472222),
+     ((80, 4), (20, 20), 0.8, 0.695161, 0.883871), ((2, 6), (2, 3), 0.8, 0.743590, 0.679487)],
+)
+def test_official_er_sparsities_scale(shape1, shape2, sparsity, s1, s2):
+    densities = densities_for_shapes({"var1": shape1, "var2": shape2}, sparsity, "er")
+    for name, shape, layer_sparsity in (("var1", shape1, s1), ("var2", shape2, s2)):
+        numel = math.prod(shape)
+        assert live_count(numel, densities[name]) == numel - math.floor(layer_sparsity * numel), name
+    # The official assertion: the zeros differ from S·N in all by at most 2.
+    total = math.prod(shape1) + math.prod(shape2)
+    zeros = total - sum(live_count(math.prod(s), densities[n]) for n, s in (("var1", shape1), ("var2", shape2)))
+    assert abs(zeros - (math.floor(sparsity * math.prod(shape1)) + math.floor(sparsity * math.prod(shape2)))) <= 2

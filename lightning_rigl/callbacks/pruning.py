@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
 from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_rigl.callbacks.sparse_training import SparseTraining
