@@ -200,10 +200,12 @@ def _pruning_notes(setup: Setup, row: Row) -> list[str]:
 
 METHOD_NOTES = {
     "pruning": _pruning_notes,
-    "snfs": lambda setup, row: ["SNFS: the callback's moving average of the dense gradient (momentum 0.9) costs "
-                                "4 bytes per sparsified weight; same cadence and drop fraction as RigL, as the report "
-                                "ran it (drop fraction 0.3, cosine, every 100 steps; its momentum is SGD's dense "
-                                "buffer, ours the official code's moving average: the same ranking up to weight decay)."],
+    "snfs": lambda setup, row: [
+        "SNFS: the callback's moving average of the dense gradient (momentum 0.9) costs 4 bytes per sparsified "
+        "weight; same cadence and drop fraction as RigL, as the report ran it (drop fraction 0.3, cosine, every 100 "
+        "steps; its momentum is SGD's dense buffer, ours the official code's moving average: the same ranking up to "
+        "weight decay)."
+    ],
 }
 
 
