@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_rigl.callbacks.sparse_training import SparseTraining
 from lightning_rigl.errors import ConfigError
+from lightning_rigl.sparsity.criteria import magnitude
 from lightning_rigl.sparsity.distributions import GLOBAL, global_live_total, live_count
 from lightning_rigl.sparsity.masks import apply_change
 from lightning_rigl.sparsity.parallel import for_each_layer
@@ -136,8 +137,4 @@ class GradualMagnitudePruning(PruningFromDense):
         if is_pruning_step(step, self.update_interval, self.start_step, self.stop_step):
             fraction = cubic_sparsity(step, 1.0, self.start_step, self.stop_step)
             if fraction > 0:  # at t_0 the schedule is still at sparsity 0
-                self.prune_to(trainer, optimizer, _magnitude, fraction)
-
-
-def _magnitude(name: str, param: nn.Parameter) -> Tensor:
-    return param.detach().abs()
+                self.prune_to(trainer, optimizer, magnitude, fraction)

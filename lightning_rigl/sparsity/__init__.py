@@ -10,7 +10,7 @@ from lightning_rigl.sparsity.distributions import (
 from lightning_rigl.sparsity.masks import MaskChange, apply_change, apply_mask, random_mask
 from lightning_rigl.sparsity.schedules import DROP_SCHEDULES, drop_fraction, is_update_step
 from lightning_rigl.sparsity.targets import sparsifiable_parameters
-from lightning_rigl.sparsity.updates import drop_and_grow, prune, top_k_indices
+from lightning_rigl.sparsity.updates import drop_and_grow, prune, prune_globally, top_k_indices
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -26,6 +26,7 @@ __all__ = [
     "layer_densities",
     "live_count",
     "prune",
+    "prune_globally",
     "random_mask",
     "sparsifiable_parameters",
     "top_k_indices",

@@ -22,6 +22,11 @@ def dense_gradient(name: str, param: nn.Parameter) -> Tensor:
     return param.grad
 
 
+def magnitude(name: str, param: nn.Parameter) -> Tensor:
+    """|w| (a fresh tensor): the score magnitude pruning keeps the largest of."""
+    return param.detach().abs()
+
+
 def gradient_magnitude(name: str, param: nn.Parameter) -> Tensor:
     """|∂L/∂w| at every position (a fresh tensor): RigL's growth score."""
     return dense_gradient(name, param).abs()
