@@ -70,6 +70,8 @@ def top_k_indices(scores: Tensor, k: int, largest: bool = True, exclude: Tensor 
         return torch.cat([candidates if exclude is None else _where(candidates, ~excluded), tied])
     if 2 * candidates.numel() > numel:  # the sample did not narrow the search
         return _full_top_k(scores, k, largest, exclude)
+    if candidates.numel() <= _DIRECT_TOP_K:  # few candidates: one top-k beats splitting off a band
+        return candidates.take(torch.topk(values, k, largest=largest, sorted=False).indices)
     inner_rank = math.floor(expected - margin)
     if inner_rank >= 1:
         # The inner_rank-th best sampled score: fewer than k scores beat it, and each of them is chosen.
