@@ -93,3 +93,45 @@ def model_size_bytes(model: nn.Module, densities: Mapping[str, float] | None = N
         else:
             size += 4 * param.numel()
     return size
+
+
+class TrainingFlops:
+    """Training FLOPs spent so far, per example, as the paper counts them, against dense training over the
+    same optimizer steps (3·f_D per step: a forward pass, and a backward pass costing two).
+
+    A step's cost is that of its forward pass, f_S at the densities the step trained with, plus its backward
+    pass: 2·f_S when only the sparse gradient is needed, or f_S + f_D when the step computed the dense gradient
+    (RigL's and SNIP's update steps, every step of SNFS until T_end). Static, SET and a finished RigL pay
+    3·f_S; pruning and redistribution pay at their current densities.
+
+    Args:
+        layer_flops: forward FLOPs of each sparse layer when dense (parameter name -> FLOPs).
+        dense_flops: f_D, the forward FLOPs of the whole dense model.
+    """
+
+    def __init__(self, layer_flops: Mapping[str, float], dense_flops: float) -> None:
+        self.layer_flops = dict(layer_flops)
+        self.dense_flops = float(dense_flops)
+        self.spent = 0.0
+        self.dense_spent = 0.0
+
+    @classmethod
+    def of(cls, model: nn.Module, input_size: Sequence[int], sparse_names: Sequence[str]) -> TrainingFlops:
+        """The account of ``model`` on examples of shape ``input_size`` with the given sparse weights."""
+        flops = module_flops(model, input_size)
+        return cls({name: flops.get(name.removesuffix(".weight"), 0.0) for name in sparse_names}, flops[""])
+
+    def forward(self, densities: Mapping[str, float]) -> float:
+        """f_S: forward FLOPs of one example with the sparse layers at ``densities``."""
+        return self.dense_flops - sum(flops * (1.0 - densities[name]) for name, flops in self.layer_flops.items())
+
+    def add_step(self, densities: Mapping[str, float], dense_gradient: bool) -> None:
+        """Count one optimizer step trained at ``densities``; ``dense_gradient``: it computed the dense gradient."""
+        sparse = self.forward(densities)
+        self.spent += 2 * sparse + (self.dense_flops if dense_gradient else sparse)
+        self.dense_spent += 3 * self.dense_flops
+
+    @property
+    def train_ratio(self) -> float:
+        """Training FLOPs spent over what dense training spends in the same steps (0 before the first step)."""
+        return self.spent / self.dense_spent if self.dense_spent else 0.0

@@ -24,6 +24,11 @@ def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float]) -> str:
         return "\n".join(lines)
     for callback in sparse:
         lines.extend(_sparse_lines(callback, total))
+        if callback.flops is not None:
+            costs = callback.cost_metrics(trainer.lightning_module)
+            lines.insert(len(lines) - len(callback.masks) - 1,
+                         f"  costs: training FLOPs {costs['flops/train_ratio']:.2f}x dense, inference FLOPs "
+                         f"{costs['flops/forward_ratio']:.2f}x, size {costs['size/bytes'] / 1e6:.3f} MB")
     return "\n".join(lines)
 
 

@@ -154,7 +154,8 @@ class CrashAfter(pl.Callback):
             raise Crash
 
 
-STATE_KEYS = {"masks", "densities", "targets", "num_updates", "pending_step", "moving_average", "rewind"}
+STATE_KEYS = {"masks", "densities", "targets", "num_updates", "pending_step", "moving_average", "rewind",
+              "train_flops"}
 
 
 def _assert_resume_matches(tmp_path, make, crash_step, model_factory=TinyNet, steps=14):
@@ -172,6 +173,7 @@ def _assert_resume_matches(tmp_path, make, crash_step, model_factory=TinyNet, st
 
     assert resumed_cb.num_updates == straight_cb.num_updates
     assert resumed_cb.densities == straight_cb.densities
+    assert resumed_cb.flops.spent == straight_cb.flops.spent  # the FLOP account travels in the checkpoint
     for name in SPARSE_NAMES:
         assert torch.equal(resumed_cb.masks[name], straight_cb.masks[name]), name
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):

@@ -49,6 +49,7 @@ def test_default_fit_trains_rigl_at_90_percent_and_prints_a_summary(fashion_dir:
     assert "test accuracy: top1" in out and "top5" in out
     summary = r"RigL: target sparsity 0\.9 \(erk\), achieved 0\.9000 over 3 sparse layers, [1-9]\d* mask updates"
     assert re.search(summary, out), out
+    assert re.search(r"costs: training FLOPs 0\.\d\dx dense, inference FLOPs 0\.\d\dx, size 0\.\d{3} MB", out), out
     for name in ("net.features.0.weight", "net.features.2.weight", "net.classifier.weight"):
         assert re.search(rf"{re.escape(name)}\s+\(\d+, \d+\)\s+[01]\.\d{{4}}", out), name
     assert list(Path("runs").glob("*/version_0/metrics.csv")), "the CSV logger wrote no metrics"

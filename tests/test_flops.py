@@ -7,7 +7,7 @@ import torch
 import torchvision
 from conftest import TinyNet
 
-from lightning_rigl.flops import forward_flops, model_size_bytes, module_flops
+from lightning_rigl.flops import TrainingFlops, forward_flops, model_size_bytes, module_flops
 from lightning_rigl.models import create_model
 from lightning_rigl.sparsity import layer_densities
 
@@ -93,3 +93,16 @@ def test_unknown_names_are_refused():
         forward_flops(TinyNet(), (1, 8, 8), {"features.1.weight": 0.5})  # a BatchNorm: no FLOPs counted
     with pytest.raises(ValueError, match="lacks"):
         model_size_bytes(TinyNet(), {"missing.weight": 0.5})
+
+
+@pytest.mark.parametrize(("multiplier", "published"), [(1, 0.42), (5, 2.09)])
+def test_rigl_erk_80_training_multiples(resnet50, multiplier, published):
+    # The official README's training FLOPs of RigL ERK 0.8 (a multiple of dense 1x training), from the per-step
+    # costs: 3·f_S, and f_S + f_D for the backward of the update steps (every ΔT = 100 until T_end at 75%).
+    densities = layer_densities(resnet50, 0.8, "erk")
+    account = TrainingFlops.of(resnet50, (3, 224, 224), list(densities))
+    steps = 32_000 * multiplier
+    updates = {step for step in range(100, int(0.75 * steps), 100)}
+    for step in range(steps):
+        account.add_step(densities, step in updates)
+    assert account.spent / (3 * account.dense_flops * 32_000) == pytest.approx(published, abs=0.02)

@@ -76,6 +76,7 @@ class DynamicSparseTraining(SparseTraining):
     """
 
     reads_gradients: ClassVar[bool] = True
+    grows_by_gradient: ClassVar[bool] = False  # growth reads the dense gradient at update steps (RigL)
 
     def __init__(
         self,
@@ -207,6 +208,7 @@ class DynamicSparseTraining(SparseTraining):
 
     def _track_gradients(self) -> None:
         # An exponential moving average of the dense gradient: m ← β·m + (1 - β)·g, before g is masked.
+        self.dense_gradient_read = True
         for name, param in self._params.items():
             average = self.moving_average[name]
             average.lerp_(dense_gradient(name, param).to(average.dtype), 1.0 - self.momentum)
@@ -214,6 +216,7 @@ class DynamicSparseTraining(SparseTraining):
     def _update(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, step: int) -> None:
         decay_from = 0 if self.start_at is None else self.start_step
         fraction = drop_fraction(step, self.drop_fraction, self.stop_step, self.drop_schedule, decay_from)
+        self.dense_gradient_read |= self.grows_by_gradient
         # Layers the configuration keeps dense (dense patterns, uniform's first layer, ER/ERK overflow) stay so.
         names = [name for name in self._params if self.targets[name] < 1.0]
         numel = [self._params[name].numel() for name in names]

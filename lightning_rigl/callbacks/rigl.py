@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -20,6 +22,8 @@ class RigL(DynamicSparseTraining):
 
         trainer = pl.Trainer(max_steps=10_000, callbacks=[RigL(sparsity=0.9, distribution="erk")])
     """
+
+    grows_by_gradient: ClassVar[bool] = True
 
     @override
     def grow_scores(self, name: str, param: nn.Parameter, step: int, layer_index: int) -> Tensor:

@@ -38,4 +38,5 @@ class SNIP(PruningFromDense):
             rank_zero_warn(f"SNIP pruning postponed: gradients at step {trainer.global_step} are missing or not "
                            "finite.")
             return
+        self.dense_gradient_read = True  # |g·w| needs the gradient at every position
         self.prune_to(trainer, optimizer, saliency, 1.0)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_rigl.errors import ConfigError
+from lightning_rigl.flops import TrainingFlops, model_size_bytes
 from lightning_rigl.sparsity.distributions import (
     GLOBAL,
     Distribution,
@@ -105,6 +106,10 @@ class SparseTraining(Callback, ABC):
         self.densities: dict[str, float] = {}  # per-layer densities now: the targets, unless the method moves them
         self.num_updates = 0  # mask changes made so far
         self.rewind: dict[str, Tensor] | None = None  # every parameter at rewind_step, on the CPU
+        self.flops: TrainingFlops | None = None  # FLOPs spent, counted from the first batch's example shape
+        self.dense_gradient_read = False  # set by a method when this step's decision read the dense gradient
+        self._restored_flops: tuple[float, float] | None = None
+        self._flops_unavailable = False
         self._params: dict[str, nn.Parameter] = {}
         self._zero: dict[torch.device, Tensor] = {}
         self._restored_targets: dict[str, float] | None = None
@@ -176,8 +181,21 @@ class SparseTraining(Callback, ABC):
         # Gradients here are fully accumulated, all-reduced by DDP and unscaled under 16-mixed.
         if self.rewind is None and trainer.global_step == self.rewind_step:
             self.rewind = {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters()}
+        trained_at, updates = dict(self.densities), self.num_updates  # what this step's forward and backward ran
         self.update_masks(trainer, optimizer)
         self._mask_gradients()
+        if self.flops is not None:
+            self.flops.add_step(trained_at, self.dense_gradient_read)
+            if self.num_updates != updates or trainer.global_step % trainer.log_every_n_steps == 0:
+                self._log(trainer, self.cost_metrics(pl_module))
+        self.dense_gradient_read = False
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.flops is None and not self._flops_unavailable:
+            self._start_counting_flops(trainer, pl_module, batch)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -193,6 +211,8 @@ class SparseTraining(Callback, ABC):
         }
         if self.rewind is not None:
             state["rewind"] = self.rewind
+        if self.flops is not None:
+            state["train_flops"] = (self.flops.spent, self.flops.dense_spent)
         return state
 
     @override
@@ -204,6 +224,7 @@ class SparseTraining(Callback, ABC):
         self._restored_targets = dict(state_dict["targets"])
         self.num_updates = state_dict["num_updates"]
         self.rewind = state_dict.get("rewind")
+        self._restored_flops = state_dict.get("train_flops")
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -235,6 +256,32 @@ class SparseTraining(Callback, ABC):
         metrics.update({f"sparsity/density/{name}": d for name, d in self.achieved_densities().items()})
         return metrics
 
+    def cost_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Forward FLOPs of the current masks over dense (per example), training FLOPs spent over dense training's
+        in the same steps, and the model size in bytes as the official README counts it; as logged."""
+        assert self.flops is not None
+        return {
+            "flops/forward_ratio": self.flops.forward(self.densities) / self.flops.dense_flops,
+            "flops/train_ratio": self.flops.train_ratio,
+            "size/bytes": model_size_bytes(pl_module, self.densities),
+        }
+
+    def _start_counting_flops(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Counts the model's FLOPs on an example of the first batch's shape; warns once if it cannot."""
+        example = _first_tensor(batch)
+        try:
+            if example is None:
+                raise ValueError("the batch holds no tensor")
+            self.flops = TrainingFlops.of(pl_module, tuple(example.shape[1:]), list(self._params))
+        except Exception as error:  # a forward that takes more than one input, say: training goes on
+            self._flops_unavailable = True
+            rank_zero_warn(f"FLOPs are not counted: a forward pass on one example of the first batch's shape failed "
+                           f"({type(error).__name__}: {error}).")
+            return
+        if self._restored_flops is not None:
+            self.flops.spent, self.flops.dense_spent = self._restored_flops
+        self._log(trainer, self.cost_metrics(pl_module))
+
     def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """What can only be checked once the optimizer and the run's length are known."""
         _check_optimized(self._params, optimizer)
@@ -254,7 +301,8 @@ class SparseTraining(Callback, ABC):
         if restored is not None and restored != self.targets:
             raise RuntimeError(
                 "The target densities in the checkpoint do not fit this configuration (another sparsity, "
-                "distribution or dense list). Resume with the sparsity, distribution and layer selection the checkpoint was trained with."
+                "distribution or dense list). Resume with the sparsity, distribution and layer selection the "
+                "checkpoint was trained with."
             )
         for name, param in self._params.items():
             mask = self.masks.get(name)
@@ -314,6 +362,20 @@ def _check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
             f"{strategy} is not supported yet: it shards or wraps parameters, so masks cannot be applied in "
             "place. Use strategy='ddp' (or a single device)."
         )
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    """The first tensor of a batch (a tensor, or a sequence or mapping holding one): the inputs, by convention."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (str, bytes)):
+        return None
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _check_unscaled(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
