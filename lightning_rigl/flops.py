@@ -125,10 +125,10 @@ class TrainingFlops:
         """f_S: forward FLOPs of one example with the sparse layers at ``densities``."""
         return self.dense_flops - sum(flops * (1.0 - densities[name]) for name, flops in self.layer_flops.items())
 
-    def add_step(self, densities: Mapping[str, float], dense_gradient: bool) -> None:
-        """Count one optimizer step trained at ``densities``; ``dense_gradient``: it computed the dense gradient."""
-        sparse = self.forward(densities)
-        self.spent += 2 * sparse + (self.dense_flops if dense_gradient else sparse)
+    def add_step(self, sparse_forward: float, dense_gradient: bool) -> None:
+        """Count one optimizer step whose forward pass cost ``sparse_forward`` (f_S, from ``forward``);
+        ``dense_gradient``: the step computed the dense gradient."""
+        self.spent += 2 * sparse_forward + (self.dense_flops if dense_gradient else sparse_forward)
         self.dense_spent += 3 * self.dense_flops
 
     @property

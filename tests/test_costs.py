@@ -28,7 +28,7 @@ class DensitiesPerStep(pl.Callback):
 def _expected_ratio(sparse, per_step_densities, dense_gradient_steps) -> float:
     account = TrainingFlops.of(TinyNet(), INPUT, list(sparse.densities))
     for step, densities in enumerate(per_step_densities):
-        account.add_step(densities, step in dense_gradient_steps)
+        account.add_step(account.forward(densities), step in dense_gradient_steps)
     return account.train_ratio
 
 

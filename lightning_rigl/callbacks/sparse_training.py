@@ -181,11 +181,13 @@ class SparseTraining(Callback, ABC):
         # Gradients here are fully accumulated, all-reduced by DDP and unscaled under 16-mixed.
         if self.rewind is None and trainer.global_step == self.rewind_step:
             self.rewind = {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters()}
-        trained_at, updates = dict(self.densities), self.num_updates  # what this step's forward and backward ran
+        # The forward and backward of this step ran at the densities before any update.
+        trained_forward = self.flops.forward(self.densities) if self.flops is not None else 0.0
+        updates = self.num_updates
         self.update_masks(trainer, optimizer)
         self._mask_gradients()
         if self.flops is not None:
-            self.flops.add_step(trained_at, self.dense_gradient_read)
+            self.flops.add_step(trained_forward, self.dense_gradient_read)
             if self.num_updates != updates or trainer.global_step % trainer.log_every_n_steps == 0:
                 self._log(trainer, self.cost_metrics(pl_module))
         self.dense_gradient_read = False
