@@ -3,6 +3,7 @@
     lightning-rigl fit                                   # the default: RigL 90% ERK on Fashion-MNIST
     lightning-rigl fit --config recipes/cifar10_wrn22_2/rigl_erk_s90.yaml [--multiplier 2]
     lightning-rigl test --config <recipe> --ckpt_path <checkpoint>
+    lightning-rigl report runs/ [--output report]         # the paper-style table of finished runs
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import pytorch_lightning as pl
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from lightning_rigl import report
 from lightning_rigl.callbacks import SparseTraining
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.plots import plot_densities
+from lightning_rigl.results import run_results, write_results
 from lightning_rigl.summary import fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
@@ -36,6 +39,11 @@ class RigLCLI(LightningCLI):
             "and max_epochs, model.lr_milestones and warmup_steps, and a callback's start_at and stop_at when they are "
             "steps.",
         )
+        parser.add_argument(
+            "--scaled_by", type=float, default=1.0,
+            help="Written by the command into the config it saves: the multiplier this config's step counts already "
+            "carry. Never applied; results.json and the report read the run's multiplier from it.",
+        )
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final weights and print a summary.")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -43,18 +51,26 @@ class RigLCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         scale_step_counts(config, config.multiplier)
-        # The config saved next to the logs holds the scaled counts: rerunning it must not scale them again.
+        if config.scaled_by <= 0:
+            raise ConfigError(f"--scaled_by must be > 0 (the multiplier a saved config carries), got "
+                              f"{config.scaled_by}.")
+        # The config saved next to the logs holds the scaled counts: rerunning it must not scale them again, and
+        # must still report the multiplier its counts carry.
+        config.scaled_by = config.scaled_by * config.multiplier
         config.multiplier = 1.0
 
     def after_fit(self) -> None:
+        test_metrics: dict[str, float] = {}
         if self.config.fit.test_after_fit:
             results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            test_metrics = results[0] if results else {}
             if self.trainer.is_global_zero:
-                print(fit_summary(self.trainer, results[0] if results else {}))
+                print(fit_summary(self.trainer, test_metrics))
         if not self.trainer.loggers:
-            return  # no run folder to put the plot in
+            return  # no run folder to write the record and the plot in
         log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
         if self.trainer.is_global_zero and log_dir:
+            write_results(log_dir, run_results(self.trainer, test_metrics, self.config.fit.scaled_by))
             save_density_plots(self.trainer, Path(log_dir))
 
 
@@ -113,6 +129,12 @@ def with_default_config(args: Sequence[str]) -> list[str]:
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-rigl`` console script. Configuration mistakes exit with status 2 and
     the message of the error, without a traceback."""
+    command_line = sys.argv[1:] if args is None else list(args)
+    if command_line[:1] == ["report"]:
+        status = report.main(command_line[1:])
+        if status:
+            raise SystemExit(status)
+        return
     if args is None:
         # LightningCLI warns when given args beside a command line: complete the command line instead.
         sys.argv[1:] = with_default_config(sys.argv[1:])
@@ -126,7 +148,8 @@ def main(args: Sequence[str] | None = None) -> None:
             args=args,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": __doc__.splitlines()[0]},
+            parser_kwargs={"description": __doc__.splitlines()[0] + " `lightning-rigl report --help`: the table of "
+                           "finished runs."},
         )
     except Exception as error:
         # jsonargparse wraps errors raised while it builds the classes; our ConfigError is in the chain.

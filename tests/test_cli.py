@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -121,6 +122,7 @@ def test_the_data_module_sets_the_number_of_classes() -> None:
     [
         (["--model.arch", "resnet51"], None, r"Unknown model 'resnet51'.*wrn22_2"),
         (["--multiplier", "0"], None, r"--multiplier must be > 0"),
+        (["--scaled_by", "-1"], None, r"--scaled_by must be > 0"),
         (["--data.data_dir", "missing_dir"], None, r"dataset-fashion-mnist"),
         (["--data.batch_size", "0"], None, r"batch_size must be >= 1"),
         (["--model.lr_milestones", "[5, 2]"], None, r"lr_milestones must be increasing"),
@@ -146,13 +148,19 @@ def test_configuration_mistakes_exit_with_a_message_not_a_traceback(
 
 
 def test_the_saved_config_holds_scaled_counts_and_multiplier_1(fashion_dir: Path) -> None:
-    """Rerunning the config saved beside the logs trains the same run, not one scaled twice."""
+    """Rerunning the config saved beside the logs trains the same run, not one scaled twice, and still records
+    the multiplier its counts carry."""
     main(["fit", "--data.data_dir", str(fashion_dir), "--data.val_size", "0", "--trainer.max_epochs", "1",
           "--trainer.max_steps", "3", "--multiplier", "2", "--test_after_fit", "false", *QUICK])
     (saved,) = Path("runs").glob("*/version_0/config.yaml")
     config = yaml.safe_load(saved.read_text())
-    assert config["multiplier"] == 1.0
+    assert config["multiplier"] == 1.0 and config["scaled_by"] == 2.0
     assert config["trainer"]["max_steps"] == 6 and config["trainer"]["max_epochs"] == 2
+
+    main(["fit", "--config", str(saved), "--trainer.logger.init_args.name", "rerun"])
+    (rerun,) = Path("runs/rerun").glob("version_0")
+    assert yaml.safe_load((rerun / "config.yaml").read_text())["trainer"]["max_steps"] == 6
+    assert json.loads((rerun / "results.json").read_text())["multiplier"] == 2.0
 
 
 def test_a_key_the_recipe_does_not_have_is_refused_by_the_parser(capsys) -> None:
@@ -179,6 +187,8 @@ def test_two_process_ddp_run_through_the_command(tmp_path: Path) -> None:
     assert result.stdout.count("Summary") == 1
     assert "achieved 0.9000" in result.stdout and "2 mask updates" in result.stdout
     ddp_top1 = float(re.search(r"test accuracy: top1 (\d\.\d{4})", result.stdout).group(1))
+    (record,) = tmp_path.glob("runs/*/version_0/results.json")  # written once, by rank 0
+    assert json.loads(record.read_text())["test"]["test/acc_top1"] == pytest.approx(ddp_top1, abs=1e-4)
 
     (checkpoint,) = tmp_path.glob("runs/*/version_0/checkpoints/*.ckpt")
     model = ImageClassifier.load_from_checkpoint(checkpoint, weights_only=False)

@@ -200,6 +200,12 @@ class SparseTraining(Callback, ABC):
             self._start_counting_flops(trainer, pl_module, batch)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The final costs at the final step, whatever the logging interval: the logs end where the run ended.
+        if self.flops is not None:
+            self._log(trainer, self.cost_metrics(pl_module))
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._params = {}  # drop references to the model
 

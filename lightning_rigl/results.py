@@ -1,0 +1,106 @@
+"""The record of a finished run that ``lightning-rigl report`` reads: ``results.json`` in the run's folder.
+
+The command writes it after ``fit`` (and its test), so its presence is what makes a folder a finished run. It
+holds what the paper's tables put in a row (method, distribution, sparsity, multiplier, training and inference
+FLOPs as multiples of dense, size, test accuracy) and each sparse layer's final density.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lightning_rigl.callbacks import DynamicSparseTraining, SparseTraining
+from lightning_rigl.flops import model_size_bytes
+
+RESULTS_FILE = "results.json"
+FORMAT_VERSION = 1
+
+
+def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multiplier: float) -> dict[str, Any]:
+    """The record of a run that has just finished ``fit``.
+
+    Args:
+        trainer: the run's trainer, after ``fit``.
+        test_metrics: one dict of ``trainer.test``'s result; empty when the run was not tested.
+        multiplier: the extended-training multiplier the run was scaled by (the command's ``--multiplier``);
+            the paper's training FLOPs are ``train_ratio`` times it, a multiple of dense training at 1x.
+    """
+    model = trainer.lightning_module
+    sparse = [cb for cb in trainer.callbacks if isinstance(cb, SparseTraining)]
+    if len(sparse) > 1:
+        raise ValueError(f"a run holds one sparse callback, this one {len(sparse)}")
+    record: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "model": str(model.hparams.get("arch", type(model).__name__)),
+        "data": type(trainer.datamodule).__name__ if trainer.datamodule is not None else None,
+        "multiplier": float(multiplier),
+        "steps": trainer.global_step,
+        "test": {key: float(value) for key, value in test_metrics.items()},
+    }
+    if not sparse:
+        record.update(method="Dense", distribution=None, sparsity=0.0, achieved_sparsity=0.0, seed=None,
+                      train_ratio=1.0, forward_ratio=1.0, size_bytes=model_size_bytes(model), densities={})
+        return record
+    (callback,) = sparse
+    distribution = callback.distribution if isinstance(callback.distribution, str) else "custom"
+    achieved = 1.0 - callback.global_density()
+    record.update(
+        method=method_label(callback),
+        distribution=distribution,
+        sparsity=achieved if callback.sparsity is None else float(callback.sparsity),
+        achieved_sparsity=achieved,
+        seed=callback.seed,
+        densities=callback.achieved_densities(),
+    )
+    if callback.flops is None:  # FLOPs could not be counted (the callback warned): only the size is known
+        record.update(train_ratio=None, forward_ratio=None, size_bytes=model_size_bytes(model, callback.densities))
+    else:
+        costs = callback.cost_metrics(model)
+        record.update(train_ratio=costs["flops/train_ratio"], forward_ratio=costs["flops/forward_ratio"],
+                      size_bytes=costs["size/bytes"])
+    return record
+
+
+def method_label(callback: SparseTraining) -> str:
+    """The callback's class name, with the paper's suffix when it redistributes otherwise than its default:
+    RigL with ``redistribution="momentum"`` is "RigL-SM", with "gradient" "RigL-SG"."""
+    name = type(callback).__name__
+    if not isinstance(callback, DynamicSparseTraining):
+        return name
+    default = inspect.signature(type(callback).__init__).parameters["redistribution"].default
+    if callback.redistribution == default:
+        return name
+    if callback.redistribution == "none":
+        return f"{name} (no redistribution)"
+    return f"{name}-S{callback.redistribution[0].upper()}"
+
+
+def write_results(folder: str | Path, record: Mapping[str, Any]) -> Path:
+    """Writes ``record`` as ``results.json`` in ``folder``; returns the file's path."""
+    path = Path(folder) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def read_results(folder: str | Path) -> dict[str, Any]:
+    """The record in ``folder``'s ``results.json``.
+
+    Raises:
+        FileNotFoundError: the folder holds no ``results.json`` (the run did not finish).
+        ValueError: the file is not a record this version reads.
+    """
+    path = Path(folder) / RESULTS_FILE
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a lightning-rigl results file of format {FORMAT_VERSION}")
+    return record

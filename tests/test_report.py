@@ -1,0 +1,179 @@
+"""`lightning-rigl report` and the run record it reads: real tiny runs through the command, seeds averaged,
+unfinished folders warned about, figures written, bad input refused with exit status 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_datasets import write_fashion_mnist
+
+from lightning_rigl.cli import DEFAULT_CONFIG, main
+from lightning_rigl.report import Row, Run, _curve_panels, collect, group_runs, markdown_table
+from lightning_rigl.results import read_results
+
+QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.accelerator", "cpu", "--data.val_size", "16", "--data.batch_size", "16",
+         "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "5"]
+RIGL = ["--trainer.callbacks.init_args.update_interval", "4"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fit(data: Path, name: str, *args: str) -> Path:
+    """One tiny run through the command; returns its folder."""
+    main(["fit", "--config", str(DEFAULT_CONFIG), "--data.data_dir", str(data), "--trainer.logger.init_args.name",
+          name, *QUICK, *args])
+    (folder,) = sorted(Path.cwd().joinpath("runs", name).glob("version_*"))[-1:]
+    return folder
+
+
+def pruning(path: Path) -> Path:
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_rigl.GradualMagnitudePruning\n      init_args:\n"
+        "        sparsity: 0.8\n        distribution: erk\n        start_at: 2\n        stop_at: 8\n"
+        "        update_interval: 2\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two RigL seeds of one config, a pruning run (its density moves), a 2x RigL run and an unfinished folder."""
+    root = tmp_path_factory.mktemp("report")
+    data = root / "fashion"
+    write_fashion_mnist(data, n_train=160, n_test=40)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        folders = {
+            "rigl_0": fit(data, "rigl", *RIGL, "--seed_everything", "0", "--trainer.callbacks.init_args.seed", "0"),
+            "rigl_1": fit(data, "rigl", *RIGL, "--seed_everything", "1", "--trainer.callbacks.init_args.seed", "1"),
+            "pruning": fit(data, "pruning", "--config", str(pruning(root / "pruning.yaml"))),
+            "rigl_2x": fit(data, "rigl_2x", *RIGL, "--multiplier", "2", "--trainer.max_steps", "6"),
+        }
+    unfinished = root / "runs" / "crashed" / "version_0"
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("trainer: {}\n")
+    return {**folders, "root": root, "unfinished": unfinished}
+
+
+def test_the_record_holds_the_row_and_the_logs_end_where_the_run_ended(runs: dict[str, Path]) -> None:
+    record = read_results(runs["rigl_0"])
+    assert (record["method"], record["distribution"], record["sparsity"], record["multiplier"]) == (
+        "RigL", "erk", 0.9, 1.0)
+    assert record["steps"] == 12 and 0 < record["test"]["test/acc_top1"] <= 1
+    assert record["achieved_sparsity"] == pytest.approx(0.9, abs=1e-4)
+    # The last logged costs are the run's final ones, though 12 is not a multiple of log_every_n_steps.
+    with (runs["rigl_0"] / "metrics.csv").open() as file:
+        logged = [line for line in csv.DictReader(file) if line["flops/train_ratio"]]
+    assert int(logged[-1]["step"]) == 12
+    assert float(logged[-1]["flops/train_ratio"]) == pytest.approx(record["train_ratio"], rel=1e-9)
+    assert float(logged[-1]["size/bytes"]) == record["size_bytes"]
+
+
+def test_a_2x_run_records_its_multiplier_and_its_saved_config_keeps_it(runs: dict[str, Path]) -> None:
+    record = read_results(runs["rigl_2x"])
+    assert record["multiplier"] == 2.0 and record["steps"] == 12
+    config = yaml.safe_load((runs["rigl_2x"] / "config.yaml").read_text())
+    assert (config["multiplier"], config["scaled_by"], config["trainer"]["max_steps"]) == (1.0, 2.0, 12)
+
+
+def test_the_report_averages_seeds_and_warns_about_an_unfinished_folder(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["report", str(runs["root"] / "runs"), "--output", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and str(runs["unfinished"]) in warnings[0] and "not a finished run" in warnings[0]
+    with (tmp_path / "out" / "report.csv").open() as file:
+        rows = {(line["method"], line["multiplier"]): line for line in csv.DictReader(file)}
+    assert set(rows) == {("RigL", "1.0"), ("RigL", "2.0"), ("GradualMagnitudePruning", "1.0")}
+
+    seeds = [read_results(runs[key]) for key in ("rigl_0", "rigl_1")]
+    accuracies = [100 * seed["test"]["test/acc_top1"] for seed in seeds]
+    rigl = rows["RigL", "1.0"]
+    assert rigl["runs"] == "2" and len(set(rigl["folders"].split())) == 2
+    assert float(rigl["test_top1"]) == pytest.approx(statistics.fmean(accuracies))
+    assert float(rigl["test_top1_std"]) == pytest.approx(statistics.stdev(accuracies))
+    # Training FLOPs are a multiple of dense training at 1x: the 2x run's ratio times 2.
+    doubled = read_results(runs["rigl_2x"])
+    assert float(rows["RigL", "2.0"]["train_flops"]) == pytest.approx(2 * doubled["train_ratio"])
+    assert "| RigL | erk | 0.9 | 1x | 2 |" in captured.out and "±" in captured.out
+
+    out = tmp_path / "out"
+    for name in ("accuracy_vs_sparsity", "accuracy_vs_training_flops", "layer_densities", "forward_flops"):
+        assert (out / f"{name}.png").read_bytes()[:8] == PNG, name
+        assert f"({name}.png)" in (out / "report.md").read_text()
+
+
+def test_only_runs_whose_density_moves_have_a_forward_flops_curve(runs: dict[str, Path]) -> None:
+    report = collect([runs["root"] / "runs"])
+    curves = {row.first["method"]: row.runs[0].forward_curve for row in report.rows}
+    pruned = read_results(runs["pruning"])
+    assert curves["GradualMagnitudePruning"][0] == (0, 1.0)  # dense start
+    assert curves["GradualMagnitudePruning"][-1] == (12, pytest.approx(pruned["forward_ratio"]))
+    assert len({ratio for _, ratio in curves["RigL"]}) == 1  # ERK masks move, densities do not
+    (panel,) = _curve_panels(report.rows).values()
+    assert [label.split()[0] for label in panel.series] == ["GradualMagnitudePruning"]
+
+
+def _run(folder: str, lr: float, seed: int, accuracy: float, method: str = "RigL") -> Run:
+    record = {"model": "wrn22_2", "data": "CIFAR10DataModule", "method": method, "distribution": "erk",
+              "sparsity": 0.9, "multiplier": 1.0, "test": {"test/acc_top1": accuracy}, "train_ratio": 0.2,
+              "forward_ratio": 0.2, "size_bytes": 1e5, "densities": {"a.weight": 0.1}}
+    return Run(Path(folder), record, {"model.init_args.lr": lr, "trainer.max_steps": 100}, [])
+
+
+def test_runs_that_differ_in_more_than_seed_are_rows_of_their_own_with_a_note() -> None:
+    rows = group_runs([_run("a", 0.1, 0, 0.90), _run("b", 0.1, 1, 0.92), _run("c", 0.2, 0, 0.80),
+                       _run("d", 0.1, 0, 0.5, method="SET")])
+    assert [(row.first["method"], len(row.runs), row.note) for row in rows] == [
+        ("RigL", 2, "model.init_args.lr=0.1"), ("RigL", 1, "model.init_args.lr=0.2"), ("SET", 1, "")]
+    assert rows[0].mean_std("test_top1") == pytest.approx((91.0, statistics.stdev([90.0, 92.0]), 2))
+    table = markdown_table(rows)
+    assert "differs in" in table.splitlines()[0] and "91.00 ± 1.41" in table
+
+
+def test_a_row_without_test_accuracy_says_so(tmp_path: Path) -> None:
+    row = Row([_run("a", 0.1, 0, 0.9)])
+    row.runs[0].record["test"] = {}
+    assert row.mean_std("test_top1") is None
+    assert markdown_table([row]).splitlines()[-1].endswith("| n/a |")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: root / "missing", r"missing: no such folder"),
+        (lambda root: root, r"no finished run under"),
+        (lambda root: _write(root / "notes.txt", "x"), r"notes\.txt is a file"),
+        (lambda root: _write(root / "runs" / "x" / "version_0" / "results.json", "{"), r"no finished run under"),
+    ],
+    ids=["missing", "empty", "a file", "a broken record"],
+)
+def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str], make, message) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(make(tmp_path)), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_broken_record_is_named_in_a_warning(tmp_path: Path, runs: dict[str, Path],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    broken = _write(tmp_path / "version_3" / "results.json", json.dumps({"format": 99}))
+    main(["report", str(runs["rigl_0"]), str(broken.parent), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"skipped {broken.parent}: {broken} is not a lightning-rigl results file" in err
