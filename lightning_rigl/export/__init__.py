@@ -1,0 +1,17 @@
+"""Sparse models outside training: a compact file (``save_sparse``, ``load_sparse``) and inference with sparse
+kernels (``sparse_inference``)."""
+
+from lightning_rigl.export.file import SparseFileError, load_sparse, read_masks, read_metadata, save_sparse
+from lightning_rigl.export.inference import LayerChoice, SparseConv2d, SparseLinear, sparse_inference
+
+__all__ = [
+    "LayerChoice",
+    "SparseConv2d",
+    "SparseFileError",
+    "SparseLinear",
+    "load_sparse",
+    "read_masks",
+    "read_metadata",
+    "save_sparse",
+    "sparse_inference",
+]

@@ -1,0 +1,180 @@
+"""The compact file (round trip, size, refusals) and the sparse inference copy (outputs against the dense model)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_rigl.export import (
+    SparseConv2d,
+    SparseFileError,
+    SparseLinear,
+    load_sparse,
+    read_masks,
+    save_sparse,
+    sparse_inference,
+)
+from lightning_rigl.export.file import MAGIC
+from lightning_rigl.flops import model_size_bytes
+from lightning_rigl.models import create_model, list_models
+from lightning_rigl.sparsity import layer_densities, random_mask
+from lightning_rigl.sparsity.distributions import live_count
+
+INPUTS = {"lenet300_100": (1, 28, 28), "small_cnn": (1, 28, 28), "wrn22_2": (3, 32, 32),
+          "resnet50_cifar": (3, 32, 32), "resnet50": (3, 64, 64), "mobilenet_v1": (3, 64, 64)}
+
+
+def sparse_model(arch: str, sparsity: float = 0.9, seed: int = 0) -> tuple[nn.Module, dict[str, Tensor]]:
+    """A registry model with random ERK masks applied, non-default BatchNorm statistics and its masks."""
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes=10)
+    params = dict(model.named_parameters())
+    masks = {}
+    for index, (name, density) in enumerate(layer_densities(model, sparsity, "erk").items()):
+        param = params[name]
+        gen = torch.Generator().manual_seed(seed * 1000 + index)
+        masks[name] = random_mask(param.shape, live_count(param.numel(), density), gen, param.device)
+        with torch.no_grad():
+            param.mul_(masks[name])
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+            module.num_batches_tracked.fill_(7)
+    return model.eval(), masks
+
+
+def buffer_bytes(model: nn.Module) -> int:
+    return sum(buffer.numel() * buffer.element_size() for buffer in model.buffers())
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_round_trip_is_exact_and_the_file_is_the_official_size(arch: str, tmp_path) -> None:
+    model, masks = sparse_model(arch)
+    path = save_sparse(model, tmp_path / "model.lrs", masks)
+    state = load_sparse(path)
+    expected = model.state_dict()
+    assert list(state) == list(expected)
+    for name, tensor in expected.items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+    assert {name: torch.equal(mask, masks[name]) for name, mask in read_masks(path).items()} == dict.fromkeys(
+        masks, True)
+    official = model_size_bytes(model, {name: float(m.float().mean()) for name, m in masks.items()})
+    assert path.stat().st_size == pytest.approx(official + buffer_bytes(model), rel=0.02)
+
+    fresh = create_model(arch, num_classes=10)
+    assert load_sparse(path, fresh) is fresh
+    assert all(torch.equal(fresh.state_dict()[name], tensor) for name, tensor in expected.items())
+
+
+def test_default_masks_are_the_non_zero_positions_and_float16_halves_the_values(tmp_path) -> None:
+    model, masks = sparse_model("lenet300_100")
+    full = save_sparse(model, tmp_path / "full.lrs")
+    holding_zeros = [name for name, mask in masks.items() if not mask.all()]  # ERK keeps the classifier dense
+    assert {name: torch.equal(mask, masks[name]) for name, mask in read_masks(full).items()} == dict.fromkeys(
+        holding_zeros, True)
+    half = save_sparse(model, tmp_path / "half.lrs", masks, dtype=torch.float16)
+    state = load_sparse(half)
+    for name, tensor in model.state_dict().items():
+        assert state[name].dtype == tensor.dtype
+        torch.testing.assert_close(state[name], tensor, rtol=1e-3, atol=1e-4)
+    live = sum(int(mask.sum()) for mask in masks.values())
+    assert full.stat().st_size - half.stat().st_size >= 2 * live
+
+
+def test_a_mask_that_would_drop_a_weight_is_refused(tmp_path) -> None:
+    model, masks = sparse_model("lenet300_100")
+    name = next(iter(masks))
+    wrong = masks[name].clone()
+    wrong[masks[name]] = False  # a live, non-zero weight falls outside
+    with pytest.raises(ValueError, match="non-zero weights outside its mask"):
+        save_sparse(model, tmp_path / "x.lrs", {name: wrong})
+    with pytest.raises(ValueError, match="lacks"):
+        save_sparse(model, tmp_path / "x.lrs", {"nope.weight": wrong})
+    assert not (tmp_path / "x.lrs").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda data: data[: len(data) - 100], r"truncated"),
+        (lambda data: data[:40], r"truncated or corrupted"),
+        (lambda data: data[:-5] + bytes(b ^ 0xFF for b in data[-5:]), r"corrupted: its tensors do not match"),
+        (lambda data: b"PK\x03\x04" + data[4:], r"not a lightning-rigl sparse model file"),
+        (lambda data: struct.pack("<8sI", MAGIC, 2) + data[12:], r"format 2, written by a newer lightning-rigl"),
+    ],
+    ids=["truncated payload", "truncated header", "flipped bytes", "another file", "newer format"],
+)
+def test_a_damaged_file_is_refused_and_nothing_is_loaded(tmp_path, damage, message) -> None:
+    model, masks = sparse_model("lenet300_100")
+    path = save_sparse(model, tmp_path / "model.lrs", masks)
+    path.write_bytes(damage(path.read_bytes()))
+    target = create_model("lenet300_100", num_classes=10)
+    before = {name: tensor.clone() for name, tensor in target.state_dict().items()}
+    with pytest.raises(SparseFileError, match=message):
+        load_sparse(path, target)
+    assert all(torch.equal(target.state_dict()[name], tensor) for name, tensor in before.items())
+
+
+def test_another_models_file_is_refused_and_nothing_is_loaded(tmp_path) -> None:
+    model, masks = sparse_model("lenet300_100")
+    path = save_sparse(model, tmp_path / "model.lrs", masks)
+    other = create_model("lenet300_100", num_classes=7)
+    before = {name: tensor.clone() for name, tensor in other.state_dict().items()}
+    with pytest.raises(SparseFileError, match=r"another model.*classifier\.weight: \(10, 100\) in the file"):
+        load_sparse(path, other)
+    assert all(torch.equal(other.state_dict()[name], tensor) for name, tensor in before.items())
+    with pytest.raises(SparseFileError, match="missing"):
+        load_sparse(path, create_model("small_cnn", num_classes=10))
+    with pytest.raises(SparseFileError, match="no sparse model file"):
+        load_sparse(tmp_path / "absent.lrs")
+
+
+@pytest.mark.parametrize("arch", ["lenet300_100", "small_cnn", "resnet50_cifar", "mobilenet_v1"])
+@pytest.mark.parametrize("mode", ["auto", "sparse"])
+def test_the_inference_copy_gives_the_models_outputs(arch: str, mode: str) -> None:
+    model, masks = sparse_model(arch, sparsity=0.95)
+    example = torch.randn(4, *INPUTS[arch])
+    inference = sparse_inference(model, masks, example_input=example, mode=mode, repeats=1)
+    convertible = [choice for choice in inference.sparse_layers if choice.kind in {"linear", "conv", "conv1x1"}]
+    assert convertible and not any(c.converted for c in inference.sparse_layers if c not in convertible)
+    if mode == "sparse":
+        assert all(choice.converted for choice in convertible)
+    else:
+        assert all(choice.converted == (choice.sparse_ms < choice.dense_ms) for choice in convertible)
+    with torch.no_grad():
+        for batch in (1, 3, 8):
+            x = torch.randn(batch, *INPUTS[arch])
+            torch.testing.assert_close(inference(x), model(x), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(module, (SparseLinear, SparseConv2d)) for module in model.modules()), "model changed"
+
+
+def test_strided_and_padded_convolutions_match_their_dense_version() -> None:
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(6, 8, 1, stride=2), nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
+                 nn.Conv2d(6, 8, (3, 5), padding=(1, 2), dilation=(1, 2)), nn.Conv2d(6, 8, 1, bias=True)):
+        mask = torch.rand_like(conv.weight) < 0.3
+        with torch.no_grad():
+            conv.weight.mul_(mask)
+        model = nn.Sequential(conv)
+        inference = sparse_inference(model, {"0.weight": mask}, mode="sparse")
+        assert inference.sparse_layers[0].converted
+        x = torch.randn(2, 6, 11, 13)
+        with torch.no_grad():
+            torch.testing.assert_close(inference(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_depthwise_convolutions_stay_dense_and_bad_arguments_are_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))
+    mask = torch.ones_like(model[0].weight, dtype=torch.bool)
+    inference = sparse_inference(model, {"0.weight": mask}, mode="sparse")
+    assert not inference.sparse_layers[0].converted and isinstance(inference[0], nn.Conv2d)
+    with pytest.raises(ValueError, match="example_input"):
+        sparse_inference(model, {"0.weight": mask})
+    with pytest.raises(ValueError, match="mode must be"):
+        sparse_inference(model, {"0.weight": mask}, mode="fast")
+    with pytest.raises(ValueError, match="not the weight of a module"):
+        sparse_inference(model, {"1.weight": mask}, mode="sparse")
