@@ -4,6 +4,7 @@
     lightning-rigl fit --config recipes/cifar10_wrn22_2/rigl_erk_s90.yaml [--multiplier 2]
     lightning-rigl test --config <recipe> --ckpt_path <checkpoint>
     lightning-rigl report runs/ [--output report]         # the paper-style table of finished runs
+    lightning-rigl export --ckpt_path <checkpoint> --output model.lrs [--dtype float16]   # the compact file
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lightning_rigl import report
 from lightning_rigl.callbacks import SparseTraining
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
+from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import plot_densities
 from lightning_rigl.results import run_results, write_results
 from lightning_rigl.summary import fit_summary
@@ -130,8 +132,8 @@ def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-rigl`` console script. Configuration mistakes exit with status 2 and
     the message of the error, without a traceback."""
     command_line = sys.argv[1:] if args is None else list(args)
-    if command_line[:1] == ["report"]:
-        status = report.main(command_line[1:])
+    if command_line[:1] in (["report"], ["export"]):
+        status = (report.main if command_line[0] == "report" else export_command.main)(command_line[1:])
         if status:
             raise SystemExit(status)
         return
@@ -148,8 +150,8 @@ def main(args: Sequence[str] | None = None) -> None:
             args=args,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": __doc__.splitlines()[0] + " `lightning-rigl report --help`: the table of "
-                           "finished runs."},
+            parser_kwargs={"description": __doc__.splitlines()[0] + " Also `lightning-rigl report --help` (the table "
+                           "of finished runs) and `lightning-rigl export --help` (the compact file of a checkpoint)."},
         )
     except Exception as error:
         # jsonargparse wraps errors raised while it builds the classes; our ConfigError is in the chain.

@@ -35,6 +35,7 @@ _IGNORED_KEY = re.compile(
     r"(^|\.)(seed|seed_everything|data_dir|num_workers|ckpt_path|config|multiplier|scaled_by|test_after_fit|"
     r"enable_progress_bar|enable_model_summary|default_root_dir)$|^trainer\.logger(\.|$)"
 )
+_SEED_KEY = re.compile(r"(^|\.)(seed|seed_everything)$")
 FORWARD_RATIO = "flops/forward_ratio"
 
 
@@ -51,6 +52,7 @@ class Run:
     record: dict[str, Any]
     settings: dict[str, Any]
     forward_curve: list[tuple[int, float]]
+    seeds: dict[str, Any] = field(default_factory=dict)  # the config's seed settings (and the callback's seed)
 
 
 @dataclass
@@ -151,9 +153,14 @@ def load_run(folder: Path) -> Run:
         ValueError: a results.json this version cannot read.
     """
     record = read_results(folder)
-    config = folder / "config.yaml"
-    settings = _settings(yaml.safe_load(config.read_text()) or {}) if config.exists() else {}
-    return Run(folder, record, settings, _forward_curve(folder / "metrics.csv"))
+    config_file = folder / "config.yaml"
+    try:
+        config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.exists() else {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{config_file} does not parse ({type(error).__name__})") from None
+    seeds = {key: value for key, value in _flatten(config) if _SEED_KEY.search(key)}
+    seeds["record.seed"] = record.get("seed")
+    return Run(folder, record, _settings(config), _forward_curve(folder / "metrics.csv"), seeds)
 
 
 def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,20 +200,30 @@ def collect(paths: Sequence[str | Path]) -> Report:
     Raises:
         ReportError: a path does not exist, or no finished run was found.
     """
-    runs, skipped = [], []
+    runs: dict[str, Run] = {}  # one per config and seeds: a rerun with the same seeds is no new seed
+    skipped = []
     for folder in find_run_folders(paths):
         try:
-            runs.append(load_run(folder))
+            run = load_run(folder)
         except FileNotFoundError:
             skipped.append(f"{folder}: not a finished run (no {RESULTS_FILE}: the run failed, was stopped or is "
                            "still training)")
-        except ValueError as error:
+            continue
+        except (ValueError, OSError) as error:
             skipped.append(f"{folder}: {error}")
+            continue
+        key = json.dumps([_columns(run.record), run.settings, run.seeds], sort_keys=True, default=str)
+        if key in runs:
+            older, newer = sorted((runs[key], run), key=lambda r: (r.folder / RESULTS_FILE).stat().st_mtime)
+            skipped.append(f"{older.folder}: the same config and seeds as {newer.folder}; the newer run is counted")
+            run = newer
+        runs[key] = run
     if not runs:
         where = ", ".join(map(str, paths))
+        reasons = "".join(f"\n  skipped {line}" for line in skipped)
         raise ReportError(f"no finished run under {where}: a finished run's folder holds {RESULTS_FILE}, which "
-                          "`lightning-rigl fit` writes when training ends (it needs a logger).")
-    return Report(group_runs(runs), skipped)
+                          f"`lightning-rigl fit` writes when training ends (it needs a logger).{reasons}")
+    return Report(group_runs(list(runs.values())), skipped)
 
 
 def group_runs(runs: Sequence[Run]) -> list[Row]:
@@ -256,6 +273,7 @@ def _quantity(record: Mapping[str, Any], key: str) -> float | None:
 
 # (column title, quantity, format of its mean and spread)
 _MEASURED = (
+    ("achieved sparsity", "achieved_sparsity", "{:.4f}"),
     ("training FLOPs", "train_flops", "{:.2f}x"),
     ("inference FLOPs", "forward_flops", "{:.2f}x"),
     ("size (MB)", "size_mb", "{:.3f}"),
@@ -280,7 +298,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
                 cells.append("n/a")
                 continue
             mean, std, n = stats
-            cells.append(number.format(mean) + (f" ± {number.format(std).rstrip('x')}" if n > 1 else ""))
+            cells.append(number.format(mean) + (f" ± {number.format(std).rstrip('x')}" if n > 1 else "")
+                         + (f" (n={n})" if n < len(row.runs) else ""))
         if "differs in" in header:
             cells.append(row.note)
         lines.append("| " + " | ".join(cells) + " |")

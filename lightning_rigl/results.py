@@ -20,6 +20,8 @@ from lightning_rigl.flops import model_size_bytes
 
 RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "data", "method", "distribution", "sparsity", "achieved_sparsity", "multiplier", "steps",
+                 "test", "train_ratio", "forward_ratio", "size_bytes", "densities")
 
 
 def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multiplier: float) -> dict[str, Any]:
@@ -73,7 +75,9 @@ def method_label(callback: SparseTraining) -> str:
     name = type(callback).__name__
     if not isinstance(callback, DynamicSparseTraining):
         return name
-    default = inspect.signature(type(callback).__init__).parameters["redistribution"].default
+    # The nearest class that declares the option (a subclass may take **kwargs).
+    default = next(parameter.default for cls in type(callback).__mro__
+                   if (parameter := inspect.signature(cls.__init__).parameters.get("redistribution")) is not None)
     if callback.redistribution == default:
         return name
     if callback.redistribution == "none":
@@ -103,4 +107,7 @@ def read_results(folder: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a lightning-rigl results file of format {FORMAT_VERSION}")
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
     return record

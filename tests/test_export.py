@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+from fake_datasets import write_fashion_mnist
 from torch import Tensor, nn
 
+from lightning_rigl import ImageClassifier
+from lightning_rigl.cli import main
 from lightning_rigl.export import (
     SparseConv2d,
     SparseFileError,
     SparseLinear,
     load_sparse,
     read_masks,
+    read_metadata,
     save_sparse,
     sparse_inference,
 )
@@ -178,3 +184,114 @@ def test_depthwise_convolutions_stay_dense_and_bad_arguments_are_refused() -> No
         sparse_inference(model, {"0.weight": mask}, mode="fast")
     with pytest.raises(ValueError, match="not the weight of a module"):
         sparse_inference(model, {"1.weight": mask}, mode="sparse")
+
+
+def test_the_command_exports_a_tiny_runs_checkpoint(tmp_path, monkeypatch, capsys) -> None:
+    """`lightning-rigl export` on the checkpoint of a real `lightning-rigl fit`: the file holds the trained
+    network, its masks are the callback's, and the printed sizes are the file's and the official count's."""
+    monkeypatch.chdir(tmp_path)
+    write_fashion_mnist(tmp_path / "fashion", n_train=64, n_test=16)
+    main(["fit", "--data.data_dir", str(tmp_path / "fashion"), "--data.val_size", "0", "--data.batch_size", "16",
+          "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+          "--trainer.enable_model_summary", "false", "--test_after_fit", "false"])
+    (checkpoint,) = tmp_path.glob("runs/*/version_0/checkpoints/*.ckpt")
+    (config,) = tmp_path.glob("runs/*/version_0/config.yaml")
+    trained = ImageClassifier.load_from_checkpoint(checkpoint, weights_only=False).net
+    callback_masks = torch.load(checkpoint, weights_only=True)["callbacks"]["lightning_rigl"]["masks"]
+    capsys.readouterr()
+
+    for extra in ([], ["--config", str(config)]):
+        main(["export", "--ckpt_path", str(checkpoint), "--output", "model.lrs", *extra])
+        out = capsys.readouterr().out
+        network = load_sparse("model.lrs", create_model(**read_metadata("model.lrs")["model"]))
+        assert all(torch.equal(network.state_dict()[name], t) for name, t in trained.state_dict().items())
+        assert {f"net.{name}": mask for name, mask in read_masks("model.lrs").items()}.keys() == callback_masks.keys()
+        printed = re.search(r"compact file:\s+([\d,]+) bytes", out).group(1)
+        assert int(printed.replace(",", "")) == Path("model.lrs").stat().st_size
+        assert "wrote model.lrs (float32 values, 3 sparse layers)" in out
+
+    main(["export", "--ckpt_path", str(checkpoint), "--output", "half.lrs", "--dtype", "float16"])
+    assert Path("half.lrs").stat().st_size < Path("model.lrs").stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ckpt_path", "missing.ckpt", "--output", "x.lrs"], r"no checkpoint at missing\.ckpt"),
+        (["--ckpt_path", "{notes}", "--output", "x.lrs"], r"not a readable PyTorch checkpoint"),
+        (["--ckpt_path", "{plain}", "--output", "x.lrs"], r"not a checkpoint of the lightning-rigl command"),
+        (["--ckpt_path", "{plain}", "--output", "x.lrs", "--dtype", "int8"], r"invalid choice: 'int8'"),
+    ],
+    ids=["missing", "not a checkpoint", "another checkpoint", "bad dtype"],
+)
+def test_the_command_refuses_bad_input_with_exit_status_2(tmp_path, monkeypatch, capsys, args, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("notes.ckpt").write_text("not a checkpoint")
+    torch.save({"state_dict": {}}, "plain.ckpt")
+    args = [arg.format(notes="notes.ckpt", plain="plain.ckpt") for arg in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not Path("x.lrs").exists()
+
+
+def test_a_config_without_num_classes_builds_the_checkpoints_network(tmp_path, monkeypatch, capsys) -> None:
+    """The config LightningCLI saves has no model.num_classes (the data module links it): the checkpoint's
+    value stands, and the config's settings go on top."""
+    monkeypatch.chdir(tmp_path)
+    classifier = ImageClassifier(arch="lenet300_100", num_classes=7)
+    torch.save({"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams)}, "run.ckpt")
+    Path("config.yaml").write_text("model:\n  arch: lenet300_100\n  lr: 0.3\n")
+    main(["export", "--ckpt_path", "run.ckpt", "--output", "model.lrs", "--config", "config.yaml"])
+    assert "0 sparse layers" in capsys.readouterr().out
+    network = load_sparse("model.lrs", create_model(**read_metadata("model.lrs")["model"]))
+    assert network.classifier.out_features == 7
+    Path("wrong.yaml").write_text("model:\n  arch: small_cnn\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", "run.ckpt", "--output", "x.lrs", "--config", "wrong.yaml"])
+    assert exit_info.value.code == 2 and "do not build the network" in capsys.readouterr().err
+
+
+def test_weights_outside_the_masks_are_zero_in_the_copy_whichever_version_runs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.LazyLinear(3)).eval()
+    x = torch.randn(2, 2, 6, 6)
+    model(x)
+    masks = {"0.weight": torch.rand(2, 1, 3, 3) < 0.5, "2.weight": torch.rand(3, 32) < 0.5}
+    inference = sparse_inference(model, masks, mode="sparse")
+    assert [(c.kind, c.converted) for c in inference.sparse_layers] == [("grouped conv", False), ("linear", True)]
+    reference = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(32, 3)).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference[0].weight.mul_(masks["0.weight"])
+        reference[2].weight.mul_(masks["2.weight"])
+        torch.testing.assert_close(inference(x), reference(x))
+        assert not torch.equal(model(x), reference(x)), "the original model was changed"
+
+
+def test_sparse_layers_return_row_major_outputs_and_convert_a_root_layer() -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    linear = nn.Linear(5, 3)
+    with torch.no_grad():
+        conv.weight[0] = 0
+        linear.weight[0] = 0
+    for layer, x in ((conv, torch.randn(2, 3, 5, 5)), (linear, torch.randn(4, 5))):
+        inference = sparse_inference(layer, mode="sparse")  # the default masks name the root's "weight"
+        assert isinstance(inference, (SparseConv2d, SparseLinear))
+        with torch.no_grad():
+            out = inference(x)
+            assert out.is_contiguous()
+            torch.testing.assert_close(out.view(len(x), -1), layer(x).view(len(x), -1))
+
+
+def test_half_precision_layers_on_the_cpu_stay_dense_and_bad_masks_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 3)).half()
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    (choice,) = sparse_inference(model, {"0.weight": mask}, mode="sparse").sparse_layers
+    assert not choice.converted and "float32" in choice.why_not
+    with pytest.raises(ValueError, match=r"the mask of '0\.weight' has shape \(4,\)"):
+        sparse_inference(model, {"0.weight": torch.ones(4, dtype=torch.bool)}, mode="sparse")
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        sparse_inference(model, {"0.weight": mask}, example_input=torch.randn(1, 4).half(), repeats=0)

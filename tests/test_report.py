@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import yaml
 from fake_datasets import write_fashion_mnist
 
 from lightning_rigl.cli import DEFAULT_CONFIG, main
-from lightning_rigl.report import Row, Run, _curve_panels, collect, group_runs, markdown_table
+from lightning_rigl.report import Row, Run, _curve_panels, _settings, collect, group_runs, markdown_table
 from lightning_rigl.results import read_results
 
 QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -123,9 +124,12 @@ def test_only_runs_whose_density_moves_have_a_forward_flops_curve(runs: dict[str
 
 def _run(folder: str, lr: float, seed: int, accuracy: float, method: str = "RigL") -> Run:
     record = {"model": "wrn22_2", "data": "CIFAR10DataModule", "method": method, "distribution": "erk",
-              "sparsity": 0.9, "multiplier": 1.0, "test": {"test/acc_top1": accuracy}, "train_ratio": 0.2,
-              "forward_ratio": 0.2, "size_bytes": 1e5, "densities": {"a.weight": 0.1}}
-    return Run(Path(folder), record, {"model.init_args.lr": lr, "trainer.max_steps": 100}, [])
+              "sparsity": 0.9, "achieved_sparsity": 0.9, "multiplier": 1.0, "test": {"test/acc_top1": accuracy},
+              "train_ratio": 0.2, "forward_ratio": 0.2, "size_bytes": 1e5, "densities": {"a.weight": 0.1}}
+    config = {"seed_everything": seed, "model": {"init_args": {"lr": lr}},
+              "trainer": {"max_steps": 100, "logger": {"init_args": {"version": folder}},
+                          "callbacks": [{"init_args": {"seed": seed, "sparsity": 0.9}}]}}
+    return Run(Path(folder), record, _settings(config), [])
 
 
 def test_runs_that_differ_in_more_than_seed_are_rows_of_their_own_with_a_note() -> None:
@@ -136,6 +140,25 @@ def test_runs_that_differ_in_more_than_seed_are_rows_of_their_own_with_a_note() 
     assert rows[0].mean_std("test_top1") == pytest.approx((91.0, statistics.stdev([90.0, 92.0]), 2))
     table = markdown_table(rows)
     assert "differs in" in table.splitlines()[0] and "91.00 ± 1.41" in table
+    assert set(rows[0].runs[0].settings) == {"model.init_args.lr", "trainer.max_steps",
+                                             "trainer.callbacks.0.init_args.sparsity"}  # no seeds, no logger
+
+
+def test_a_rerun_with_the_same_seeds_is_counted_once_and_named(runs: dict[str, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "rerun" / "version_0"
+    shutil.copytree(runs["rigl_0"], copy)
+    (copy / "results.json").touch()  # the newer of the two
+    report = collect([runs["rigl_0"], runs["rigl_1"], copy])
+    (row,) = report.rows
+    assert sorted(run.folder for run in row.runs) == sorted([copy, runs["rigl_1"]])
+    assert report.skipped == [f"{runs['rigl_0']}: the same config and seeds as {copy}; the newer run is counted"]
+
+
+def test_when_every_folder_is_skipped_the_error_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write(tmp_path / "version_0" / "results.json", json.dumps({"format": 1}))
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path)])
+    assert re.search(r"no finished run under .*\n  skipped .*version_0.*lacks model", capsys.readouterr().err)
 
 
 def test_a_row_without_test_accuracy_says_so(tmp_path: Path) -> None:
@@ -160,7 +183,6 @@ def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys: pytest.Capture
         main(["report", str(make(tmp_path)), "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
 
