@@ -15,8 +15,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from lightning_rigl.callbacks import DynamicSparseTraining, SparseTraining
+from lightning_rigl.callbacks import DynamicSparseTraining, LotteryTicket, SparseTraining
 from lightning_rigl.flops import model_size_bytes
+from lightning_rigl.models import create_model
 
 RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
@@ -25,7 +26,9 @@ REQUIRED_KEYS = ("model", "data", "method", "distribution", "sparsity", "achieve
 
 
 def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multiplier: float) -> dict[str, Any]:
-    """The record of a run that has just finished ``fit``.
+    """The record of a run that has just finished ``fit``. A run without a sparse callback is "Dense", or
+    "Small-Dense" when its model is narrowed (``width`` < 1), with the fraction of parameters it lacks as its
+    sparsity.
 
     Args:
         trainer: the run's trainer, after ``fit``.
@@ -46,16 +49,18 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         "test": {key: float(value) for key, value in test_metrics.items()},
     }
     if not sparse:
-        record.update(method="Dense", distribution=None, sparsity=0.0, achieved_sparsity=0.0, seed=None,
-                      train_ratio=1.0, forward_ratio=1.0, size_bytes=model_size_bytes(model), densities={})
+        removed = _parameters_removed(model)
+        record.update(method="Dense" if removed == 0 else "Small-Dense", distribution=None, sparsity=removed,
+                      achieved_sparsity=removed, seed=None, train_ratio=1.0, forward_ratio=1.0,
+                      size_bytes=model_size_bytes(model), densities={})
         return record
     (callback,) = sparse
-    distribution = callback.distribution if isinstance(callback.distribution, str) else "custom"
+    distribution, sparsity = _distribution(callback)
     achieved = 1.0 - callback.global_density()
     record.update(
         method=method_label(callback),
         distribution=distribution,
-        sparsity=achieved if callback.sparsity is None else float(callback.sparsity),
+        sparsity=achieved if sparsity is None else sparsity,
         achieved_sparsity=achieved,
         seed=callback.seed,
         densities=callback.achieved_densities(),
@@ -67,6 +72,29 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         record.update(train_ratio=costs["flops/train_ratio"], forward_ratio=costs["flops/forward_ratio"],
                       size_bytes=costs["size/bytes"])
     return record
+
+
+def _parameters_removed(model: pl.LightningModule) -> float:
+    """For a narrowed dense model (``width`` < 1: a Small-Dense baseline), the fraction of the full-width model's
+    parameters it lacks, the sparsity whose parameter count it matches; 0 for any other model."""
+    hparams = model.hparams
+    if float(hparams.get("width", 1.0)) == 1.0 or "arch" not in hparams:
+        return 0.0
+    full = create_model(hparams["arch"], num_classes=hparams["num_classes"], **(hparams.get("arch_kwargs") or {}))
+    return 1.0 - sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in full.parameters())
+
+
+def _distribution(callback: SparseTraining) -> tuple[str, float | None]:
+    """The distribution's name and the configured sparsity (None: only the achieved one is known). A mapping
+    that puts every layer at one sparsity is "uniform (all layers)"; a lottery ticket's masks are its source's."""
+    if isinstance(callback, LotteryTicket):
+        return "ticket", None
+    if isinstance(callback.distribution, str):
+        return callback.distribution, float(callback.sparsity)
+    values = set(callback.distribution.values())
+    if len(values) == 1:
+        return "uniform (all layers)", float(values.pop())
+    return "custom", None
 
 
 def method_label(callback: SparseTraining) -> str:

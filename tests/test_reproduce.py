@@ -1,0 +1,74 @@
+"""The Fashion-MNIST study's plumbing (benchmarks/reproduce.py) and its claim sentences (benchmarks/claims.py):
+the job list and per-seed configs, and the tie rule on hand-made rows."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_rigl.report import Row, Run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import claims  # noqa: E402
+import reproduce  # noqa: E402
+
+
+def test_the_study_runs_every_recipe_per_seed_with_tickets_after_their_pruning_runs() -> None:
+    jobs = reproduce.jobs(quick=False, seeds=3)
+    recipes = {job.recipe for job in jobs}
+    assert len(recipes) == 61 and len(jobs) == 3 * 61
+    first_ticket = next(i for i, job in enumerate(jobs) if job.recipe.startswith("lottery"))
+    assert all(not job.recipe.startswith("lottery") for job in jobs[:first_ticket])
+    assert all(job.recipe.startswith("lottery") for job in jobs[first_ticket:])
+    quick = reproduce.jobs(quick=True, seeds=2)
+    assert {job.recipe for job in quick} == {"dense"} | {r for r in recipes if r.endswith("_s90")}
+    assert reproduce.Job("lottery_global_s90", 1).depends_on() == reproduce.Job("pruning_global_s90", 1)
+
+
+def test_each_runs_config_has_its_seed_its_folder_and_its_own_ticket(tmp_path: Path) -> None:
+    pruning, ticket = reproduce.Job("pruning_global_s90", 2), reproduce.Job("lottery_global_s90", 2)
+    config = yaml.safe_load(reproduce.run_config(pruning, tmp_path).read_text())
+    callbacks = {cb["class_path"].rsplit(".", 1)[1]: cb["init_args"] for cb in config["trainer"]["callbacks"]}
+    assert config["seed_everything"] == 2 and callbacks["GradualMagnitudePruning"]["seed"] == 2
+    assert Path(callbacks["ModelCheckpoint"]["dirpath"]) / "final.ckpt" == ticket.pruning_checkpoint(tmp_path)
+    assert config["trainer"]["logger"]["init_args"] == {"save_dir": str(tmp_path / "runs"),
+                                                       "name": "fashion_mnist/pruning_global_s90",
+                                                       "version": "seed_2"}
+    ticket_config = yaml.safe_load(reproduce.run_config(ticket, tmp_path).read_text())
+    (lottery,) = [cb for cb in ticket_config["trainer"]["callbacks"] if cb["class_path"].endswith("LotteryTicket")]
+    assert lottery["init_args"]["checkpoint"] == str(ticket.pruning_checkpoint(tmp_path))
+
+
+def row(method: str, accuracies: list[float], distribution: str | None = "erk", sparsity: float = 0.9,
+        multiplier: float = 1, train: float = 0.1, forward: float = 0.1) -> Row:
+    runs = [Run(Path(f"{method}{i}"), {"model": "m", "data": "d", "method": method, "distribution": distribution,
+                                       "sparsity": sparsity, "achieved_sparsity": sparsity, "multiplier": multiplier,
+                                       "test": {"test/acc_top1": a / 100}, "train_ratio": train,
+                                       "forward_ratio": forward, "size_bytes": 1.0, "densities": {}}, {}, [])
+            for i, a in enumerate(accuracies)]
+    return Row(runs)
+
+
+def test_a_difference_inside_the_seed_spread_is_a_tie() -> None:
+    assert claims.compare(row("RigL", [90, 91]), row("SET", [89.5, 90.5]))[0] == "ties"  # +0.5, std 0.71
+    verdict, difference = claims.compare(row("RigL", [90, 90.2]), row("SET", [88, 88.2]))
+    assert verdict == "wins" and difference == pytest.approx(2.0)
+    assert claims.compare(row("SET", [88, 88.2]), row("RigL", [90, 90.2]))[0] == "loses"
+    assert claims.compare(None, row("SET", [88]))[0] == "n/a"
+
+
+def test_the_claims_say_held_or_not_with_the_numbers() -> None:
+    rows = [row("Dense", [92, 92.2], None, 0.0), row("RigL", [90, 90.2]), row("SET", [88, 88.2]),
+            row("Static", [89.9, 90.3]), row("RigL", [91, 91.2], multiplier=2, train=0.2),
+            row("GradualMagnitudePruning", [89, 89.2], "global", train=0.5), row("Small-Dense", [85, 85.4], None)]
+    paragraphs = claims.claims(rows, [0.9])
+    assert paragraphs[0].startswith("**RigL beats SET beats Static at high sparsity (ERK, 1x).** Here: at 90%: did "
+                                    "not hold")  # SET loses to Static
+    assert "RigL 90.10 ± 0.14% wins against SET 88.10 ± 0.14% (+2.00)" in paragraphs[0]
+    assert "Here: held" in paragraphs[1] and "RigL 2x at 0.20x" in paragraphs[1]  # closer to pruning's 0.50x
+    assert "Here: held" in paragraphs[2] and "gap to RigL 1x +2.00, to RigL 2x +1.00" in paragraphs[2]
+    assert "not run" in paragraphs[3] and "not run" in paragraphs[4]
+    assert "Here: held" in paragraphs[5]
