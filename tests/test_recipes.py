@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_datasets import allow_fake_cifar, write_cifar10, write_cifar100, write_imagenet_folder
+from fake_datasets import allow_fake_cifar, write_cifar10, write_cifar100, write_fashion_mnist, write_imagenet_folder
 
 from lightning_rigl.cli import main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL_RECIPES = sorted(RECIPES.glob("*/*.yaml"))
+# The Fashion-MNIST study's recipes differ between sparsities only in numbers: train those at 90%.
+TRAINED_RECIPES = [p for p in ALL_RECIPES if p.parent.name != "fashion_mnist" or p.stem == "dense" or "_s90" in p.stem]
 
 # A few steps on tiny data: the recipe's model, method and schedule, with the step counts of a smoke test.
 SMOKE = ["--trainer.max_steps", "2", "--multiplier", "1", "--trainer.limit_val_batches", "1",
@@ -36,6 +38,7 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     write_cifar10(root / "cifar10", n_per_batch=4, n_test=4)
     write_cifar100(root / "cifar100", n_train=20, n_test=4)
     write_imagenet_folder(root / "imagenet", n_train=2, n_val=2, size=(40, 36))
+    write_fashion_mnist(root / "fashion", n_train=24, n_test=8)
     cifar = ["--data.download", "false", "--data.batch_size", "4", "--data.val_size", "4"]
     imagenet = ["--data.data_dir", str(root / "imagenet"), "--data.num_classes", "2", "--data.image_size", "32",
                 "--data.batch_size", "2", "--trainer.accumulate_grad_batches", "1"]
@@ -44,6 +47,7 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
         "cifar100_resnet50": ["--data.data_dir", str(root / "cifar100"), *cifar],
         "imagenet_resnet50": imagenet,
         "imagenet_mobilenet_v1": imagenet,
+        "fashion_mnist": ["--data.data_dir", str(root / "fashion"), "--data.batch_size", "8", "--data.val_size", "8"],
     }
 
 
@@ -79,7 +83,7 @@ def test_there_is_a_recipe_per_table_row() -> None:
                                                 "rigl_erk_s80")} <= names
 
 
-@pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize("recipe", TRAINED_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipe_trains_a_few_steps(
     recipe: Path, datasets: dict[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

@@ -68,7 +68,7 @@ def test_the_claims_say_held_or_not_with_the_numbers() -> None:
     assert paragraphs[0].startswith("**RigL beats SET beats Static at high sparsity (ERK, 1x).** Here: at 90%: did "
                                     "not hold")  # SET loses to Static
     assert "RigL 90.10 ± 0.14% wins against SET 88.10 ± 0.14% (+2.00)" in paragraphs[0]
-    assert "Here: held" in paragraphs[1] and "RigL 2x at 0.20x" in paragraphs[1]  # closer to pruning's 0.50x
+    assert "Here: held" in paragraphs[1] and "RigL 2x at 0.40x" in paragraphs[1]  # 2 x 0.2: closer to pruning's 0.50x
     assert "Here: held" in paragraphs[2] and "gap to RigL 1x +2.00, to RigL 2x +1.00" in paragraphs[2]
     assert "not run" in paragraphs[3] and "not run" in paragraphs[4]
     assert "Here: held" in paragraphs[5]
