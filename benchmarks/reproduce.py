@@ -56,7 +56,7 @@ def jobs(quick: bool, seeds: int) -> list[Job]:
     """Every run of the study, pruning runs before lottery tickets."""
     recipes = sorted(path.stem for path in RECIPES.glob("*.yaml"))
     if quick:
-        recipes = [name for name in recipes if name == "dense" or name.endswith(QUICK_SPARSITY)]
+        recipes = [name for name in recipes if name == "dense" or f"_{QUICK_SPARSITY}" in name]
     ordered = sorted(recipes, key=lambda name: (name.startswith("lottery"), name))
     return [Job(recipe, seed) for recipe in ordered for seed in range(seeds)]
 

@@ -30,10 +30,11 @@ from lightning_rigl.results import RESULTS_FILE, read_results
 # What a folder the command wrote holds; any of them marks a run folder, finished or not.
 _RUN_MARKERS = (RESULTS_FILE, "config.yaml", "metrics.csv", "hparams.yaml", "checkpoints")
 _VERSION_FOLDER = re.compile(r"version_\d+")
-# Config keys that do not change what a run trains: runs that differ only in these are seeds of one row.
+# Config keys that do not change what a run trains: runs that differ only in these are seeds of one row. A
+# lottery ticket's source checkpoint is one of them: each seed's ticket comes from that seed's pruning run.
 _IGNORED_KEY = re.compile(
     r"(^|\.)(seed|seed_everything|data_dir|num_workers|ckpt_path|config|multiplier|scaled_by|test_after_fit|"
-    r"enable_progress_bar|enable_model_summary|default_root_dir)$|^trainer\.logger(\.|$)"
+    r"enable_progress_bar|enable_model_summary|default_root_dir|dirpath|checkpoint)$|^trainer\.logger(\.|$)"
 )
 _SEED_KEY = re.compile(r"(^|\.)(seed|seed_everything)$")
 FORWARD_RATIO = "flops/forward_ratio"
