@@ -9,30 +9,80 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import sys
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytorch_lightning as pl
+import torch
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from torch import Tensor
+from typing_extensions import override
 
 from lightning_rigl import report
 from lightning_rigl.callbacks import SparseTraining
+from lightning_rigl.callbacks.sparse_training import STATE_KEY
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import plot_densities
 from lightning_rigl.results import run_results, write_results
-from lightning_rigl.summary import fit_summary
+from lightning_rigl.summary import checkpoint_summary, fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
 _SUBCOMMANDS = ("fit", "validate", "test")
+_WRITTEN_BEFORE_TRAINING = {"config.yaml", "hparams.yaml"}
+FIT_DESCRIPTION = (
+    "Train a recipe. A callback's options: --trainer.callbacks.init_args.sparsity 0.8 sets an option of the last "
+    "callback in the list (the sparse one, in the recipes); --trainer.callbacks.help lightning_rigl.RigL lists "
+    "RigL's options; to replace the method, pass a config whose trainer.callbacks lists the callbacks you want "
+    "(README: 'Changing the callback from the command line')."
+)
+
+
+class RigLArgumentParser(LightningArgumentParser):
+    """Parse errors as one paragraph: no usage block, and a value that fits none of an option's types reduced to
+    the option, the value and the types expected (``JSONARGPARSE_DEBUG=1`` shows jsonargparse's own)."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # jsonargparse tries the types of a Union through errors, with exit_on_error off: leave those alone.
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"lightning-rigl: error: {condensed_parse_error(message)}\n"
+                         f"Run `{prog} --help` for the options.\n")
+        self.exit(2)
+
+
+def condensed_parse_error(message: str) -> str:
+    """jsonargparse's message for a value that fits none of an option's types (nested once per type and class
+    it tried) as one line: the option, the value, the types expected. Other messages as they are."""
+    given = re.search(r"(?:Given|Got) value: (.*)", message)
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if given is None or not keys:
+        return message.strip()
+    expected = [name.removeprefix("builtins.") for name in re.findall(r"Expected a <class '([\w.]+)'>", message)]
+    types = " or ".join(dict.fromkeys("None" if name == "NoneType" else name for name in expected)) or "another type"
+    option = keys[-1] if len(keys) == 1 else f"{keys[-1]} (in --{keys[0]})"
+    return f"{option}: {given.group(1)!r} is not a valid value; expected {types}."
 
 
 class RigLCLI(LightningCLI):
     """LightningCLI with the ``--multiplier`` of extended training and a summary after ``fit``."""
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        # predict needs a predict_step and data the recipes do not define: not offered.
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -61,6 +111,21 @@ class RigLCLI(LightningCLI):
         config.scaled_by = config.scaled_by * config.multiplier
         config.multiplier = 1.0
 
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as error:
+            if _config_error(error) is not None:  # refused before training: leave no empty run folder behind
+                remove_unused_run_folders(self.trainer)
+            raise
+
+    def after_test(self) -> None:
+        masks = checkpoint_masks(self.config.test.ckpt_path)
+        if masks and self.trainer.is_global_zero:
+            metrics = {key: float(value) for key, value in self.trainer.callback_metrics.items()}
+            print(checkpoint_summary(masks, metrics))
+
     def after_fit(self) -> None:
         test_metrics: dict[str, float] = {}
         if self.config.fit.test_after_fit:
@@ -74,6 +139,25 @@ class RigLCLI(LightningCLI):
         if self.trainer.is_global_zero and log_dir:
             write_results(log_dir, run_results(self.trainer, test_metrics, self.config.fit.scaled_by))
             save_density_plots(self.trainer, Path(log_dir))
+
+
+def checkpoint_masks(ckpt_path: str | None) -> dict[str, Tensor]:
+    """The masks a lightning-rigl callback saved in a checkpoint (empty without one, or for a dense run)."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return {}
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    return dict(state.get("callbacks", {}).get(STATE_KEY, {}).get("masks", {}))
+
+
+def remove_unused_run_folders(trainer: pl.Trainer) -> None:
+    """Removes the loggers' version folders of a run that stopped before training: empty, or holding only the
+    saved config and hyperparameters. They would only shift the next run's version number."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        folder = Path(logger.log_dir) if getattr(logger, "log_dir", None) else None
+        if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= _WRITTEN_BEFORE_TRAINING:
+            shutil.rmtree(folder)
 
 
 def save_density_plots(trainer: pl.Trainer, folder: Path) -> None:
@@ -150,8 +234,8 @@ def main(args: Sequence[str] | None = None) -> None:
             args=args,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": __doc__.splitlines()[0] + " Also `lightning-rigl report --help` (the table "
-                           "of finished runs) and `lightning-rigl export --help` (the compact file of a checkpoint)."},
+            parser_kwargs=parser_kwargs(),
+            parser_class=RigLArgumentParser,
         )
     except Exception as error:
         # jsonargparse wraps errors raised while it builds the classes; our ConfigError is in the chain.
@@ -160,6 +244,20 @@ def main(args: Sequence[str] | None = None) -> None:
             raise
         print(f"lightning-rigl: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def parser_kwargs() -> dict[str, Any]:
+    """Every parser refuses abbreviated options (``--trainer.max_step`` is not ``max_steps``); ``fit --help`` says
+    how to set a callback's options."""
+    subcommand = {"allow_abbrev": False}
+    return {
+        "allow_abbrev": False,
+        "description": __doc__.splitlines()[0] + " Also `lightning-rigl report --help` (the table of finished "
+        "runs) and `lightning-rigl export --help` (the compact file of a checkpoint).",
+        "fit": {**subcommand, "description": FIT_DESCRIPTION},
+        "validate": subcommand,
+        "test": subcommand,
+    }
 
 
 def _config_error(error: BaseException | None) -> ConfigError | None:

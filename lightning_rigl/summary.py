@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
+from torch import Tensor
 
 from lightning_rigl.callbacks import SparseTraining
 
@@ -12,11 +13,7 @@ from lightning_rigl.callbacks import SparseTraining
 def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float]) -> str:
     """A short report of a finished run. ``test_metrics`` is one dict of ``trainer.test``'s result (may be
     empty when no test set was run)."""
-    lines = ["", "Summary"]
-    accuracy = ", ".join(f"{key.split('_')[-1]} {value:.4f}" for key, value in sorted(test_metrics.items())
-                         if key.startswith("test/acc"))
-    if accuracy:
-        lines.append(f"  test accuracy: {accuracy}")
+    lines = ["", "Summary", *_accuracy_lines(test_metrics)]
     total = sum(p.numel() for p in trainer.lightning_module.parameters())
     sparse = [cb for cb in trainer.callbacks if isinstance(cb, SparseTraining)]
     if not sparse:
@@ -32,6 +29,31 @@ def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_summary(masks: Mapping[str, Tensor], test_metrics: Mapping[str, float]) -> str:
+    """What ``test`` prints for a checkpoint: its test accuracy and the sparsity of its masks (parameter name ->
+    bool tensor, as a lightning-rigl callback saves them)."""
+    lines = ["", "Summary", *_accuracy_lines(test_metrics)]
+    live = sum(int(mask.sum()) for mask in masks.values())
+    total = sum(mask.numel() for mask in masks.values())
+    lines.append(f"  checkpoint masks: sparsity {1 - live / total:.4f} over {len(masks)} sparse layers "
+                 f"({live:,} live of {total:,} sparsified weights)")
+    lines.extend(_density_table(masks))
+    return "\n".join(lines)
+
+
+def _accuracy_lines(test_metrics: Mapping[str, float]) -> list[str]:
+    accuracy = ", ".join(f"{key.split('_')[-1]} {value:.4f}" for key, value in sorted(test_metrics.items())
+                         if key.startswith("test/acc"))
+    return [f"  test accuracy: {accuracy}"] if accuracy else []
+
+
+def _density_table(masks: Mapping[str, Tensor]) -> list[str]:
+    lines = [f"  {'layer':<40} {'shape':<20} density"]
+    for name, mask in masks.items():
+        lines.append(f"  {name:<40} {str(tuple(mask.shape)):<20} {float(mask.float().mean()):.4f}")
+    return lines
+
+
 def _sparse_lines(callback: SparseTraining, total: int) -> list[str]:
     target = "a per-layer mapping" if callback.sparsity is None else f"{callback.sparsity} ({callback.distribution})"
     updates = getattr(callback, "num_updates", None)
@@ -40,8 +62,6 @@ def _sparse_lines(callback: SparseTraining, total: int) -> list[str]:
         f"  {type(callback).__name__}: target sparsity {target}, achieved {1 - callback.global_density():.4f} "
         f"over {len(callback.masks)} sparse layers" + ("" if updates is None else f", {updates} mask updates"),
         f"  parameters: {total - dead:,} live of {total:,}",
-        f"  {'layer':<40} {'shape':<20} density",
+        *_density_table(callback.masks),
     ]
-    for name, density in callback.achieved_densities().items():
-        lines.append(f"  {name:<40} {str(tuple(callback.masks[name].shape)):<20} {density:.4f}")
     return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -86,6 +87,20 @@ class ImageDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+
+def download(fetch: Callable[[], object], what: str, into: Path, instead: str) -> None:
+    """Runs ``fetch`` (a torchvision download); a failed download (no network, a server or integrity error)
+    becomes a ConfigError that says what failed and ``instead``, what to do without the network.
+
+    Raises:
+        ConfigError: the download failed.
+    """
+    try:
+        fetch()
+    except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError; torchvision's checks raise RuntimeError
+        reason = str(getattr(error, "reason", "") or error).strip() or type(error).__name__
+        raise ConfigError(f"could not download {what} into {into} ({reason}). {instead}") from None
 
 
 def hold_out(size: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

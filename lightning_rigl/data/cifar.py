@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from lightning_rigl.data.base import HoldOutDataModule, default_download_dir
+from lightning_rigl.data.base import HoldOutDataModule, default_download_dir, download
 from lightning_rigl.errors import ConfigError
 
 
@@ -72,7 +72,11 @@ class CIFARDataModule(HoldOutDataModule):
 
     def prepare_data(self) -> None:
         if self.download:
-            self.dataset_class(str(self.root), train=True, download=True)
+            folder = self.dataset_class.base_folder
+            download(lambda: self.dataset_class(str(self.root), train=True, download=True), self.dataset_class.__name__,
+                     self.root, f"Without a network, put the extracted {folder} folder (from "
+                     f"https://www.cs.toronto.edu/~kriz/cifar.html) in a folder, pass it with --data.data_dir and set "
+                     "--data.download false.")
 
     def _eval_transform(self) -> transforms.Compose:
         return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])

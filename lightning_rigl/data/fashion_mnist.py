@@ -7,10 +7,12 @@ from pathlib import Path
 from torch.utils.data import TensorDataset
 from torchvision.datasets import FashionMNIST
 
-from lightning_rigl.data.base import HoldOutDataModule, default_download_dir
+from lightning_rigl.data.base import HoldOutDataModule, default_download_dir, download
 from lightning_rigl.data.idx import read_idx
 from lightning_rigl.errors import ConfigError
 
+_WHERE_TO_PUT = ("set --data.data_dir to a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                 "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (each may be .gz)")
 # Debian's `dataset-fashion-mnist` installs the four gzipped IDX files here.
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -97,18 +99,20 @@ class FashionMNISTDataModule(HoldOutDataModule):
 
     def prepare_data(self) -> None:
         if self.download and self._find_files() is None:
-            FashionMNIST(str(self._download_root()), download=True)
+            root = self._download_root()
+            download(lambda: FashionMNIST(str(root), download=True), "Fashion-MNIST", root,
+                     f"Without a network, {_WHERE_TO_PUT}")
 
     def _load(self, split: str) -> TensorDataset:
         files = self._find_files()
         if files is None:
             searched = " and ".join(str(d) for d in self._candidate_dirs())
+            # Debian's package only helps a user who named no folder.
+            debian = "" if self.data_dir is not None else "install Debian's package (apt-get install " \
+                "dataset-fashion-mnist), or "
             raise ConfigError(
-                f"Fashion-MNIST IDX files not found in {searched}. Either install Debian's package "
-                "(apt-get install dataset-fashion-mnist), or set --data.data_dir to a folder holding "
-                "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-                "t10k-labels-idx1-ubyte (each may be .gz), or set --data.download true to fetch them into "
-                f"{self._download_root()}."
+                f"Fashion-MNIST IDX files not found in {searched}. Either {debian}{_WHERE_TO_PUT}, or set "
+                f"--data.download true to fetch them into {self._download_root()}."
             )
         image_name, label_name = _FILES[split]
         return load_tensors(files[image_name], files[label_name])
