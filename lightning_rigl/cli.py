@@ -251,6 +251,7 @@ def parser_kwargs() -> dict[str, Any]:
     how to set a callback's options."""
     subcommand = {"allow_abbrev": False}
     return {
+        "prog": "lightning-rigl",
         "allow_abbrev": False,
         "description": __doc__.splitlines()[0] + " Also `lightning-rigl report --help` (the table of finished "
         "runs) and `lightning-rigl export --help` (the compact file of a checkpoint).",

@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from fake_datasets import write_fashion_mnist
+from pytorch_lightning.cli import LightningArgumentParser
 
-from lightning_rigl import GradualMagnitudePruning, ImageClassifier, RigL
+from lightning_rigl import SET, SNFS, SNIP, GradualMagnitudePruning, ImageClassifier, LotteryTicket, RigL, Static
 from lightning_rigl.cli import DEFAULT_CONFIG, RigLCLI, main, save_density_plots, with_default_config
 from lightning_rigl.data import FashionMNISTDataModule
 
@@ -207,3 +210,89 @@ def test_without_a_logger_no_plot_is_written(fashion_dir: Path, tmp_path: Path) 
           "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--test_after_fit", "false",
           *QUICK])
     assert not list(tmp_path.rglob("*.png"))
+
+
+def _refused(args: list[str], capsys) -> str:
+    """Runs the command, which must refuse with exit status 2; returns what it wrote to stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_failed_download_is_one_line_with_what_to_do_and_leaves_no_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    err = _refused(["fit", "--config", str(REPO / "recipes/cifar10_wrn22_2/rigl_erk_s90.yaml"), "--data.data_dir",
+                    str(tmp_path / "data"), "--trainer.max_steps", "5", *QUICK], capsys)
+    (line,) = err.strip().splitlines()
+    assert re.match(r"lightning-rigl: error: could not download CIFAR10 into .*data \(.*Name or service not known\)\. "
+                    r"Without a network, put the extracted cifar-10-batches-py folder", line), line
+    assert not list(tmp_path.glob("runs/*/version_*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trainer.max_step", "20"], r"unrecognized arguments: --trainer\.max_step 20"),
+        (["--trainer.callbacks.init_args.sparsity", "ninety"],
+         r"sparsity \(in --trainer\.callbacks\): 'ninety' is not a valid value; expected float or None\."),
+        (["--trainer.max_steps", "abc"], r"trainer\.max_steps: 'abc' is not a valid value; expected int\."),
+    ],
+    ids=["abbreviation", "callback option type", "trainer option type"],
+)
+def test_parse_errors_are_one_line_and_abbreviations_are_refused(args: list[str], message: str, capsys) -> None:
+    err = _refused(["fit", *args], capsys)
+    first, hint = err.strip().splitlines()
+    assert re.fullmatch(f"lightning-rigl: error: {message}", first), first
+    assert hint == "Run `lightning-rigl fit --help` for the options."
+
+
+def test_a_refusal_at_setup_leaves_no_run_folder_and_a_named_folder_gets_no_debian_hint(
+    fashion_dir: Path, tmp_path: Path, capsys
+) -> None:
+    err = _refused(["fit", "--data.data_dir", str(fashion_dir), "--data.val_size", "16",
+                    "--trainer.callbacks.init_args.dense", '["nope"]', *QUICK], capsys)
+    assert "dense pattern 'nope' matches no parameter" in err
+    err = _refused(["fit", "--data.data_dir", str(tmp_path / "nonexistent"), *QUICK], capsys)
+    assert "Fashion-MNIST IDX files not found" in err and "Debian" not in err
+    assert not list(Path("runs").glob("*/version_*")), "an empty run folder was left behind"
+
+
+def test_predict_is_not_offered(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "fit" in out and "test" in out and "predict" not in out
+
+
+@pytest.mark.parametrize("callback", [RigL, SET, SNFS, Static, SNIP, GradualMagnitudePruning, LotteryTicket],
+                         ids=lambda cls: cls.__name__)
+def test_help_describes_every_option_of_every_callback(callback: type) -> None:
+    """`lightning-rigl fit --trainer.callbacks.help <class>` reads each option's text from the class docstring."""
+    parser = LightningArgumentParser()
+    parser.add_class_arguments(callback, "callback")
+    options = [action for action in parser._actions if action.dest.startswith("callback.")]
+    assert len(options) >= 2
+    undescribed = [action.dest for action in options if not re.sub(r"\(type:.*", "", action.help or "", flags=re.S)
+                   .strip()]
+    assert not undescribed, f"{callback.__name__}: no description for {undescribed}"
+
+
+def test_test_prints_the_sparsity_of_the_checkpoints_masks(fashion_dir: Path, capsys) -> None:
+    main(["fit", "--data.data_dir", str(fashion_dir), "--data.val_size", "0", "--trainer.max_steps", "2",
+          "--test_after_fit", "false", *QUICK])
+    (checkpoint,) = Path("runs").glob("*/version_0/checkpoints/*.ckpt")
+    capsys.readouterr()
+    main(["test", "--data.data_dir", str(fashion_dir), "--ckpt_path", str(checkpoint), *QUICK])
+    out = capsys.readouterr().out
+    assert re.search(r"test accuracy: top1 \d\.\d{4}", out)
+    assert "checkpoint masks: sparsity 0.9000 over 3 sparse layers" in out
+    assert re.search(r"net\.features\.0\.weight\s+\(300, 784\)\s+0\.0796", out), out
