@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -31,13 +32,14 @@ from lightning_rigl.callbacks.sparse_training import STATE_KEY
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
-from lightning_rigl.plots import plot_densities
+from lightning_rigl.plots import Panel, plot_densities, plot_panels
 from lightning_rigl.results import run_results, write_results
 from lightning_rigl.summary import checkpoint_summary, fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
 _SUBCOMMANDS = ("fit", "validate", "test")
 _WRITTEN_BEFORE_TRAINING = {"config.yaml", "hparams.yaml"}
+_LAYER_DENSITY = "sparsity/density/"  # the prefix of each layer's logged density
 FIT_DESCRIPTION = (
     "Train a recipe. A callback's options: --trainer.callbacks.init_args.sparsity 0.8 sets an option of the last "
     "callback in the list (the sparse one, in the recipes); --trainer.callbacks.help lightning_rigl.RigL lists "
@@ -161,16 +163,40 @@ def remove_unused_run_folders(trainer: pl.Trainer) -> None:
 
 
 def save_density_plots(trainer: pl.Trainer, folder: Path) -> None:
-    """``densities.png`` in ``folder`` for the run's sparse callback; a hint instead when matplotlib is missing."""
+    """``densities.png`` in ``folder`` (each layer's final density beside its target) for the run's sparse
+    callback, and ``density_history.png`` (each layer's density over training, from the CSV logger's
+    metrics.csv) when the densities moved; a hint instead when matplotlib is missing."""
     for callback in trainer.callbacks:
         if isinstance(callback, SparseTraining):
             title = f"{type(callback).__name__}: sparsity {1 - callback.global_density():.4f}"
             try:
-                path = plot_densities(callback.achieved_densities(), folder / "densities.png", title)
+                path = plot_densities(callback.achieved_densities(), folder / "densities.png", title,
+                                      targets=callback.targets)
+                history = density_history(folder / "metrics.csv")
+                moved = any(len({round(d, 9) for _, d in points}) > 1 for points in history.values())
+                if moved:
+                    panel = Panel(series={name: [(step, d, 0.0) for step, d in points]
+                                          for name, points in history.items()})
+                    plot_panels({title: panel}, folder / "density_history.png", xlabel="optimizer step",
+                                ylabel="density (fraction of live weights)", title="density per layer over training",
+                                markers=False)
             except ModuleNotFoundError:
                 print("Install matplotlib (pip install 'lightning-rigl[plot]') for a plot of the layer densities.")
                 return
-            print(f"  density per layer plotted in {path}")
+            print(f"  density per layer plotted in {path}" + (" and density_history.png" if moved else ""))
+
+
+def density_history(metrics: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each layer's logged density over training (layer name -> (step, density)), from a CSV logger's file."""
+    if not metrics.exists():
+        return {}
+    history: dict[str, list[tuple[int, float]]] = {}
+    with metrics.open(newline="") as file:
+        for line in csv.DictReader(file):
+            for key, value in line.items():
+                if key and key.startswith(_LAYER_DENSITY) and value:
+                    history.setdefault(key[len(_LAYER_DENSITY):], []).append((int(float(line["step"])), float(value)))
+    return history
 
 
 def scale_step_counts(config: Namespace, multiplier: float) -> None:

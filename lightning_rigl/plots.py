@@ -23,9 +23,10 @@ class Panel:
     references: dict[str, float] = field(default_factory=dict)
 
 
-def plot_densities(densities: Mapping[str, float], path: str | Path, title: str = "") -> Path:
+def plot_densities(densities: Mapping[str, float], path: str | Path, title: str = "",
+                   targets: Mapping[str, float] | None = None) -> Path:
     """A bar chart of each layer's density (fraction of live weights, by layer name), in the mapping's order,
-    saved to ``path``.
+    with each layer's target density (the configuration's) as a black tick where given, saved to ``path``.
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed.
@@ -33,7 +34,12 @@ def plot_densities(densities: Mapping[str, float], path: str | Path, title: str 
     plt = _pyplot()
     names = list(densities)
     figure, axes = plt.subplots(figsize=(max(6.0, 0.3 * len(names) + 2), 4.5), layout="constrained")
-    axes.bar(range(len(names)), list(densities.values()), color="tab:blue")
+    axes.bar(range(len(names)), list(densities.values()), color="tab:blue", label="achieved")
+    if targets:
+        positions = [i for i, name in enumerate(names) if name in targets]
+        axes.scatter(positions, [targets[names[i]] for i in positions], marker="_", s=200, color="black",
+                     label="target", zorder=3)
+        axes.legend(fontsize=8)
     axes.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("density (fraction of live weights)")

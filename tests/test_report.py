@@ -199,3 +199,9 @@ def test_a_broken_record_is_named_in_a_warning(tmp_path: Path, runs: dict[str, P
     main(["report", str(runs["rigl_0"]), str(broken.parent), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert f"skipped {broken.parent}: {broken} is not a lightning-rigl results file" in err
+
+
+def test_a_run_whose_densities_moved_gets_a_density_history_plot(runs: dict[str, Path]) -> None:
+    assert (runs["pruning"] / "density_history.png").read_bytes()[:8] == PNG
+    assert (runs["rigl_0"] / "densities.png").read_bytes()[:8] == PNG
+    assert not (runs["rigl_0"] / "density_history.png").exists()  # ERK without redistribution: densities fixed
