@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from torch import Tensor
@@ -230,12 +231,24 @@ def scale_step_counts(config: Namespace, multiplier: float) -> None:
 
 
 def with_default_config(args: Sequence[str]) -> list[str]:
-    """``args`` with ``--config <the packaged default>`` after the subcommand when no config was given."""
+    """``args`` with ``--config <the packaged default>`` after the subcommand when no config was given, or when the
+    first config given is an overlay (it sets neither ``model`` nor ``data``, e.g. only the callbacks)."""
     args = list(args)
-    given = any(a in ("--config", "-c") or a.startswith("--config=") for a in args)
-    if given or not args or args[0] not in _SUBCOMMANDS:
+    if not args or args[0] not in _SUBCOMMANDS:
+        return args
+    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
+    configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    if configs and not _is_overlay(Path(configs[0])):
         return args
     return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+
+
+def _is_overlay(config: Path) -> bool:
+    try:
+        content = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # the parser will say what is wrong with it
+    return isinstance(content, dict) and "model" not in content and "data" not in content
 
 
 def main(args: Sequence[str] | None = None) -> None:

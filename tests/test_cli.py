@@ -70,7 +70,13 @@ def test_without_matplotlib_the_plot_is_a_hint(tmp_path: Path, monkeypatch: pyte
     assert "Install matplotlib" in capsys.readouterr().out and not list(tmp_path.iterdir())
 
 
-def test_default_config_is_inserted_only_without_a_config() -> None:
+def test_default_config_is_inserted_without_a_config_or_under_an_overlay(tmp_path: Path) -> None:
+    overlay = tmp_path / "set.yaml"
+    overlay.write_text("trainer:\n  callbacks:\n    - class_path: lightning_rigl.SET\n")
+    assert with_default_config(["fit", "--config", str(overlay)]) == [
+        "fit", "--config", str(DEFAULT_CONFIG), "--config", str(overlay)]
+    recipe = str(REPO / "recipes/cifar10_wrn22_2/rigl_erk_s90.yaml")
+    assert with_default_config(["fit", "--config", recipe, "--config", str(overlay)])[2] == recipe
     assert with_default_config(["fit"]) == ["fit", "--config", str(DEFAULT_CONFIG)]
     assert with_default_config(["fit", "--trainer.max_steps", "3"])[1:3] == ["--config", str(DEFAULT_CONFIG)]
     for given in (["fit", "--config", "x.yaml"], ["fit", "-c", "x.yaml"], ["fit", "--config=x.yaml"], ["--help"]):
@@ -296,3 +302,14 @@ def test_test_prints_the_sparsity_of_the_checkpoints_masks(fashion_dir: Path, ca
     assert re.search(r"test accuracy: top1 \d\.\d{4}", out)
     assert "checkpoint masks: sparsity 0.9000 over 3 sparse layers" in out
     assert re.search(r"net\.features\.0\.weight\s+\(300, 784\)\s+0\.0796", out), out
+
+
+def test_the_readme_example_script_runs(tmp_path: Path) -> None:
+    """docs/examples/custom_module.py, which the README shows, on a small slice of data in the real format."""
+    write_fashion_mnist(tmp_path / "fashion", n_train=64, n_test=16)
+    result = subprocess.run([sys.executable, str(REPO / "docs/examples/custom_module.py"), "--data-dir",
+                             str(tmp_path / "fashion"), "--max-steps", "3"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for method in ("RigL", "SET", "Static"):
+        assert re.search(rf"^{method}: test accuracy \d\.\d{{4}}, sparsity 0\.9000", result.stdout, re.M), result.stdout
