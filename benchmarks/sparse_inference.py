@@ -30,7 +30,7 @@ from torch import nn
 from lightning_rigl.export import save_sparse, sparse_inference
 from lightning_rigl.flops import forward_flops
 from lightning_rigl.models import create_model
-from lightning_rigl.sparsity import layer_densities, live_count, random_mask
+from lightning_rigl.sparsity import layer_densities, random_masks
 
 INPUTS = {"lenet300_100": (1, 28, 28), "mlp4096": (4096,), "resnet50": (3, 224, 224),
           "mobilenet_v1": (3, 224, 224)}
@@ -45,14 +45,11 @@ def build(arch: str) -> nn.Module:
 
 def sparsify(model: nn.Module, sparsity: float, seed: int = 0) -> dict[str, torch.Tensor]:
     """ERK masks at random positions, applied to the weights; returns them."""
-    params = dict(model.named_parameters())
-    masks = {}
-    for index, (name, density) in enumerate(layer_densities(model, sparsity, "erk").items()):
-        param = params[name]
-        gen = torch.Generator().manual_seed(seed * 10_000 + index)
-        masks[name] = random_mask(param.shape, live_count(param.numel(), density), gen, param.device)
-        with torch.no_grad():
-            param.mul_(masks[name])
+    densities = layer_densities(model, sparsity, "erk")
+    masks = random_masks({name: model.get_parameter(name) for name in densities}, densities, seed)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            model.get_parameter(name).mul_(mask)
     return masks
 
 

@@ -26,8 +26,7 @@ from lightning_rigl.export import (
 from lightning_rigl.export.file import MAGIC
 from lightning_rigl.flops import model_size_bytes
 from lightning_rigl.models import create_model, list_models
-from lightning_rigl.sparsity import layer_densities, random_mask
-from lightning_rigl.sparsity.distributions import live_count
+from lightning_rigl.sparsity import layer_densities, random_masks
 
 INPUTS = {"lenet300_100": (1, 28, 28), "small_cnn": (1, 28, 28), "wrn22_2": (3, 32, 32),
           "resnet50_cifar": (3, 32, 32), "resnet50": (3, 64, 64), "mobilenet_v1": (3, 64, 64)}
@@ -37,14 +36,11 @@ def sparse_model(arch: str, sparsity: float = 0.9, seed: int = 0) -> tuple[nn.Mo
     """A registry model with random ERK masks applied, non-default BatchNorm statistics and its masks."""
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=10)
-    params = dict(model.named_parameters())
-    masks = {}
-    for index, (name, density) in enumerate(layer_densities(model, sparsity, "erk").items()):
-        param = params[name]
-        gen = torch.Generator().manual_seed(seed * 1000 + index)
-        masks[name] = random_mask(param.shape, live_count(param.numel(), density), gen, param.device)
-        with torch.no_grad():
-            param.mul_(masks[name])
+    densities = layer_densities(model, sparsity, "erk")
+    masks = random_masks({name: model.get_parameter(name) for name in densities}, densities, seed)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            model.get_parameter(name).mul_(mask)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.1, 0.1)

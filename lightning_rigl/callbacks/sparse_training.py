@@ -26,7 +26,7 @@ from lightning_rigl.sparsity.distributions import (
     global_live_total,
     live_count,
 )
-from lightning_rigl.sparsity.masks import Stream, apply_mask, generator, random_mask
+from lightning_rigl.sparsity.masks import apply_mask, random_masks
 from lightning_rigl.sparsity.targets import resolve_custom, resolve_dense, sparsifiable_parameters
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -136,12 +136,7 @@ class SparseTraining(Callback, ABC):
 
     def initial_masks(self) -> dict[str, Tensor]:
         """Masks at the first step of a fresh run: random positions, exactly ``live_count`` live per layer."""
-        masks = {}
-        for index, (name, param) in enumerate(self._params.items()):
-            n_live = live_count(param.numel(), self.densities[name])
-            masks[name] = random_mask(param.shape, n_live, generator(self.seed, Stream.INITIAL_MASK, 0, index),
-                                      param.device)
-        return masks
+        return random_masks(self._params, self.densities, self.seed)
 
     # ------------------------------------------------------------------------------------------- hooks
 

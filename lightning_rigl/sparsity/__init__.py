@@ -7,7 +7,7 @@ from lightning_rigl.sparsity.distributions import (
     layer_densities,
     live_count,
 )
-from lightning_rigl.sparsity.masks import MaskChange, apply_change, apply_mask, random_mask
+from lightning_rigl.sparsity.masks import MaskChange, apply_change, apply_mask, random_mask, random_masks
 from lightning_rigl.sparsity.schedules import DROP_SCHEDULES, drop_fraction, is_update_step
 from lightning_rigl.sparsity.targets import sparsifiable_parameters
 from lightning_rigl.sparsity.updates import drop_and_grow, prune, prune_globally, top_k_indices
@@ -28,6 +28,7 @@ __all__ = [
     "prune",
     "prune_globally",
     "random_mask",
+    "random_masks",
     "sparsifiable_parameters",
     "top_k_indices",
 ]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
 from torch import Tensor
+
+from lightning_rigl.sparsity.distributions import live_count
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -34,6 +37,15 @@ def random_mask(shape: torch.Size, n_live: int, gen: torch.Generator, device: to
     mask = torch.zeros(numel, dtype=torch.bool)
     mask[torch.randperm(numel, generator=gen)[:n_live]] = True
     return mask.view(shape).to(device)
+
+
+def random_masks(params: Mapping[str, Tensor], densities: Mapping[str, float], seed: int = 0) -> dict[str, Tensor]:
+    """For each named tensor, a mask with exactly ``live_count(numel, density)`` live positions drawn at random:
+    the initial masks of a sparse callback with this ``seed`` (same layer order, same numbers). The tensors are
+    only read (shape, device)."""
+    return {name: random_mask(param.shape, live_count(param.numel(), densities[name]),
+                              generator(seed, Stream.INITIAL_MASK, 0, index), param.device)
+            for index, (name, param) in enumerate(params.items())}
 
 
 @dataclass
