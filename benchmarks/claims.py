@@ -152,7 +152,7 @@ def claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
 
 
 def _claim(claim: str, lines: Sequence[str], verdict: str) -> str:
-    return f"**{claim}** Here: {verdict}.\n\n" + "\n".join(f"- {line}" for line in lines)
+    return f"**{claim}** Here: {verdict.rstrip('.')}.\n\n" + "\n".join(f"- {line}" for line in lines)
 
 
 def write_reproduction_doc(report: Report, figures: Path, path: Path, seeds: int, quick: bool) -> Path:

@@ -61,9 +61,10 @@ def plot_panels(panels: Mapping[str, Panel], path: str | Path, *, xlabel: str, y
     figure, axes_row = plt.subplots(1, max(1, len(panels)), figsize=(width * max(1, len(panels)), 4.8),
                                     layout="constrained", squeeze=False)
     for axes, (panel_title, panel) in zip(axes_row[0], panels.items()):
-        for label, points in panel.series.items():
+        for index, (label, points) in enumerate(panel.series.items()):
             xs, ys, errors = zip(*points) if points else ((), (), ())
             style: dict[str, Any] = {"marker": "o", "markersize": 4, "capsize": 3} if markers else {}
+            style["linestyle"] = ("-", "--", ":")[index // 10 % 3]  # the colour cycle repeats after ten lines
             axes.errorbar(xs, ys, yerr=errors if any(errors) else None, label=label, **style)
         for label, y in panel.references.items():
             axes.axhline(y, linestyle="--", color="gray", label=label)
