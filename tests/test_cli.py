@@ -132,7 +132,7 @@ def test_the_data_module_sets_the_number_of_classes() -> None:
         (["--model.arch", "resnet51"], None, r"Unknown model 'resnet51'.*wrn22_2"),
         (["--multiplier", "0"], None, r"--multiplier must be > 0"),
         (["--scaled_by", "-1"], None, r"--scaled_by must be > 0"),
-        (["--data.data_dir", "missing_dir"], None, r"dataset-fashion-mnist"),
+        (["--data.data_dir", "missing_dir"], None, r"IDX files not found in missing_dir .*--data\.download true"),
         (["--data.batch_size", "0"], None, r"batch_size must be >= 1"),
         (["--model.lr_milestones", "[5, 2]"], None, r"lr_milestones must be increasing"),
         ([], {"sparsity": 0.9, "update_interval": 0}, r"update_interval must be an int >= 1"),

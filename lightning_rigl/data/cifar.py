@@ -72,8 +72,8 @@ class CIFARDataModule(HoldOutDataModule):
 
     def prepare_data(self) -> None:
         if self.download:
-            folder = self.dataset_class.base_folder
-            download(lambda: self.dataset_class(str(self.root), train=True, download=True), self.dataset_class.__name__,
+            name, folder = _names(self.dataset_class)
+            download(lambda: self.dataset_class(str(self.root), train=True, download=True), name,
                      self.root, f"Without a network, put the extracted {folder} folder (from "
                      f"https://www.cs.toronto.edu/~kriz/cifar.html) in a folder, pass it with --data.data_dir and set "
                      "--data.download false.")
@@ -125,3 +125,8 @@ class CIFAR100DataModule(CIFARDataModule):
     num_classes = 100
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
+
+
+def _names(dataset_class: type) -> tuple[str, str]:
+    """The dataset's name and the folder its archive extracts to, for messages."""
+    return getattr(dataset_class, "__name__", "CIFAR"), getattr(dataset_class, "base_folder", "dataset")
