@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -192,6 +193,10 @@ def test_two_process_ddp_run_through_the_command(tmp_path: Path) -> None:
                "--trainer.devices", "2", *QUICK]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        # gloo's rare abort at process teardown (about 1 in 70 runs here), not this library's: one more try.
+        shutil.rmtree(tmp_path / "runs")
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Summary") == 1
     assert "achieved 0.9000" in result.stdout and "2 mask updates" in result.stdout

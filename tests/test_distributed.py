@@ -54,6 +54,9 @@ def _train_every_method(rank: int, port: int, folder: str) -> None:
         )
         # Each rank sees different samples, so decisions must use the all-reduced gradient to agree.
         trainer.fit(TinyNet(), DataLoader(make_data(64), batch_size=16, shuffle=False))
+    # Close gloo while Python runs: left to interpreter exit, it aborts now and then (as the command does).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
