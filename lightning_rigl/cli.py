@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ from typing_extensions import override
 
 from lightning_rigl import report
 from lightning_rigl.callbacks import SparseTraining
-from lightning_rigl.callbacks.sparse_training import STATE_KEY
+from lightning_rigl.callbacks.sparse_training import saved_state
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
@@ -148,8 +147,8 @@ def checkpoint_masks(ckpt_path: str | None) -> dict[str, Tensor]:
     """The masks a lightning-rigl callback saved in a checkpoint (empty without one, or for a dense run)."""
     if not ckpt_path or not Path(ckpt_path).is_file():
         return {}
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    return dict(state.get("callbacks", {}).get(STATE_KEY, {}).get("masks", {}))
+    state = saved_state(torch.load(ckpt_path, map_location="cpu", weights_only=True))
+    return dict(state["masks"]) if state else {}
 
 
 def remove_unused_run_folders(trainer: pl.Trainer) -> None:
@@ -173,7 +172,7 @@ def save_density_plots(trainer: pl.Trainer, folder: Path) -> None:
             try:
                 path = plot_densities(callback.achieved_densities(), folder / "densities.png", title,
                                       targets=callback.targets)
-                history = density_history(folder / "metrics.csv")
+                history = report.logged_series(folder / "metrics.csv", _LAYER_DENSITY)
                 moved = any(len({round(d, 9) for _, d in points}) > 1 for points in history.values())
                 if moved:
                     panel = Panel(series={name: [(step, d, 0.0) for step, d in points]
@@ -185,19 +184,6 @@ def save_density_plots(trainer: pl.Trainer, folder: Path) -> None:
                 print("Install matplotlib (pip install 'lightning-rigl[plot]') for a plot of the layer densities.")
                 return
             print(f"  density per layer plotted in {path}" + (" and density_history.png" if moved else ""))
-
-
-def density_history(metrics: Path) -> dict[str, list[tuple[int, float]]]:
-    """Each layer's logged density over training (layer name -> (step, density)), from a CSV logger's file."""
-    if not metrics.exists():
-        return {}
-    history: dict[str, list[tuple[int, float]]] = {}
-    with metrics.open(newline="") as file:
-        for line in csv.DictReader(file):
-            for key, value in line.items():
-                if key and key.startswith(_LAYER_DENSITY) and value:
-                    history.setdefault(key[len(_LAYER_DENSITY):], []).append((int(float(line["step"])), float(value)))
-    return history
 
 
 def scale_step_counts(config: Namespace, multiplier: float) -> None:

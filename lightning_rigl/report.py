@@ -182,16 +182,23 @@ def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
 
 
 def _forward_curve(metrics: Path) -> list[tuple[int, float]]:
-    """(step, forward FLOP ratio) logged in a CSV logger's metrics.csv, the last value of each step."""
+    """(step, forward FLOP ratio) logged in a CSV logger's metrics.csv."""
+    return logged_series(metrics, FORWARD_RATIO).get("", [])
+
+
+def logged_series(metrics: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric whose name starts with ``prefix`` in a CSV logger's metrics.csv, by the rest of its name
+    ("" for ``prefix`` itself): (step, value) pairs in step order, the last value of each step. Empty without
+    the file."""
     if not metrics.exists():
-        return []
-    by_step: dict[int, float] = {}
+        return {}
+    series: dict[str, dict[int, float]] = {}
     with metrics.open(newline="") as file:
         for line in csv.DictReader(file):
-            value, step = line.get(FORWARD_RATIO), line.get("step")
-            if value and step:
-                by_step[int(float(step))] = float(value)
-    return sorted(by_step.items())
+            for key, value in line.items():
+                if key and key.startswith(prefix) and value and line.get("step"):
+                    series.setdefault(key[len(prefix):], {})[int(float(line["step"]))] = float(value)
+    return {name: sorted(by_step.items()) for name, by_step in series.items()}
 
 
 def collect(paths: Sequence[str | Path]) -> Report:
@@ -456,6 +463,12 @@ def main(args: Sequence[str] | None = None) -> int:
     for line in report.skipped:
         print(f"lightning-rigl report: warning: skipped {line}", file=sys.stderr)
     print(markdown_table(report.rows))
-    paths = write_report(report, Path(options.output))
+    try:
+        paths = write_report(report, Path(options.output))
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        print(f"lightning-rigl report: error: cannot write the report into {options.output} ({reason}).",
+              file=sys.stderr)
+        return 2
     print(f"\nwrote {', '.join(str(path) for path in paths)}")
     return 0

@@ -205,3 +205,12 @@ def test_a_run_whose_densities_moved_gets_a_density_history_plot(runs: dict[str,
     assert (runs["pruning"] / "density_history.png").read_bytes()[:8] == PNG
     assert (runs["rigl_0"] / "densities.png").read_bytes()[:8] == PNG
     assert not (runs["rigl_0"] / "density_history.png").exists()  # ERK without redistribution: densities fixed
+
+
+def test_an_output_that_cannot_be_written_exits_2(runs: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = _write(tmp_path / "taken", "a file, not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(runs["rigl_0"]), "--output", str(blocker)])
+    assert exit_info.value.code == 2
+    assert f"cannot write the report into {blocker}" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_rigl.callbacks.sparse_training import STATE_KEY, SparseTraining
+from lightning_rigl.callbacks.sparse_training import SparseTraining, saved_state
 from lightning_rigl.errors import ConfigError
 
 
@@ -89,8 +89,7 @@ def _ticket_state(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint)
     if not path.is_file():
         raise ConfigError(f"LotteryTicket: no checkpoint at {path}.")
-    callbacks = torch.load(path, map_location="cpu", weights_only=True).get("callbacks", {})
-    state = callbacks.get(STATE_KEY)
+    state = saved_state(torch.load(path, map_location="cpu", weights_only=True))
     if state is None:
         raise ConfigError(f"LotteryTicket: {path} holds no lightning-rigl masks; give a checkpoint of a run trained "
                           "with a lightning-rigl callback.")

@@ -36,6 +36,11 @@ _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelSt
 STATE_KEY = "lightning_rigl"
 
 
+def saved_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The lightning-rigl state (masks, densities, ...) in a loaded Lightning checkpoint; None without one."""
+    return checkpoint.get("callbacks", {}).get(STATE_KEY)
+
+
 class SparseTraining(Callback, ABC):
     """The machinery every method shares; a method states only when and how its masks change.
 

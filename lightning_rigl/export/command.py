@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-from lightning_rigl.callbacks.sparse_training import STATE_KEY
+from lightning_rigl.callbacks.sparse_training import saved_state
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export.file import nonzero_masks, save_sparse
@@ -82,7 +82,7 @@ def load_network(checkpoint: Path, configs: Sequence[Path]) -> tuple[nn.Module, 
         model.load_state_dict(state["state_dict"])
     except (TypeError, RuntimeError) as error:
         raise ConfigError(f"the model settings do not build the network in {checkpoint}: {error}") from None
-    sparse_state = state.get("callbacks", {}).get(STATE_KEY)
+    sparse_state = saved_state(state)
     masks = None
     if sparse_state is not None:
         masks = {name.removeprefix("net."): mask for name, mask in sparse_state["masks"].items()}
