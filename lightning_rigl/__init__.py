@@ -14,6 +14,7 @@ from lightning_rigl.callbacks import (
     Static,
 )
 from lightning_rigl.classifier import ImageClassifier
+from lightning_rigl.resume import ResumeBetweenEpochs
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "ImageClassifier",
     "LotteryTicket",
     "PruningFromDense",
+    "ResumeBetweenEpochs",
     "RigL",
     "SparseTraining",
     "Static",

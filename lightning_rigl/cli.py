@@ -34,6 +34,7 @@ from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import Panel, plot_densities, plot_panels
 from lightning_rigl.results import run_results, write_results
+from lightning_rigl.resume import ResumeBetweenEpochs
 from lightning_rigl.summary import checkpoint_summary, fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
@@ -258,6 +259,7 @@ def main(args: Sequence[str] | None = None) -> None:
             subclass_mode_data=True,
             args=args,
             seed_everything_default=0,
+            trainer_defaults={"callbacks": [ResumeBetweenEpochs()]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs=parser_kwargs(),
             parser_class=RigLArgumentParser,

@@ -17,7 +17,7 @@ from fake_datasets import (
     write_imagenet_folder,
 )
 from torch import nn
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import SequentialSampler
 
 from lightning_rigl.data import (
     CIFAR10DataModule,
@@ -26,6 +26,7 @@ from lightning_rigl.data import (
     ImageNetDataModule,
 )
 from lightning_rigl.data import fashion_mnist as fashion_mnist_module
+from lightning_rigl.data.order import EpochShuffle
 from lightning_rigl.errors import ConfigError
 
 CIFAR = [
@@ -183,7 +184,8 @@ def test_loader_settings(tmp_path: Path, num_workers: int) -> None:
     dm.setup("fit")
     dm.setup("test")
     train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
-    assert isinstance(train.sampler, RandomSampler) and not train.drop_last and train.batch_size == 5
+    assert isinstance(train.sampler, EpochShuffle) and train.sampler.shuffle and train.sampler.num_replicas == 1
+    assert not train.drop_last and train.batch_size == 5
     assert isinstance(val.sampler, SequentialSampler) and isinstance(test.sampler, SequentialSampler)
     for loader in (train, val, test):
         assert loader.num_workers == num_workers

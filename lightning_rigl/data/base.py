@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_rigl.data.order import training_order
 from lightning_rigl.errors import ConfigError
 
 
@@ -21,10 +22,12 @@ def default_download_dir() -> Path:
 class ImageDataModule(pl.LightningDataModule):
     """Serves the train, validation and test sets that a subclass builds in ``_fit_sets`` and ``_test_set``.
 
-    Loaders add no sampler: under DDP, Lightning inserts a ``DistributedSampler`` itself, so ``batch_size``
-    is per process. Without a validation set ``val_dataloader`` returns ``[]``, which Lightning reads as zero
-    validation batches: it skips validation, after one warning ("Total length of `list` across ranks is zero")
-    when the model has a ``validation_step``.
+    The training loader's order is a function of the seed and the epoch alone (:class:`EpochShuffle`, which
+    shards it among DDP processes), so a resumed run sees the batches the uninterrupted one would have. The
+    validation and test loaders add no sampler: under DDP, Lightning inserts a ``DistributedSampler`` itself.
+    ``batch_size`` is per process. Without a validation set ``val_dataloader`` returns ``[]``, which Lightning
+    reads as zero validation batches: it skips validation, after one warning ("Total length of `list` across
+    ranks is zero") when the model has a ``validation_step``.
 
     Args:
         data_dir: the dataset's folder; each subclass says what it must hold and what ``None`` means.
@@ -65,13 +68,13 @@ class ImageDataModule(pl.LightningDataModule):
         if stage == "test" and self.test_set is None:
             self.test_set = self._test_set()
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("the data module is not set up: call setup() first (the Trainer does)")
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=training_order(dataset, self.trainer) if train else None,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -80,13 +83,13 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return [] if self.val_set is None else self._loader(self.val_set, shuffle=False)
+        return [] if self.val_set is None else self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set, train=False)
 
 
 def download(fetch: Callable[[], object], what: str, into: Path, instead: str) -> None:

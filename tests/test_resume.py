@@ -1,0 +1,84 @@
+"""A run of the command stopped after an epoch's checkpoint and resumed with --ckpt_path trains on the batches the
+uninterrupted run saw, so it ends with the same masks and parameters (one process here; two torchrun nodes in
+test_torchrun.py). Also the training order itself (EpochShuffle) and the loop-state fix (ResumeBetweenEpochs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fake_datasets import write_fashion_mnist
+from process_probe import load_records, probe_config
+from torch.utils.data import TensorDataset
+
+from lightning_rigl.cli import DEFAULT_CONFIG, main
+from lightning_rigl.data.order import EpochShuffle
+
+STEPS, STOP = 30, 10  # 10 steps per epoch: 160 training images, batch 16
+RIGL = {"class_path": "lightning_rigl.RigL",
+        "init_args": {"sparsity": 0.9, "update_interval": 4, "drop_fraction": 0.3, "stop_at": 0.75}}
+
+
+def _fit(workdir: Path, data: Path, num_workers: int, stop_after_step: int | None = None,
+         ckpt_path: Path | None = None) -> dict:
+    workdir.mkdir()
+    records = workdir / "records"
+    args = ["fit", "--config", str(DEFAULT_CONFIG), "--config", str(probe_config(workdir, records, [RIGL],
+                                                                                   stop_after_step)),
+            "--data.data_dir", str(data), "--data.val_size", "16", "--data.batch_size", "16",
+            "--data.num_workers", str(num_workers), "--trainer.max_steps", str(STEPS), "--trainer.max_epochs", "-1",
+            "--trainer.default_root_dir", str(workdir), "--trainer.logger.init_args.save_dir", str(workdir / "runs"),
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--test_after_fit", "false"]
+    if ckpt_path is not None:
+        args += ["--ckpt_path", str(ckpt_path)]
+    main(args)
+    (record,) = load_records(records)
+    return record
+
+
+@pytest.mark.parametrize("num_workers", [0, 2], ids=["in-process loading", "2 loader workers"])
+def test_a_resumed_run_of_the_command_ends_where_the_uninterrupted_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_workers: int
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "fashion"
+    write_fashion_mnist(data, n_train=176, n_test=8)
+    straight = _fit(tmp_path / "straight", data, num_workers)
+    stopped = _fit(tmp_path / "stopped", data, num_workers, stop_after_step=STOP)
+    (checkpoint,) = (tmp_path / "stopped").glob("runs/*/version_0/checkpoints/*.ckpt")
+    assert checkpoint.name == f"epoch=0-step={STOP}.ckpt"
+    resumed = _fit(tmp_path / "resumed", data, num_workers, ckpt_path=checkpoint)
+
+    assert stopped["param_digests"] == straight["param_digests"][:STOP]
+    assert resumed["param_digests"] == straight["param_digests"][STOP:]
+    assert resumed["mask_digests"] == straight["mask_digests"][STOP:]
+    assert len({digest for _, digest in resumed["mask_digests"]}) > 1, "no mask update after the resume"
+    for name, param in straight["params"].items():
+        assert torch.equal(param, resumed["params"][name]), name
+
+
+def _orders(sampler: EpochShuffle) -> list[int]:
+    return list(sampler)
+
+
+def test_the_training_order_is_a_function_of_the_seed_and_the_epoch() -> None:
+    data = TensorDataset(torch.arange(20))
+    epoch = 0
+    sampler = EpochShuffle(data, seed=3, epoch_of=lambda: epoch)
+    first = _orders(sampler)
+    assert sorted(first) == list(range(20)) and first != list(range(20))
+    assert _orders(EpochShuffle(data, seed=3, epoch_of=lambda: 0)) == first  # a fresh sampler: the same order
+    epoch = 1
+    assert _orders(sampler) != first
+    sampler.set_epoch(0)  # Lightning's set_epoch does not override the epoch read when iteration starts
+    assert _orders(sampler) == _orders(EpochShuffle(data, seed=3, epoch_of=lambda: 1))
+    assert _orders(EpochShuffle(data, seed=4, epoch_of=lambda: 0)) != first
+
+
+def test_processes_share_each_epoch_between_them() -> None:
+    data = TensorDataset(torch.arange(21))
+    shares = [_orders(EpochShuffle(data, num_replicas=2, rank=rank, seed=0, epoch_of=lambda: 2)) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 11  # one index repeated to even out the shares, as DistributedSampler
+    assert set(shares[0]) | set(shares[1]) == set(range(21))
