@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo data test bench sweep reproduce reproduce-quick
+.PHONY: demo data test bench bench-alternatives sweep reproduce reproduce-quick
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	python3 -m venv $(VENV)
@@ -30,6 +30,14 @@ bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/mask_update.py
 	$(PYTHON) benchmarks/step_overhead.py
 	$(PYTHON) benchmarks/sparse_inference.py
+
+# The library against the alternatives (BENCHMARKS.md): time per step and peak memory against dense training,
+# and one mask update beside rigl-torch 0.5.2, installed into .bench-deps only for this (never a dependency).
+bench-alternatives: $(VENV)/.installed
+	$(PYTHON) benchmarks/step_time.py
+	$(PYTHON) benchmarks/memory.py
+	$(PYTHON) -m pip install --quiet --no-deps --target .bench-deps rigl-torch==0.5.2
+	$(PYTHON) benchmarks/vs_rigl_torch.py
 
 # Test accuracy against sparsity on Fashion-MNIST (dense, Static, SET, RigL); about 8 minutes on 2 cores.
 sweep: $(VENV)/.installed data

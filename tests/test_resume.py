@@ -7,11 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from conftest import TinyNet, make_data
 from fake_datasets import write_fashion_mnist
 from process_probe import load_records, probe_config
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_rigl import ResumeBetweenEpochs
 from lightning_rigl.cli import DEFAULT_CONFIG, main
 from lightning_rigl.data.order import EpochShuffle
 
@@ -82,3 +85,45 @@ def test_processes_share_each_epoch_between_them() -> None:
     shares = [_orders(EpochShuffle(data, num_replicas=2, rank=rank, seed=0, epoch_of=lambda: 2)) for rank in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == 11  # one index repeated to even out the shares, as DistributedSampler
     assert set(shares[0]) | set(shares[1]) == set(range(21))
+
+
+class EpochLog(pl.Callback):
+    """The step at which each epoch ends, and the sampler epoch of each batch; stops after ``stop`` steps."""
+
+    def __init__(self, sampler: EpochShuffle, stop: int | None = None) -> None:
+        self.sampler, self.stop = sampler, stop
+        self.epoch_ends: list[int] = []
+        self.batch_epochs: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batch_epochs.append(self.sampler.epoch)
+        if self.stop is not None and trainer.global_step >= self.stop:
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch_ends.append(trainer.global_step)
+
+
+def _plain_fit(folder: Path, callbacks: list[pl.Callback], stop: int | None = None,
+               ckpt_path: Path | None = None) -> EpochLog:
+    data = make_data(40)
+    sampler = EpochShuffle(data, seed=0)  # the epoch Lightning hands to set_epoch
+    log = EpochLog(sampler, stop)
+    trainer = pl.Trainer(max_steps=50, max_epochs=-1, accelerator="cpu", default_root_dir=folder, logger=False,
+                         callbacks=[log, *callbacks], enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyNet(), DataLoader(data, batch_size=4, sampler=sampler), ckpt_path=ckpt_path)
+    return log
+
+
+@pytest.mark.parametrize("fix", [True, False], ids=["ResumeBetweenEpochs", "Lightning alone"])
+def test_a_step_counted_run_resumes_at_the_next_epoch_only_with_the_fix(tmp_path: Path, fix: bool) -> None:
+    """Lightning 2.6 alone closes an epoch after one batch when a max_steps run resumes from an end-of-epoch
+    checkpoint. The "Lightning alone" case shows that the fix is still needed: if it fails after an upgrade,
+    Lightning has mended this and ResumeBetweenEpochs can go."""
+    straight = _plain_fit(tmp_path / "straight", [])
+    _plain_fit(tmp_path / "stopped", [], stop=30)
+    (checkpoint,) = (tmp_path / "stopped").rglob("epoch=2-step=30.ckpt")
+    resumed = _plain_fit(tmp_path / "resumed", [ResumeBetweenEpochs()] if fix else [], ckpt_path=checkpoint)
+    matches = resumed.epoch_ends == [40, 50] and resumed.batch_epochs == straight.batch_epochs[30:]
+    assert straight.epoch_ends == [10, 20, 30, 40, 50]
+    assert matches == fix, (resumed.epoch_ends, resumed.batch_epochs)
