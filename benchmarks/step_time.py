@@ -2,7 +2,8 @@
 
 Each (model, method) trains with a real Trainer and ImageClassifier (SGD, Nesterov momentum) on random inputs of
 the model's shape, so every step is a real forward, backward and optimizer step. A step's time is the wall time
-between the starts of two consecutive batches: it includes data loading, logging and every callback hook.
+between the starts of two consecutive batches: it includes data loading, the callbacks' ``self.log`` calls (no
+logger is attached) and every callback hook. Pruning starts dense and reaches the sparsity at the end.
 Methods that change masks do so every ``--interval`` steps (and until the end of the run) so that update steps
 occur in the timed window; they are reported apart from the other steps. Rounds alternate the methods, each
 round starting at the next one, so slow phases of a shared machine and a method's place in the sequence hit all
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.steps is not None and args.steps <= WARMUP_STEPS + args.interval:
+        parser.error(f"--steps must exceed {WARMUP_STEPS} warm-up steps plus --interval ({args.interval})")
     torch.set_num_threads(args.threads)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, sparsity {args.sparsity} (ERK), "
           f"{args.rounds} rounds per method, a mask change every {args.interval} steps\n")

@@ -4,7 +4,10 @@ test_torchrun.py). Also the training order itself (EpochShuffle) and the loop-st
 
 from __future__ import annotations
 
+import copy
+import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -16,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rigl import ResumeBetweenEpochs
 from lightning_rigl.cli import DEFAULT_CONFIG, main
-from lightning_rigl.data.order import EpochShuffle
+from lightning_rigl.data.order import EpochShuffle, training_order
 
 STEPS, STOP = 30, 10  # 10 steps per epoch: 160 training images, batch 16
 RIGL = {"class_path": "lightning_rigl.RigL",
@@ -60,6 +63,16 @@ def test_a_resumed_run_of_the_command_ends_where_the_uninterrupted_one_does(
     assert len({digest for _, digest in resumed["mask_digests"]}) > 1, "no mask update after the resume"
     for name, param in straight["params"].items():
         assert torch.equal(param, resumed["params"][name]), name
+    # The logs go on at the same steps: validation after each epoch, at the step where the epoch ended.
+    assert _validation_rows(tmp_path / "resumed") == [row for row in _validation_rows(tmp_path / "straight")
+                                                      if row[0] > STOP]
+
+
+def _validation_rows(run: Path) -> list[tuple[int, int]]:
+    """(step, epoch) of each row of the run's metrics.csv that holds validation metrics."""
+    (metrics,) = run.glob("runs/*/version_0/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    return [(int(row["step"]), int(row["epoch"])) for row in rows if row.get("val/loss")]
 
 
 def _orders(sampler: EpochShuffle) -> list[int]:
@@ -69,7 +82,7 @@ def _orders(sampler: EpochShuffle) -> list[int]:
 def test_the_training_order_is_a_function_of_the_seed_and_the_epoch() -> None:
     data = TensorDataset(torch.arange(20))
     epoch = 0
-    sampler = EpochShuffle(data, seed=3, epoch_of=lambda: epoch)
+    sampler = EpochShuffle(data, seed=3, epoch_of=lambda: epoch)  # no process group: the whole dataset
     first = _orders(sampler)
     assert sorted(first) == list(range(20)) and first != list(range(20))
     assert _orders(EpochShuffle(data, seed=3, epoch_of=lambda: 0)) == first  # a fresh sampler: the same order
@@ -80,11 +93,58 @@ def test_the_training_order_is_a_function_of_the_seed_and_the_epoch() -> None:
     assert _orders(EpochShuffle(data, seed=4, epoch_of=lambda: 0)) != first
 
 
-def test_processes_share_each_epoch_between_them() -> None:
+def test_each_process_takes_its_share_of_the_epoch_the_fit_loop_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
     data = TensorDataset(torch.arange(21))
-    shares = [_orders(EpochShuffle(data, num_replicas=2, rank=rank, seed=0, epoch_of=lambda: 2)) for rank in (0, 1)]
-    assert len(shares[0]) == len(shares[1]) == 11  # one index repeated to even out the shares, as DistributedSampler
+    progress = SimpleNamespace(processed=2, started=2)
+    fit_loop = SimpleNamespace(epoch_progress=SimpleNamespace(current=progress), restarting=False,
+                               epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(is_last_batch=False)))
+
+    def trainer(share: dict | None) -> SimpleNamespace:
+        return SimpleNamespace(distributed_sampler_kwargs=share, fit_loop=fit_loop)
+
+    shares = [_orders(training_order(data, trainer({"num_replicas": 2, "rank": rank}))) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 11  # one index repeated to even out the shares
     assert set(shares[0]) | set(shares[1]) == set(range(21))
+    assert shares[1] == _orders(EpochShuffle(data, num_replicas=2, rank=1, seed=5, epoch_of=lambda: 2))
+    alone = training_order(data, trainer(None))  # one process: Lightning's strategy has no sampler kwargs
+    assert (alone.num_replicas, alone.rank) == (1, 0)
+    progress.processed = progress.started = 3
+    assert _orders(alone) == _orders(EpochShuffle(data, seed=5, epoch_of=lambda: 3))
+
+
+def _checkpoint(epochs: tuple[int, int, int, int], batches_done: int, last: bool) -> dict:
+    """A checkpoint's fit-loop state: epoch counts (ready, started, processed, completed), the batches done in
+    the current epoch, and whether the last of them was the epoch's last."""
+    counts = dict(zip(("ready", "started", "processed", "completed"), epochs))
+    batch_counts = dict.fromkeys(("ready", "started", "processed", "completed"), batches_done)
+    return {"loops": {"fit_loop": {
+        "epoch_progress": {"total": dict(counts), "current": dict(counts)},
+        "epoch_loop.batch_progress": {"total": dict(batch_counts), "current": dict(batch_counts),
+                                      "is_last_batch": last},
+    }}}
+
+
+@pytest.mark.parametrize(("what", "max_steps", "checkpoint"), [
+    ("counted in epochs", -1, _checkpoint((3, 3, 3, 2), 10, True)),
+    ("saved at validation end", 50, _checkpoint((3, 3, 2, 2), 10, True)),
+    ("saved mid-epoch", 50, _checkpoint((3, 3, 2, 2), 4, False)),
+    ("without loop state", 50, {"state_dict": {}}),
+])
+def test_other_checkpoints_are_left_as_they_are(what: str, max_steps: int, checkpoint: dict) -> None:
+    before = copy.deepcopy(checkpoint)
+    ResumeBetweenEpochs().on_load_checkpoint(SimpleNamespace(max_steps=max_steps), None, checkpoint)
+    assert checkpoint == before, what
+
+
+def test_an_end_of_epoch_checkpoint_of_a_step_counted_run_becomes_a_finished_epoch() -> None:
+    checkpoint = _checkpoint((3, 3, 3, 2), 10, True)
+    ResumeBetweenEpochs().on_load_checkpoint(SimpleNamespace(max_steps=50), None, checkpoint)
+    fit_loop = checkpoint["loops"]["fit_loop"]
+    assert fit_loop["epoch_progress"]["current"] == dict.fromkeys(("ready", "started", "processed", "completed"), 3)
+    assert fit_loop["epoch_loop.batch_progress"]["current"] == dict.fromkeys(
+        ("ready", "started", "processed", "completed"), 0)
+    assert fit_loop["epoch_loop.batch_progress"]["total"]["completed"] == 10  # the run's batch count stays
 
 
 class EpochLog(pl.Callback):
@@ -127,3 +187,50 @@ def test_a_step_counted_run_resumes_at_the_next_epoch_only_with_the_fix(tmp_path
     matches = resumed.epoch_ends == [40, 50] and resumed.batch_epochs == straight.batch_epochs[30:]
     assert straight.epoch_ends == [10, 20, 30, 40, 50]
     assert matches == fix, (resumed.epoch_ends, resumed.batch_epochs)
+
+
+class TrainingOrderData(pl.LightningDataModule):
+    """TinyNet's data through the command's training order."""
+
+    def __init__(self, num_workers: int) -> None:
+        super().__init__()
+        self.data, self.num_workers = make_data(40), num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=4, sampler=training_order(self.data, self.trainer),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+
+class BatchLog(pl.Callback):
+    def __init__(self, stop: int | None = None) -> None:
+        self.batches: list[torch.Tensor] = []
+        self.stop = stop
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append(batch[0].clone())
+        if self.stop is not None and trainer.global_step >= self.stop:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("num_workers", [0, 2], ids=["in-process loading", "2 loader workers"])
+def test_a_checkpoint_taken_after_an_epochs_last_batch_resumes_in_the_next_epochs_order(
+    tmp_path: Path, num_workers: int
+) -> None:
+    """ModelCheckpoint(every_n_train_steps) landing on an epoch's last batch saves before the epoch ends; with
+    loader workers, Lightning draws the resumed run's first indices before it counts that epoch."""
+
+    def fit(folder: str, stop: int | None = None, ckpt_path: Path | None = None) -> BatchLog:
+        log = BatchLog(stop)
+        every_10 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=10, save_top_k=-1)
+        trainer = pl.Trainer(max_steps=50, max_epochs=-1, accelerator="cpu", logger=False,
+                             callbacks=[log, ResumeBetweenEpochs(), every_10], enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(TinyNet(), datamodule=TrainingOrderData(num_workers), ckpt_path=ckpt_path)
+        return log
+
+    straight = fit("straight")
+    fit("stopped", stop=30)
+    resumed = fit("resumed", ckpt_path=tmp_path / "stopped" / "epoch=2-step=30.ckpt")
+    assert len(resumed.batches) == 20
+    for step, (a, b) in enumerate(zip(straight.batches[30:], resumed.batches), start=30):
+        assert torch.equal(a, b), f"step {step}: another batch"

@@ -7,28 +7,38 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytorch_lightning as pl
+import torch.distributed as dist
+from pytorch_lightning.loops.fit_loop import _FitLoop
 from torch.utils.data import Dataset, DistributedSampler
 
 
 class EpochShuffle(DistributedSampler):
     """Each epoch, a permutation of the dataset drawn from ``seed + epoch`` (as ``DistributedSampler`` draws it),
-    of which this process takes every ``num_replicas``-th index starting at ``rank``.
+    of which this process takes every ``num_replicas``-th index starting at ``rank``; when the dataset does not
+    divide evenly, the first indices are repeated so that every process gets as many.
 
     Plain shuffling draws from the global random state, which a checkpoint does not hold, so a resumed run would
-    see other batches. Lightning keeps a ``DistributedSampler`` it finds in a loader and calls ``set_epoch`` on it;
-    but a resumed run's loader is iterated (and, with worker processes, its first indices drawn) before that
-    call, so the epoch is read from ``epoch_of`` when iteration starts.
+    see other batches. Lightning keeps a ``DistributedSampler`` it finds in a loader (it inserts none of its own,
+    whatever ``use_distributed_sampler`` says) and calls ``set_epoch`` on it; but a resumed run's loader is
+    iterated (and, with worker processes, its first indices drawn) before that call, so the epoch is read from
+    ``epoch_of`` when iteration starts.
 
     Args:
         dataset: the training set.
-        num_replicas, rank: the number of processes and this one's global rank.
+        num_replicas, rank: the number of processes sharing each epoch and this one's rank among them; None:
+            from the initialized process group, else 1 and 0. In a Trainer, use :func:`training_order`.
         seed: the base seed, by default the one ``seed_everything`` set (``PL_GLOBAL_SEED``), as for the
             ``DistributedSampler`` Lightning would insert.
         epoch_of: the epoch (0-based) whose order iteration starts; None: the one ``set_epoch`` last gave.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int | None = None,
-                 epoch_of: Callable[[], int] | None = None) -> None:
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None,
+                 seed: int | None = None, epoch_of: Callable[[], int] | None = None) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
         if seed is None:
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
@@ -41,10 +51,21 @@ class EpochShuffle(DistributedSampler):
 
 
 def training_order(dataset: Dataset, trainer: pl.Trainer | None) -> EpochShuffle:
-    """The sampler of ``trainer``'s training loader: this process's share, epochs counted by its fit loop."""
+    """The sampler of ``trainer``'s training loader: this process's share (as the strategy's data-parallel
+    processes split it), epochs counted by the trainer's fit loop."""
     if trainer is None:
         return EpochShuffle(dataset)
-    fit_loop = trainer.fit_loop
-    # The count Lightning itself hands to set_epoch: epochs begun and run through, restored from a checkpoint.
-    return EpochShuffle(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                        epoch_of=lambda: fit_loop.epoch_progress.current.processed)
+    share = trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
+    return EpochShuffle(dataset, num_replicas=share["num_replicas"], rank=share["rank"],
+                        epoch_of=lambda: epoch_to_draw(trainer.fit_loop))
+
+
+def epoch_to_draw(fit_loop: _FitLoop) -> int:
+    """The epoch whose order the training loader is about to draw: the count Lightning hands to ``set_epoch``
+    (epochs begun and run through), except in a run resumed from a checkpoint saved after an epoch's last batch
+    but before the epoch's end (``ModelCheckpoint(every_n_train_steps=...)`` landing there). Lightning creates
+    that run's iterator before it counts the finished epoch, so the count is one short."""
+    epochs = fit_loop.epoch_progress.current
+    finished_uncounted = (fit_loop.restarting and fit_loop.epoch_loop.batch_progress.is_last_batch
+                          and epochs.processed < epochs.started)
+    return epochs.processed + 1 if finished_uncounted else epochs.processed
