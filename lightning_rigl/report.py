@@ -447,6 +447,7 @@ def main(args: Sequence[str] | None = None) -> int:
     exit status: 0, or 2 for bad input (with a message, no traceback)."""
     parser = argparse.ArgumentParser(
         prog="lightning-rigl report",
+        allow_abbrev=False,
         description="The paper-style table of finished runs (mean ± std over seeds), as report.md and report.csv, "
         "with figures of accuracy against sparsity and training FLOPs, density per layer and FLOPs over training.",
     )

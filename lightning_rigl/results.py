@@ -23,6 +23,11 @@ RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "data", "method", "distribution", "sparsity", "achieved_sparsity", "multiplier", "steps",
                  "test", "train_ratio", "forward_ratio", "size_bytes", "densities")
+_NUMBER = (int, float)
+# What the report computes with: numbers (ratios may be missing), the test metrics and densities as mappings.
+_FIELD_TYPES = {"sparsity": _NUMBER, "achieved_sparsity": _NUMBER, "multiplier": _NUMBER, "steps": _NUMBER,
+                "size_bytes": _NUMBER, "train_ratio": (*_NUMBER, type(None)),
+                "forward_ratio": (*_NUMBER, type(None)), "test": dict, "densities": dict}
 
 
 def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multiplier: float) -> dict[str, Any]:
@@ -138,4 +143,8 @@ def read_results(folder: str | Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in record]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}")
+    wrong = [key for key, kinds in _FIELD_TYPES.items() if not isinstance(record[key], kinds)
+             or isinstance(record[key], bool)]
+    if wrong:
+        raise ValueError(f"{path} has values of the wrong type in {', '.join(wrong)}")
     return record

@@ -217,13 +217,21 @@ def test_the_command_exports_a_tiny_runs_checkpoint(tmp_path, monkeypatch, capsy
         (["--ckpt_path", "{notes}", "--output", "x.lrs"], r"not a readable PyTorch checkpoint"),
         (["--ckpt_path", "{plain}", "--output", "x.lrs"], r"not a checkpoint of the lightning-rigl command"),
         (["--ckpt_path", "{plain}", "--output", "x.lrs", "--dtype", "int8"], r"invalid choice: 'int8'"),
+        (["--ckpt_path", "tensor.ckpt", "--output", "x.lrs"], r"holds a Tensor, not a checkpoint's dictionary"),
+        (["--ckpt_path", "{plain}", "--output", "x.lrs", "--config", "broken.yaml"], r"broken\.yaml is not valid YAML"),
+        (["--ckpt_path", "{plain}", "--output", "x.lrs", "--config", "list.yaml"], r"model section of list\.yaml"),
+        (["--ckpt", "{plain}", "--output", "x.lrs"], r"the following arguments are required: --ckpt_path"),
     ],
-    ids=["missing", "not a checkpoint", "another checkpoint", "bad dtype"],
+    ids=["missing", "not a checkpoint", "another checkpoint", "bad dtype", "a tensor", "broken YAML",
+         "model not a mapping", "abbreviated option"],
 )
 def test_the_command_refuses_bad_input_with_exit_status_2(tmp_path, monkeypatch, capsys, args, message) -> None:
     monkeypatch.chdir(tmp_path)
     Path("notes.ckpt").write_text("not a checkpoint")
     torch.save({"state_dict": {}}, "plain.ckpt")
+    torch.save(torch.zeros(3), "tensor.ckpt")
+    Path("broken.yaml").write_text("model: [unclosed\n")
+    Path("list.yaml").write_text("model:\n  - lenet300_100\n")
     args = [arg.format(notes="notes.ckpt", plain="plain.ckpt") for arg in args]
     with pytest.raises(SystemExit) as exit_info:
         main(["export", *args])

@@ -201,6 +201,23 @@ def test_a_broken_record_is_named_in_a_warning(tmp_path: Path, runs: dict[str, P
     assert f"skipped {broken.parent}: {broken} is not a lightning-rigl results file" in err
 
 
+def test_a_record_with_a_value_of_the_wrong_type_is_skipped_with_a_warning(
+    tmp_path: Path, runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = json.loads((runs["rigl_0"] / "results.json").read_text())
+    edited = _write(tmp_path / "version_4" / "results.json", json.dumps({**record, "sparsity": "0.9"}))
+    main(["report", str(runs["rigl_0"]), str(edited.parent), "--output", str(tmp_path / "out")])
+    assert f"skipped {edited.parent}: {edited} has values of the wrong type in sparsity" in capsys.readouterr().err
+
+
+def test_abbreviated_options_are_refused(runs: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(runs["rigl_0"]), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --out" in capsys.readouterr().err
+
+
 def test_a_run_whose_densities_moved_gets_a_density_history_plot(runs: dict[str, Path]) -> None:
     assert (runs["pruning"] / "density_history.png").read_bytes()[:8] == PNG
     assert (runs["rigl_0"] / "densities.png").read_bytes()[:8] == PNG

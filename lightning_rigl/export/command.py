@@ -26,6 +26,7 @@ def main(args: Sequence[str] | None = None) -> int:
     """Writes the file and prints the sizes; returns the exit status (2, with a message, for bad input)."""
     parser = argparse.ArgumentParser(
         prog="lightning-rigl export",
+        allow_abbrev=False,
         description="Write the network of a lightning-rigl checkpoint as a compact file: a bitmask and the live "
         "values of every sparse layer, every other tensor as it is. Load it with "
         "lightning_rigl.export.load_sparse.",
@@ -72,6 +73,9 @@ def load_network(checkpoint: Path, configs: Sequence[Path]) -> tuple[nn.Module, 
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # a file torch cannot read: say so rather than show its traceback
         raise ConfigError(f"{checkpoint} is not a readable PyTorch checkpoint ({type(error).__name__}).") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{checkpoint} is not a checkpoint of the lightning-rigl command (it holds a "
+                          f"{type(state).__name__}, not a checkpoint's dictionary).")
     # The saved config lacks num_classes (the data module sets it): the checkpoint's values, the config's on top.
     hparams = {**(state.get("hyper_parameters") or {}), **(_model_args(configs) if configs else {})}
     if "state_dict" not in state or "arch" not in hparams:
@@ -97,7 +101,14 @@ def _model_args(configs: Sequence[Path]) -> dict[str, Any]:
     for config in configs:
         if not config.is_file():
             raise ConfigError(f"no config at {config}.")
-        section = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+        try:
+            content = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{config} is not valid YAML ({error.__class__.__name__}).") from None
+        section = content.get("model") if isinstance(content, dict) else None
+        if not isinstance(section or {}, dict):
+            raise ConfigError(f"the model section of {config} is not a mapping.")
+        section = section or {}
         merged.update(section.get("init_args", section))
     if not merged:
         raise ConfigError(f"no model section in {', '.join(map(str, configs))}.")
