@@ -30,7 +30,7 @@ from torch import nn
 from lightning_rigl.export import save_sparse, sparse_inference
 from lightning_rigl.flops import forward_flops
 from lightning_rigl.models import create_model
-from lightning_rigl.sparsity import layer_densities, random_masks
+from lightning_rigl.sparsity import layer_densities, mask_densities, random_masks
 
 INPUTS = {"lenet300_100": (1, 28, 28), "mlp4096": (4096,), "resnet50": (3, 224, 224),
           "mobilenet_v1": (3, 224, 224)}
@@ -103,7 +103,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = build(arch).eval()
             masks = sparsify(model, sparsity)
-            densities = {name: float(mask.float().mean()) for name, mask in masks.items()}
+            densities = mask_densities(masks)
             shape = INPUTS[arch]
             flop_ratio = forward_flops(model, shape, densities) / forward_flops(model, shape)
             sizes = file_sizes(model, masks)

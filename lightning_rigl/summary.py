@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 from torch import Tensor
 
 from lightning_rigl.callbacks import SparseTraining
+from lightning_rigl.sparsity import mask_densities
 
 
 def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float]) -> str:
@@ -49,8 +50,8 @@ def _accuracy_lines(test_metrics: Mapping[str, float]) -> list[str]:
 
 def _density_table(masks: Mapping[str, Tensor]) -> list[str]:
     lines = [f"  {'layer':<40} {'shape':<20} density"]
-    for name, mask in masks.items():
-        lines.append(f"  {name:<40} {str(tuple(mask.shape)):<20} {float(mask.float().mean()):.4f}")
+    for (name, mask), density in zip(masks.items(), mask_densities(masks).values()):
+        lines.append(f"  {name:<40} {str(tuple(mask.shape)):<20} {density:.4f}")
     return lines
 
 

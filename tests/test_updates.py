@@ -8,7 +8,9 @@ from lightning_rigl.sparsity import (
     apply_change,
     drop_and_grow,
     drop_fraction,
+    global_density,
     is_update_step,
+    mask_densities,
     random_mask,
     top_k_indices,
 )
@@ -193,3 +195,9 @@ def test_cubic_schedule_and_pruning_steps():
     assert cubic_sparsity(800, 0.9, 200, 800) == pytest.approx(0.9)
     assert cubic_sparsity(900, 0.9, 200, 800) == pytest.approx(0.9)
     assert [s for s in range(1000) if is_pruning_step(s, 250, 200, 800)] == [200, 450, 700, 800]
+
+
+def test_densities_of_masks_per_layer_and_over_all() -> None:
+    masks = {"a": WEIGHTS != 0, "b": torch.tensor([True, False, False, False])}
+    assert mask_densities(masks) == {"a": 6 / 16, "b": 1 / 4}
+    assert global_density(masks) == 7 / 20  # weighted by size, not the mean of the layers' densities

@@ -26,7 +26,7 @@ from lightning_rigl.sparsity.distributions import (
     global_live_total,
     live_count,
 )
-from lightning_rigl.sparsity.masks import apply_mask, random_masks
+from lightning_rigl.sparsity.masks import apply_mask, global_density, mask_densities, random_masks
 from lightning_rigl.sparsity.targets import resolve_custom, resolve_dense, sparsifiable_parameters
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -251,12 +251,11 @@ class SparseTraining(Callback, ABC):
 
     def global_density(self) -> float:
         """Fraction of live weights over all sparsified parameters."""
-        live = sum(int(mask.sum()) for mask in self.masks.values())
-        return live / sum(mask.numel() for mask in self.masks.values())
+        return global_density(self.masks)
 
     def achieved_densities(self) -> dict[str, float]:
         """Each sparse layer's fraction of live weights now, from its mask (``densities`` holds the targets)."""
-        return {name: float(mask.float().mean()) for name, mask in self.masks.items()}
+        return mask_densities(self.masks)
 
     def density_metrics(self) -> dict[str, float]:
         """Global and per-layer densities, as logged."""

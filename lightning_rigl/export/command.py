@@ -18,6 +18,7 @@ from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export.file import nonzero_masks, save_sparse
 from lightning_rigl.flops import model_size_bytes
+from lightning_rigl.sparsity import mask_densities
 
 DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -49,7 +50,7 @@ def main(args: Sequence[str] | None = None) -> int:
         return 2
     dense = sum(tensor.numel() * tensor.element_size() for tensor in network.state_dict().values())
     buffers = sum(buffer.numel() * buffer.element_size() for buffer in network.buffers())
-    official = model_size_bytes(network, {name: float(mask.float().mean()) for name, mask in masks.items()})
+    official = model_size_bytes(network, mask_densities(masks))
     print(f"wrote {path} ({options.dtype} values, {len(masks)} sparse layers)")
     print(f"  dense tensors:       {dense:>14,} bytes")
     print(f"  compact file:        {path.stat().st_size:>14,} bytes ({path.stat().st_size / dense:.3f}x dense)")

@@ -7,7 +7,15 @@ from lightning_rigl.sparsity.distributions import (
     layer_densities,
     live_count,
 )
-from lightning_rigl.sparsity.masks import MaskChange, apply_change, apply_mask, random_mask, random_masks
+from lightning_rigl.sparsity.masks import (
+    MaskChange,
+    apply_change,
+    apply_mask,
+    global_density,
+    mask_densities,
+    random_mask,
+    random_masks,
+)
 from lightning_rigl.sparsity.schedules import DROP_SCHEDULES, drop_fraction, is_update_step
 from lightning_rigl.sparsity.targets import sparsifiable_parameters
 from lightning_rigl.sparsity.updates import drop_and_grow, prune, prune_globally, top_k_indices
@@ -22,9 +30,11 @@ __all__ = [
     "densities_for_shapes",
     "drop_and_grow",
     "drop_fraction",
+    "global_density",
     "is_update_step",
     "layer_densities",
     "live_count",
+    "mask_densities",
     "prune",
     "prune_globally",
     "random_mask",

@@ -14,6 +14,16 @@ from lightning_rigl.sparsity.distributions import live_count
 _SEED_MASK = (1 << 63) - 1
 
 
+def mask_densities(masks: Mapping[str, Tensor]) -> dict[str, float]:
+    """Each mask's fraction of live (True) positions."""
+    return {name: float(mask.float().mean()) for name, mask in masks.items()}
+
+
+def global_density(masks: Mapping[str, Tensor]) -> float:
+    """The fraction of live positions over all the masks together."""
+    return sum(int(mask.sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
+
+
 class Stream(IntEnum):
     """What a random draw is for: one stream per use, so that no two uses of a step and layer share numbers."""
 
