@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from lightning_rigl import report
 from lightning_rigl.callbacks import SparseTraining
-from lightning_rigl.callbacks.sparse_training import saved_state
+from lightning_rigl.callbacks.sparse_training import LAYER_DENSITY, saved_state
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
@@ -40,7 +40,6 @@ from lightning_rigl.summary import checkpoint_summary, fit_summary
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
 _SUBCOMMANDS = ("fit", "validate", "test")
 _WRITTEN_BEFORE_TRAINING = {"config.yaml", "hparams.yaml"}
-_LAYER_DENSITY = "sparsity/density/"  # the prefix of each layer's logged density
 FIT_DESCRIPTION = (
     "Train a recipe. A callback's options: --trainer.callbacks.init_args.sparsity 0.8 sets an option of the last "
     "callback in the list (the sparse one, in the recipes); --trainer.callbacks.help lightning_rigl.RigL lists "
@@ -173,11 +172,10 @@ def save_density_plots(trainer: pl.Trainer, folder: Path) -> None:
             try:
                 path = plot_densities(callback.achieved_densities(), folder / "densities.png", title,
                                       targets=callback.targets)
-                history = report.logged_series(folder / "metrics.csv", _LAYER_DENSITY)
-                moved = any(len({round(d, 9) for _, d in points}) > 1 for points in history.values())
+                history = report.logged_series(folder / "metrics.csv", LAYER_DENSITY)
+                moved = any(report.moves(points) for points in history.values())
                 if moved:
-                    panel = Panel(series={name: [(step, d, 0.0) for step, d in points]
-                                          for name, points in history.items()})
+                    panel = Panel(series={name: report.as_line(points) for name, points in history.items()})
                     plot_panels({title: panel}, folder / "density_history.png", xlabel="optimizer step",
                                 ylabel="density (fraction of live weights)", title="density per layer over training",
                                 markers=False)

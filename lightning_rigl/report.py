@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from lightning_rigl.callbacks.sparse_training import FORWARD_RATIO
 from lightning_rigl.plots import Panel, plot_panels
 from lightning_rigl.results import RESULTS_FILE, read_results
 
@@ -37,7 +38,6 @@ _IGNORED_KEY = re.compile(
     r"enable_progress_bar|enable_model_summary|default_root_dir|dirpath|checkpoint)$|^trainer\.logger(\.|$)"
 )
 _SEED_KEY = re.compile(r"(^|\.)(seed|seed_everything)$")
-FORWARD_RATIO = "flops/forward_ratio"
 
 
 class ReportError(Exception):
@@ -199,6 +199,16 @@ def logged_series(metrics: Path, prefix: str) -> dict[str, list[tuple[int, float
                 if key and key.startswith(prefix) and value and line.get("step"):
                     series.setdefault(key[len(prefix):], {})[int(float(line["step"]))] = float(value)
     return {name: sorted(by_step.items()) for name, by_step in series.items()}
+
+
+def moves(points: Sequence[tuple[int, float]]) -> bool:
+    """Whether a logged series takes more than one value (compared to 9 decimals)."""
+    return len({round(value, 9) for _, value in points}) > 1
+
+
+def as_line(points: Sequence[tuple[int, float]]) -> list[tuple[float, float, float]]:
+    """A logged series as the points of a plotted line, without error bars."""
+    return [(step, value, 0.0) for step, value in points]
 
 
 def collect(paths: Sequence[str | Path]) -> Report:
@@ -411,10 +421,10 @@ def _curve_panels(rows: Sequence[Row]) -> dict[str, Panel]:
     panels: dict[str, Panel] = {}
     for row in rows:
         curve = row.runs[0].forward_curve
-        if len({round(ratio, 9) for _, ratio in curve}) < 2:
+        if not moves(curve):
             continue  # the density did not move
         panel = panels.setdefault(row.panel, Panel())
-        panel.series[f"{row.label} s={row.first['sparsity']:.4g}"] = [(step, ratio, 0.0) for step, ratio in curve]
+        panel.series[f"{row.label} s={row.first['sparsity']:.4g}"] = as_line(curve)
     return panels
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from lightning_rigl.callbacks import DynamicSparseTraining, LotteryTicket, SparseTraining
+from lightning_rigl.callbacks.sparse_training import FORWARD_RATIO, SIZE_BYTES, TRAIN_RATIO
 from lightning_rigl.flops import model_size_bytes
 from lightning_rigl.models import create_model
 
@@ -74,8 +75,7 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         record.update(train_ratio=None, forward_ratio=None, size_bytes=model_size_bytes(model, callback.densities))
     else:
         costs = callback.cost_metrics(model)
-        record.update(train_ratio=costs["flops/train_ratio"], forward_ratio=costs["flops/forward_ratio"],
-                      size_bytes=costs["size/bytes"])
+        record.update(train_ratio=costs[TRAIN_RATIO], forward_ratio=costs[FORWARD_RATIO], size_bytes=costs[SIZE_BYTES])
     return record
 
 

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 from torch import Tensor
 
 from lightning_rigl.callbacks import SparseTraining
+from lightning_rigl.callbacks.sparse_training import FORWARD_RATIO, SIZE_BYTES, TRAIN_RATIO
 from lightning_rigl.sparsity import mask_densities
 
 
@@ -25,8 +26,8 @@ def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float]) -> str:
         if callback.flops is not None:
             costs = callback.cost_metrics(trainer.lightning_module)
             lines.insert(len(lines) - len(callback.masks) - 1,
-                         f"  costs: training FLOPs {costs['flops/train_ratio']:.2f}x dense, inference FLOPs "
-                         f"{costs['flops/forward_ratio']:.2f}x, size {costs['size/bytes'] / 1e6:.3f} MB")
+                         f"  costs: training FLOPs {costs[TRAIN_RATIO]:.2f}x dense, inference FLOPs "
+                         f"{costs[FORWARD_RATIO]:.2f}x, size {costs[SIZE_BYTES] / 1e6:.3f} MB")
     return "\n".join(lines)
 
 

@@ -36,6 +36,14 @@ _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelSt
 STATE_KEY = "lightning_rigl"
 
 
+# Names of the logged metrics, also read back from metrics.csv by the command and the report.
+GLOBAL_DENSITY = "sparsity/density"
+LAYER_DENSITY = "sparsity/density/"  # followed by the parameter's name
+FORWARD_RATIO = "flops/forward_ratio"
+TRAIN_RATIO = "flops/train_ratio"
+SIZE_BYTES = "size/bytes"
+
+
 def saved_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     """The lightning-rigl state (masks, densities, ...) in a loaded Lightning checkpoint; None without one."""
     return checkpoint.get("callbacks", {}).get(STATE_KEY)
@@ -259,8 +267,8 @@ class SparseTraining(Callback, ABC):
 
     def density_metrics(self) -> dict[str, float]:
         """Global and per-layer densities, as logged."""
-        metrics = {"sparsity/density": self.global_density()}
-        metrics.update({f"sparsity/density/{name}": d for name, d in self.achieved_densities().items()})
+        metrics = {GLOBAL_DENSITY: self.global_density()}
+        metrics.update({LAYER_DENSITY + name: d for name, d in self.achieved_densities().items()})
         return metrics
 
     def cost_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -268,9 +276,9 @@ class SparseTraining(Callback, ABC):
         in the same steps, and the model size in bytes as the official README counts it; as logged."""
         assert self.flops is not None
         return {
-            "flops/forward_ratio": self.flops.forward(self.densities) / self.flops.dense_flops,
-            "flops/train_ratio": self.flops.train_ratio,
-            "size/bytes": model_size_bytes(pl_module, self.densities),
+            FORWARD_RATIO: self.flops.forward(self.densities) / self.flops.dense_flops,
+            TRAIN_RATIO: self.flops.train_ratio,
+            SIZE_BYTES: model_size_bytes(pl_module, self.densities),
         }
 
     def _start_counting_flops(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
