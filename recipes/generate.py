@@ -66,7 +66,8 @@ class Setup:
         uniform_over_masks: "uniform" puts every masked layer at the sparsity, instead of our rule that keeps
             the first masked layer dense; for a model whose first layer is already outside the masks, or where
             a dense first layer would hold most of the weights (LeNet-300-100).
-        global_masks_first: "global" pruning and SNIP also mask the first layer (the report's code never does).
+        global_masks_first: "global" pruning also masks the first layer (the report's code never does); SNIP always
+            masks it.
         notes: lines for the header about choices a reader should know.
     """
 

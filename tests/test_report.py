@@ -14,9 +14,10 @@ import pytest
 import yaml
 from fake_datasets import write_fashion_mnist
 
+from lightning_rigl import SET, SNFS, ImageClassifier, RigL, Static
 from lightning_rigl.cli import DEFAULT_CONFIG, main
 from lightning_rigl.report import Row, Run, _curve_panels, _settings, collect, group_runs, markdown_table
-from lightning_rigl.results import read_results
+from lightning_rigl.results import _distribution, _parameters_removed, method_label, read_results
 
 QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.accelerator", "cpu", "--data.val_size", "16", "--data.batch_size", "16",
@@ -231,3 +232,34 @@ def test_an_output_that_cannot_be_written_exits_2(runs: dict[str, Path], tmp_pat
         main(["report", str(runs["rigl_0"]), "--output", str(blocker)])
     assert exit_info.value.code == 2
     assert f"cannot write the report into {blocker}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("callback", "label"), [
+    (RigL(sparsity=0.9), "RigL"),
+    (RigL(sparsity=0.9, redistribution="momentum"), "RigL-SM"),
+    (RigL(sparsity=0.9, redistribution="gradient"), "RigL-SG"),
+    (SNFS(sparsity=0.9), "SNFS"),  # momentum redistribution is SNFS's own default
+    (SNFS(sparsity=0.9, redistribution="none"), "SNFS (no redistribution)"),
+    (SET(sparsity=0.9), "SET"),
+    (Static(sparsity=0.9), "Static"),
+])
+def test_the_method_label_names_redistribution_other_than_the_methods_default(callback, label: str) -> None:
+    assert method_label(callback) == label
+
+
+@pytest.mark.parametrize(("callback", "expected"), [
+    (RigL(sparsity=0.9), ("erk", 0.9)),
+    (RigL(sparsity=0.8, distribution="uniform"), ("uniform", 0.8)),
+    (RigL(sparsity=None, distribution={"a.weight": 0.9, "b.weight": 0.9}), ("uniform (all layers)", 0.9)),
+    (RigL(sparsity=None, distribution={"a.weight": 0.9, "b.weight": 0.5}), ("custom", None)),
+])
+def test_the_recorded_distribution(callback, expected: tuple) -> None:
+    assert _distribution(callback) == expected
+
+
+def test_a_narrowed_dense_model_records_the_fraction_of_parameters_it_lacks() -> None:
+    full = sum(p.numel() for p in ImageClassifier(arch="lenet300_100", num_classes=10).parameters())
+    half = ImageClassifier(arch="lenet300_100", num_classes=10, width=0.5)
+    assert _parameters_removed(half) == pytest.approx(1 - sum(p.numel() for p in half.parameters()) / full)
+    assert 0.4 < _parameters_removed(half) < 0.6  # LeNet's first layer dominates: about half the weights go
+    assert _parameters_removed(ImageClassifier(arch="lenet300_100", num_classes=10)) == 0.0

@@ -93,7 +93,7 @@ class SparseConv2d(nn.Module):
         self.out_channels = conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
-        self.pointwise = conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+        self.pointwise = _pointwise(conv)
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = (
@@ -197,7 +197,7 @@ def _sparse_version(module: nn.Module, mask: Tensor) -> tuple[str, nn.Module | N
     elif isinstance(module, nn.Conv2d):
         if module.groups != 1:
             return "grouped conv", None, "grouped convolutions have no sparse kernel here"
-        kind = "conv1x1" if module.kernel_size == (1, 1) and module.padding == (0, 0) else "conv"
+        kind = "conv1x1" if _pointwise(module) else "conv"
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return kind, None, "only numeric zero padding is converted"
     else:
@@ -205,6 +205,11 @@ def _sparse_version(module: nn.Module, mask: Tensor) -> tuple[str, nn.Module | N
     if module.weight.device.type == "cpu" and module.weight.dtype not in (torch.float32, torch.float64):
         return kind, None, f"CPU sparse kernels need float32 or float64, not {module.weight.dtype}"
     return kind, SparseLinear(module, mask) if kind == "linear" else SparseConv2d(module, mask), ""
+
+
+def _pointwise(conv: nn.Conv2d) -> bool:
+    """A 1×1 convolution without padding: one matrix product per example, no im2col."""
+    return conv.kernel_size == (1, 1) and conv.padding == (0, 0)
 
 
 def _csr(weight: Tensor, mask: Tensor) -> Tensor:
