@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch.distributed as dist
-from pytorch_lightning.loops.fit_loop import _FitLoop
 from torch.utils.data import Dataset, DistributedSampler
+
+if TYPE_CHECKING:
+    from pytorch_lightning.loops.fit_loop import _FitLoop
 
 
 class EpochShuffle(DistributedSampler):
@@ -57,10 +60,10 @@ def training_order(dataset: Dataset, trainer: pl.Trainer | None) -> EpochShuffle
         return EpochShuffle(dataset)
     share = trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
     return EpochShuffle(dataset, num_replicas=share["num_replicas"], rank=share["rank"],
-                        epoch_of=lambda: epoch_to_draw(trainer.fit_loop))
+                        epoch_of=lambda: _epoch_to_draw(trainer.fit_loop))
 
 
-def epoch_to_draw(fit_loop: _FitLoop) -> int:
+def _epoch_to_draw(fit_loop: _FitLoop) -> int:
     """The epoch whose order the training loader is about to draw: the count Lightning hands to ``set_epoch``
     (epochs begun and run through), except in a run resumed from a checkpoint saved after an epoch's last batch
     but before the epoch's end (``ModelCheckpoint(every_n_train_steps=...)`` landing there). Lightning creates
