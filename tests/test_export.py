@@ -23,7 +23,7 @@ from lightning_rigl.export import (
     save_sparse,
     sparse_inference,
 )
-from lightning_rigl.export.file import MAGIC
+from lightning_rigl.export.file import MAGIC, nonzero_masks
 from lightning_rigl.flops import model_size_bytes
 from lightning_rigl.models import create_model, list_models
 from lightning_rigl.sparsity import layer_densities, random_masks
@@ -299,3 +299,13 @@ def test_half_precision_layers_on_the_cpu_stay_dense_and_bad_masks_are_refused()
         sparse_inference(model, {"0.weight": torch.ones(4, dtype=torch.bool)}, mode="sparse")
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         sparse_inference(model, {"0.weight": mask}, example_input=torch.randn(1, 4).half(), repeats=0)
+
+
+def test_a_dense_runs_masks_are_its_zeros_in_convolution_and_linear_weights() -> None:
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Linear(2, 2))
+    with torch.no_grad():
+        net[0].weight[0, 1] = 0.0
+        net[1].weight.zero_()  # not a convolution or linear weight: never masked
+    masks = nonzero_masks(net)
+    assert list(masks) == ["0.weight"] and int(masks["0.weight"].sum()) == 5
+    assert nonzero_masks(nn.Sequential(nn.ReLU())) == {}  # nothing to mask

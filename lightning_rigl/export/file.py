@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_rigl.sparsity.targets import SPARSIFIABLE_MODULES
+from lightning_rigl.errors import ConfigError
+from lightning_rigl.sparsity.targets import sparsifiable_parameters
 
 MAGIC = b"LRIGLSPR"
 FORMAT_VERSION = 1
@@ -131,8 +132,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def nonzero_masks(model: nn.Module) -> dict[str, Tensor]:
     """Every convolution and linear weight that holds a zero, masked by its non-zero positions."""
-    weights = {f"{prefix}.weight" if prefix else "weight": module.weight for prefix, module in model.named_modules()
-               if isinstance(module, SPARSIFIABLE_MODULES) and isinstance(module.weight, nn.Parameter)}
+    try:
+        weights = sparsifiable_parameters(model)
+    except ConfigError:  # no convolution or linear weight at all
+        return {}
     return {name: weight.detach().cpu() != 0 for name, weight in weights.items() if bool((weight == 0).any())}
 
 
