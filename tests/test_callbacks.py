@@ -313,6 +313,16 @@ def test_logs_densities_drop_fraction_and_changes(tmp_path):
     assert changed and all(c > 0 for c in changed)
 
 
+def test_linear_schedule_starts_at_alpha_on_the_first_update(tmp_path):
+    # The official linear anneal from a begin step t_0 = 3 to T_end = 9: α · (1 - (t - t_0) / (T_end - t_0)) at the
+    # updates 3, 5 and 7 (counting from step 0 instead gives 0.25, 0.083 and 0).
+    rigl = RigL(sparsity=0.8, update_interval=2, drop_fraction=0.5, drop_schedule="linear", start_at=3, stop_at=9)
+    train([rigl], steps=9, logger=CSVLogger(tmp_path, name="run"))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    logged = {int(r["step"]): float(r["sparsity/drop_fraction"]) for r in rows if r["sparsity/drop_fraction"]}
+    assert logged == pytest.approx({3: 0.5, 5: 0.5 * 4 / 6, 7: 0.5 * 2 / 6})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -331,6 +341,7 @@ def test_logs_densities_drop_fraction_and_changes(tmp_path):
         ({"sparsity": 0.9, "distribution": "global"}, "only SNIP and GradualMagnitudePruning"),
         ({"sparsity": 0.9, "rewind_step": -1}, "rewind_step"),
         ({"sparsity": 0.9, "erk_power_scale": -0.5}, "erk_power_scale"),
+        ({"sparsity": 0.9, "distribution": "er", "erk_power_scale": 0.5}, "applies to distribution='erk' only"),
         ({"sparsity": 0.9, "custom_sparsity": {"fc.*": 1.0}}, "custom_sparsity"),
     ],
 )

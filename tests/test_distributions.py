@@ -123,6 +123,30 @@ def test_erk_budgets_whole_weights_as_the_official_code():
     assert live_count(48, densities["a"]) + live_count(12, densities["b"]) == 20
 
 
+# The official get_sparsities_erdos_renyi run on torchvision ResNet-50's shapes at sparsity 0.8: live weights
+# in all, the layers it makes dense, and a few layers' live counts.
+RESNET50_OFFICIAL_AT_80 = {
+    ("er", 1.0): (5_100_632, ["conv1.weight", "layer1.0.conv1.weight", "layer1.0.conv2.weight",
+                              "layer1.1.conv2.weight", "layer1.2.conv2.weight"],
+                  {"layer1.0.conv1.weight": 4_096, "layer1.0.conv3.weight": 14_623, "fc.weight": 139_283}),
+    ("erk", 0.5): (5_100_639, [],
+                   {"conv1.weight": 4_259, "layer1.0.conv1.weight": 3_560, "layer1.0.conv3.weight": 11_205,
+                    "fc.weight": 385_404}),
+}
+
+
+@pytest.mark.parametrize(("distribution", "power"), list(RESNET50_OFFICIAL_AT_80))
+def test_resnet50_er_and_erk_power_scale_match_the_official_solver(distribution, power):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet50()
+    densities = layer_densities(model, 0.8, distribution, erk_power_scale=power)
+    live = {n: live_count(model.get_parameter(n).numel(), d) for n, d in densities.items()}
+    total, dense, some = RESNET50_OFFICIAL_AT_80[(distribution, power)]
+    assert sum(live.values()) == total
+    assert [n for n, d in densities.items() if d == 1.0] == dense
+    assert {n: live[n] for n in some} == some
+
+
 def test_resnet50_erk_90_has_the_official_live_count():
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet50()
@@ -164,6 +188,16 @@ def test_custom_sparsity_patterns_through_layer_densities():
 def test_bad_custom_options_fail_with_advice(kwargs, message):
     with pytest.raises(ValueError, match=message):
         layer_densities(TinyNet(), 0.5, "erk", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "distribution"), [(0.5, "er"), (0.5, "uniform"), (None, {n: 0.5 for n in SPARSE_NAMES})]
+)
+def test_erk_power_scale_is_refused_beside_any_distribution_but_erk(sparsity, distribution):
+    # The official solver raises only the ERK score to erk_power_scale; under ER the flag changes nothing.
+    with pytest.raises(ValueError, match="applies to distribution='erk' only.*Leave it at 1.0"):
+        layer_densities(TinyNet(), sparsity, distribution, erk_power_scale=0.5)
+    layer_densities(TinyNet(), sparsity, distribution, erk_power_scale=1.0)
 
 
 def test_global_distribution_is_refused_where_it_means_nothing():

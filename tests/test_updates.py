@@ -175,6 +175,18 @@ def test_drop_fraction_schedules():
     assert drop_fraction(600, 0.3, 1000, "cosine", start_step=500) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("alpha", "begin", "end", "expected"),
+    # The official linear anneal (sparse_optimizers_base ``exponential`` with power 1, restated as data):
+    # α · (1 - (t - t_0) / (T_end - t_0)), α at the begin step and positive until T_end.
+    [(0.3, 1000, 5000, {1000: 0.3, 2000: 0.225, 3000: 0.15, 4000: 0.075, 4900: 0.0075, 5000: 0.0}),
+     (0.5, 250, 1000, {250: 0.5, 500: 1 / 3, 750: 1 / 6, 999: 0.5 / 750, 1000: 0.0}),
+     (0.3, 0, 1000, {0: 0.3, 250: 0.225, 750: 0.075})],
+)
+def test_official_linear_schedule_decays_from_the_begin_step(alpha, begin, end, expected):
+    assert {t: drop_fraction(t, alpha, end, "linear", start_step=begin) for t in expected} == pytest.approx(expected)
+
+
 def test_update_cadence_and_stop_step():
     assert [s for s in range(500) if is_update_step(s, 100, 100, 350)] == [100, 200, 300]
     assert [s for s in range(500) if is_update_step(s, 100, 0, 350)] == [0, 100, 200, 300]

@@ -70,8 +70,9 @@ class SparseTraining(Callback, ABC):
         exclude: glob patterns removed from the selection: dense, and outside the budget.
         custom_sparsity: glob pattern -> sparsity for layers whose sparsity is fixed, outside the budget; the
             distribution spreads the sparsity over the other layers (the official ``custom_sparsity_map``).
-        erk_power_scale: exponent on the raw ER/ERK score (the official flag): 1 is ER/ERK, 0 puts every
-            layer at the sparsity, values in between interpolate.
+        erk_power_scale: exponent on the raw ERK score (the official flag): 1 is ERK, 0 puts every layer at the
+            sparsity, values in between interpolate. Only with distribution="erk" (the official code ignores it
+            under ER).
         rewind_step: keep a CPU copy of every parameter of the model as it is after this many optimizer steps
             (0: the initialisation) in the checkpoint, for a ``LotteryTicket`` to rewind to; None keeps none.
         seed: seeds the initial masks and every random choice; identical on all ranks.

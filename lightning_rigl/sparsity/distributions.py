@@ -41,11 +41,12 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def _raw_score(shape: Sequence[int], kind: str, power: float) -> float:
-    """Unnormalised density of ER ((n_in + n_out) / (n_in · n_out)) or ERK (Σ dims / Π dims), to ``power``."""
+    """Unnormalised density of ER ((n_in + n_out) / (n_in · n_out)) or ERK ((Σ dims / Π dims) to ``power``, the
+    only score the official code raises to ``erk_power_scale``)."""
     if kind == "erk":
         return (sum(shape) / _numel(shape)) ** power
     n_out, n_in = shape[0], shape[1]
-    return ((n_in + n_out) / (n_in * n_out)) ** power
+    return (n_in + n_out) / (n_in * n_out)
 
 
 def _scaled_sparsities(
@@ -142,8 +143,8 @@ def densities_for_shapes(
             sparser; under uniform they simply stay dense.
         custom_sparsity: names whose sparsity is fixed (name -> sparsity), outside the budget; the
             distribution spreads S over the other layers (the official ``custom_sparsity_map``).
-        erk_power_scale: exponent on the raw ER/ERK score (the official ``erk_power_scale``): 1 is ER/ERK,
-            0 spreads S evenly over every layer, first included.
+        erk_power_scale: exponent on the raw ERK score (the official ``erk_power_scale``): 1 is ERK, 0 spreads
+            S evenly over every layer, first included. "erk" only: the official code ignores it under ER.
 
     Raises:
         ValueError: bad sparsity, unknown distribution, a mapping that does not cover exactly the
@@ -234,10 +235,14 @@ def check_distribution(
     Raises:
         ValueError: sparsity outside [0, 1) (or set together with a mapping), an unknown distribution name,
             "global" where it means nothing, a mapping or custom value outside [0, 1), custom sparsities
-            beside a mapping, or a negative erk_power_scale.
+            beside a mapping, a negative erk_power_scale, or one other than 1 with a distribution other than "erk".
     """
     if isinstance(erk_power_scale, bool) or not isinstance(erk_power_scale, (int, float)) or erk_power_scale < 0:
         raise ConfigError(f"erk_power_scale must be a number >= 0, got {erk_power_scale!r}.")
+    if erk_power_scale != 1 and distribution != "erk":
+        # The official code raises only the ERK score to this power: under ER the flag changes nothing there.
+        raise ConfigError(f"erk_power_scale={erk_power_scale} applies to distribution='erk' only (the official code "
+                          f"ignores it under 'er'), not to {distribution!r}. Leave it at 1.0, or use 'erk'.")
     for name, value in (custom_sparsity or {}).items():
         _check_fraction(value, f"custom_sparsity of {name!r}")
     if custom_sparsity and (isinstance(distribution, Mapping) or distribution == GLOBAL):
@@ -283,7 +288,7 @@ def layer_densities(
         include: glob patterns replacing the default selection (conv and linear weights).
         exclude: glob patterns removed from the selection (dense and outside the budget).
         custom_sparsity: glob pattern -> sparsity for layers whose sparsity is fixed, outside the budget.
-        erk_power_scale: exponent on the raw ER/ERK score (0: every layer at S).
+        erk_power_scale: exponent on the raw ERK score (0: every layer at S); "erk" only.
 
     Raises:
         ValueError: see ``densities_for_shapes`` and ``sparsifiable_parameters``.

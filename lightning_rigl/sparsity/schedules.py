@@ -10,19 +10,21 @@ DROP_SCHEDULES = ("cosine", "constant", "linear")
 
 
 def drop_fraction(step: int, initial: float, stop_step: int, schedule: str, start_step: int = 0) -> float:
-    """Fraction of live connections exchanged at update ``step``.
+    """Fraction of live connections exchanged at update ``step``, as the official code anneals it.
 
-    cosine: α/2 · (1 + cos(π·p)) (the paper's default); constant: α; linear: α · (1 - p); with
-    p = min(t, T_end - t_0) / (T_end - t_0), where t_0 is the first update step when it was set (0 otherwise):
-    the official code decays over T_end - t_0 steps of the raw step t. Zero from ``stop_step`` (T_end) on.
+    With t_0 the first update step when it was set (0 otherwise) and T_end = ``stop_step``:
+    cosine: α/2 · (1 + cos(π · min(t, T_end - t_0) / (T_end - t_0))) (the paper's default; the official cosine
+    decays from the raw step t over T_end - t_0 steps, so it reaches 0 at T_end - t_0);
+    linear: α · (1 - (t - t_0) / (T_end - t_0)) (the official ``exponential`` anneal with power 1: α at the first
+    update, decaying to 0 at T_end); constant: α. Zero from ``stop_step`` (T_end) on.
     """
     if step >= stop_step:
         return 0.0
-    progress = min(step, stop_step - start_step) / (stop_step - start_step)
+    span = stop_step - start_step
     if schedule == "cosine":
-        return initial / 2 * (1 + math.cos(math.pi * progress))
+        return initial / 2 * (1 + math.cos(math.pi * (min(step, span) / span)))
     if schedule == "linear":
-        return initial * (1 - progress)
+        return initial * (1 - max(0, step - start_step) / span)
     if schedule == "constant":
         return initial
     raise ConfigError(f"Unknown drop_schedule {schedule!r}: use one of {DROP_SCHEDULES}.")
