@@ -1,4 +1,5 @@
-"""Two real processes (DDP over gloo on the CPU): masks must agree on every rank at every step, for every method.
+"""Two real processes (DDP over gloo on the CPU): masks must agree on every rank at every step, for every method,
+and no run may stop on the callbacks' own agreement check (``MaskDisagreementError``).
 
 The two processes are started once and train every method in turn (strategy "ddp" with the environment a
 launcher such as torchrun sets), which is faster than one ddp_spawn per method and starts fewer process
@@ -19,7 +20,10 @@ from conftest import SPARSE_NAMES, TinyNet, make_data
 from methods import CHANGING, METHODS
 from torch.utils.data import DataLoader
 
+from lightning_rigl import Static
+
 STEPS = 10
+RANK_DEPENDENT = "static_seeded_by_rank"
 
 
 class SaveMasksPerRank(pl.Callback):
@@ -42,7 +46,8 @@ class SaveMasksPerRank(pl.Callback):
 def _train_every_method(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
-    for method, make in METHODS.items():
+    # A seed that differs between ranks (a configuration no process can notice alone) must stop both at once.
+    for method, make in {**METHODS, RANK_DEPENDENT: lambda: Static(sparsity=0.8, seed=rank)}.items():
         torch.manual_seed(0)
         sparse = make()
         out = Path(folder) / method
@@ -53,7 +58,10 @@ def _train_every_method(rank: int, port: int, folder: str) -> None:
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
         # Each rank sees different samples, so decisions must use the all-reduced gradient to agree.
-        trainer.fit(TinyNet(), DataLoader(make_data(64), batch_size=16, shuffle=False))
+        try:
+            trainer.fit(TinyNet(), DataLoader(make_data(64), batch_size=16, shuffle=False))
+        except Exception as error:  # raised on both ranks at once (the agreement check): the next method runs
+            torch.save({"error": f"{type(error).__name__}: {error}"}, out / f"rank{rank}.pt")
     # Close gloo while Python runs: left to interpreter exit, it aborts now and then (as the command does).
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -75,6 +83,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_ranks_hold_identical_masks_at_every_step(runs: Path, method: str) -> None:
     rank0, rank1 = (torch.load(runs / method / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert "error" not in rank0 and "error" not in rank1, rank0.get("error") or rank1.get("error")
     assert rank0["updates"] == rank1["updates"]
     assert rank0["densities"] == rank1["densities"]
     assert len(rank0["masks"]) == len(rank1["masks"]) == STEPS
@@ -85,3 +94,10 @@ def test_ranks_hold_identical_masks_at_every_step(runs: Path, method: str) -> No
         assert any(not torch.equal(rank0["masks"][0][n], rank0["masks"][-1][n]) for n in SPARSE_NAMES)
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name
+
+
+def test_masks_that_differ_between_ranks_stop_every_rank(runs: Path) -> None:
+    for rank in (0, 1):
+        error = torch.load(runs / RANK_DEPENDENT / f"rank{rank}.pt", weights_only=True)["error"]
+        assert error.startswith("MaskDisagreementError: Masks differ between DDP processes at optimizer step 0: "
+                                "rank(s) [1] disagree with rank 0 on ['features.3.weight', 'classifier.1.weight'"), error

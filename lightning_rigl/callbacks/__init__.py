@@ -1,5 +1,6 @@
 """Lightning callbacks that train sparse networks: each module states one method's rule."""
 
+from lightning_rigl.callbacks.agreement import MaskDisagreementError
 from lightning_rigl.callbacks.dynamic import DynamicSparseTraining
 from lightning_rigl.callbacks.lottery import LotteryTicket
 from lightning_rigl.callbacks.pruning import GradualMagnitudePruning, PruningFromDense
@@ -17,6 +18,7 @@ __all__ = [
     "DynamicSparseTraining",
     "GradualMagnitudePruning",
     "LotteryTicket",
+    "MaskDisagreementError",
     "PruningFromDense",
     "RigL",
     "SparseTraining",

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_rigl.callbacks.agreement import check_masks_agree
 from lightning_rigl.callbacks.sparse_training import SparseTraining, gradients_ready
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.criteria import dense_gradient, mean_magnitude
@@ -243,7 +244,7 @@ class DynamicSparseTraining(SparseTraining):
         for name, n_all, n, n_drop, n_grow in zip(names, numel, live, drops, grows):
             self.densities[name] = (n - n_drop + n_grow) / n_all
         self.num_updates += 1
-        self._sync_masks(trainer, optimizer)
+        check_masks_agree(self.masks, trainer.global_step)
         metrics = {"sparsity/drop_fraction": fraction, "sparsity/changed": float(changed)}
         if self.redistribution != "none":
             metrics.update(self.density_metrics())

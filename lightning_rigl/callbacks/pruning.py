@@ -11,6 +11,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_rigl.callbacks.agreement import check_masks_agree
 from lightning_rigl.callbacks.sparse_training import SparseTraining
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.criteria import magnitude
@@ -51,7 +52,7 @@ class PruningFromDense(SparseTraining):
 
             for_each_layer(prune_layer, self._params)
         self.num_updates += 1
-        self._sync_masks(trainer, optimizer)
+        check_masks_agree(self.masks, trainer.global_step)
         self._log(trainer, {"sparsity/target": fraction * self._target_sparsity(), **self.density_metrics()})
 
     def _prune_globally(self, optimizer: torch.optim.Optimizer, scores: Scores, fraction: float) -> None:

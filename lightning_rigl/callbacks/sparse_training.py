@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import math
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_rigl.callbacks.agreement import check_masks_agree
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.flops import TrainingFlops, model_size_bytes
 from lightning_rigl.sparsity.distributions import (
@@ -55,7 +54,7 @@ class SparseTraining(Callback, ABC):
     This class owns the masks (``masks``: parameter name → bool tensor, True for a live weight), the per-layer
     targets (``densities``), keeps dead weights at exactly 0 (gradients masked with ``torch.where`` before
     every optimizer step, optimizer state zeroed wherever a mask changes), stores masks and densities in
-    checkpoints and keeps DDP ranks in agreement. A method overrides ``update_masks`` (called once per
+    checkpoints and checks that DDP ranks agree. A method overrides ``update_masks`` (called once per
     optimizer step, on the accumulated, all-reduced, unscaled gradients, before the gradients are masked),
     and optionally ``start_densities`` (dense-start methods) or ``initial_masks``.
 
@@ -80,8 +79,11 @@ class SparseTraining(Callback, ABC):
     Raises:
         ValueError: sparsity outside [0, 1), an unknown distribution, or a bad mapping (here); a pattern that
             matches nothing, nothing to sparsify, or an infeasible request (at setup, before training).
-        RuntimeError: manual optimization, more than one optimizer, FSDP/DeepSpeed/model-parallel
-            strategies, or a sparsified parameter the optimizer does not train (before the first step).
+        RuntimeError: manual optimization (so there is one optimizer: Lightning refuses several under
+            automatic optimization), FSDP/DeepSpeed/model-parallel strategies, or a sparsified parameter the
+            optimizer does not train (before the first step).
+        MaskDisagreementError: DDP processes hold different masks (at fit start or after a change): a bug,
+            raised on every process at once instead of training replicas that drift apart.
     """
 
     supports_global: ClassVar[bool] = False  # whether distribution="global" means something for this method
@@ -167,14 +169,15 @@ class SparseTraining(Callback, ABC):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        optimizer = _single_optimizer(trainer)
+        # Lightning itself refuses several optimizers under automatic optimization, and _check_supported manual.
+        optimizer = trainer.optimizers[0]
         self._params = self._select(pl_module)
         self._check_fit(trainer, optimizer)
         if self.masks:
             self._adopt_existing_masks()
         else:
             self.masks = self.initial_masks()
-        self._sync_masks(trainer, optimizer)
+        check_masks_agree(self.masks, trainer.global_step)
         for name, param in self._params.items():
             apply_mask(param, self.masks[name], optimizer)
         self._zero = {p.device: torch.zeros((), dtype=p.dtype, device=p.device) for p in self._params.values()}
@@ -341,25 +344,6 @@ class SparseTraining(Callback, ABC):
             if grad is not None:
                 torch.where(self.masks[name], grad, self._zero[grad.device], out=grad)
 
-    def _sync_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
-        """Under DDP, every rank adopts rank 0's masks: a guard, since seeded choices already agree."""
-        if trainer.world_size == 1 or not dist.is_available() or not dist.is_initialized():
-            return
-        local = torch.cat([mask.view(-1) for mask in self.masks.values()]).to(torch.uint8)
-        received = local.clone()
-        dist.broadcast(received, src=0)
-        if torch.equal(received, local):
-            return
-        warnings.warn(
-            f"Rank {trainer.global_rank} held masks different from rank 0's and adopted rank 0's. Please "
-            "report this: masks are meant to agree by construction.",
-            stacklevel=2,
-        )
-        for (name, mask), chunk in zip(self.masks.items(), received.split([m.numel() for m in self.masks.values()])):
-            mask.copy_(chunk.view(mask.shape).bool())
-            apply_mask(self._params[name], mask, optimizer)
-            self.densities[name] = int(mask.sum()) / mask.numel()
-
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -403,15 +387,6 @@ def _check_unscaled(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> No
             f"{type(optimizer).__name__} unscales fp16 gradients inside its own step (fused), so mask updates would "
             "read scaled gradients. Use it with fused=False, or train in bf16-mixed or 32-bit."
         )
-
-
-def _single_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
-    if len(trainer.optimizers) != 1:
-        raise RuntimeError(
-            f"Sparse training needs exactly one optimizer; configure_optimizers returned "
-            f"{len(trainer.optimizers)}. Put all parameters in one optimizer (use param groups)."
-        )
-    return trainer.optimizers[0]
 
 
 def _check_optimized(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:

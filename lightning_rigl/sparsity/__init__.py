@@ -13,6 +13,7 @@ from lightning_rigl.sparsity.masks import (
     apply_mask,
     global_density,
     mask_densities,
+    mask_digest,
     random_mask,
     random_masks,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "layer_densities",
     "live_count",
     "mask_densities",
+    "mask_digest",
     "prune",
     "prune_globally",
     "random_mask",

@@ -24,6 +24,37 @@ def global_density(masks: Mapping[str, Tensor]) -> float:
     return sum(int(mask.sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
 
 
+_UINT32 = 0xFFFFFFFF
+_MIX = (0x45D9F3B, 0x119DE1F3)  # multipliers of two 32-bit integer hashes (xor-shift-multiply rounds)
+
+
+def _hash32(index: Tensor, multiplier: int) -> Tensor:
+    """A 32-bit integer hash of each int64 index, in int64: no product exceeds 2⁶⁰, so nothing overflows."""
+    x = index & _UINT32
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * multiplier) & _UINT32
+    return (x >> 16) ^ x
+
+
+def mask_digest(masks: Mapping[str, Tensor]) -> Tensor:
+    """A fingerprint of each mask's live positions, cheap to compare between processes: one row per mask of
+    int64 [live count, Σ h₁(i), Σ h₂(i)] over its live flat (row-major) indices i, with two 32-bit hashes.
+
+    Two masks with the same live positions always agree; masks that differ agree on both sums only by a
+    chance of about one in 2⁶⁴ (power sums such as Σi and Σi², by contrast, coincide for structured sets:
+    {1, 5, 6} and {2, 3, 7}). Sums of 32-bit values over fewer than 2³¹ positions cannot overflow.
+    Shape (len(masks), 3), on the first mask's device.
+    """
+    rows = []
+    for mask in masks.values():
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        rows.append(torch.stack([index.new_tensor(index.numel()),
+                                 *(_hash32(index, multiplier).sum() for multiplier in _MIX)]))
+    if not rows:
+        return torch.zeros(0, 3, dtype=torch.int64)
+    return torch.stack([row.to(rows[0].device) for row in rows])
+
+
 class Stream(IntEnum):
     """What a random draw is for: one stream per use, so that no two uses of a step and layer share numbers."""
 
