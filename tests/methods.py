@@ -27,20 +27,20 @@ def ticket_checkpoint() -> str:
     return str(path)
 
 
-METHODS: dict[str, Callable[[], pl.Callback]] = {
-    "static": lambda: Static(sparsity=0.8),
-    "rigl": lambda: RigL(sparsity=0.8, **DYNAMIC),
-    "set": lambda: SET(sparsity=0.8, **DYNAMIC),
-    "snfs": lambda: SNFS(sparsity=0.8, **DYNAMIC),
-    "rigl_sg": lambda: RigL(sparsity=0.8, redistribution="gradient", **DYNAMIC),
-    "rigl_sm": lambda: RigL(sparsity=0.8, redistribution="momentum", **DYNAMIC),
-    "rigl_skip_step": lambda: RigL(sparsity=0.8, update_placement="skip_step", start_at=0, **DYNAMIC),
-    "snip": lambda: SNIP(sparsity=0.8),
-    "snip_global": lambda: SNIP(sparsity=0.8, distribution="global"),
-    "pruning": lambda: GradualMagnitudePruning(sparsity=0.8, update_interval=2, start_at=2, stop_at=8),
-    "pruning_global": lambda: GradualMagnitudePruning(sparsity=0.8, distribution="global", update_interval=2,
-                                                      start_at=2, stop_at=8),
-    "lottery": lambda: LotteryTicket(checkpoint=ticket_checkpoint()),
+METHODS: dict[str, Callable[..., pl.Callback]] = {  # keyword arguments are passed on (rewind_step, say)
+    "static": lambda **kw: Static(sparsity=0.8, **kw),
+    "rigl": lambda **kw: RigL(sparsity=0.8, **DYNAMIC, **kw),
+    "set": lambda **kw: SET(sparsity=0.8, **DYNAMIC, **kw),
+    "snfs": lambda **kw: SNFS(sparsity=0.8, **DYNAMIC, **kw),
+    "rigl_sg": lambda **kw: RigL(sparsity=0.8, redistribution="gradient", **DYNAMIC, **kw),
+    "rigl_sm": lambda **kw: RigL(sparsity=0.8, redistribution="momentum", **DYNAMIC, **kw),
+    "rigl_skip_step": lambda **kw: RigL(sparsity=0.8, update_placement="skip_step", start_at=0, **DYNAMIC, **kw),
+    "snip": lambda **kw: SNIP(sparsity=0.8, **kw),
+    "snip_global": lambda **kw: SNIP(sparsity=0.8, distribution="global", **kw),
+    "pruning": lambda **kw: GradualMagnitudePruning(sparsity=0.8, update_interval=2, start_at=2, stop_at=8, **kw),
+    "pruning_global": lambda **kw: GradualMagnitudePruning(sparsity=0.8, distribution="global", update_interval=2,
+                                                           start_at=2, stop_at=8, **kw),
+    "lottery": lambda **kw: LotteryTicket(checkpoint=ticket_checkpoint(), **kw),  # takes no rewind_step
 }
 # Methods whose masks change during training (all but the static ones), and the update steps of a 13-step run.
 CHANGING = [name for name in METHODS if name not in ("static", "lottery")]

@@ -4,6 +4,8 @@ connections, resume, accumulation, mixed precision, errors. Parametrized over ev
 from __future__ import annotations
 
 import csv
+import functools
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -15,9 +17,10 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import FSDPStrategy
 
-from lightning_rigl import SET, SNFS, SNIP, RigL, Static
+from lightning_rigl import SET, SNFS, SNIP, DynamicSparseTraining, GradualMagnitudePruning, RigL, SparseTraining, Static
 from lightning_rigl.callbacks.sparse_training import _check_supported
-from lightning_rigl.sparsity import MaskChange, live_count
+from lightning_rigl.sparsity import GLOBAL, MaskChange, live_count
+from lightning_rigl.sparsity.schedules import cubic_sparsity, is_pruning_step
 from lightning_rigl.sparsity.masks import param_state_tensors
 
 DYNAMIC_CLASSES = {"rigl": RigL, "set": SET}
@@ -32,6 +35,7 @@ class Recorder(pl.Callback):
         self.previous: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, trainer, pl_module):
+        assert_budget(self.sparse, trainer.global_step - 1)
         self.previous = {n: m.clone() for n, m in self.sparse.masks.items()}
         self.initial = self.previous
 
@@ -50,9 +54,46 @@ class Recorder(pl.Callback):
         for name, mask in self.sparse.masks.items():
             param = pl_module.get_parameter(name).detach()
             assert (param[~mask] == 0).all(), f"{name}: a dead weight moved at step {trainer.global_step}"
+            # The callback's own record (logged, checkpointed) must describe its masks...
             assert int(mask.sum()) == live_count(param.numel(), self.sparse.densities[name]), name
+        # ...and the masks must hold what the configuration asks for, whatever that record says.
+        assert_budget(self.sparse, trainer.global_step - 1)
         self.previous = {n: m.clone() for n, m in self.sparse.masks.items()}
         self.masks.append(self.previous)
+
+
+def assert_budget(sparse: SparseTraining, step: int) -> None:
+    """The live counts after optimizer ``step`` against the configuration, never against the callback's running
+    count: each layer's target count (``targets``; the dense start and the cubic ramp for pruning), the global
+    total where a method moves density between layers or ranks them together, and that total against the
+    configured sparsity."""
+    numel = {name: mask.numel() for name, mask in sparse.masks.items()}
+    live = {name: int(mask.sum()) for name, mask in sparse.masks.items()}
+    target = {name: live_count(numel[name], sparse.targets[name]) for name in numel}
+    ramp = 1.0  # the fraction of each layer's target zeros due now
+    if isinstance(sparse, GradualMagnitudePruning):
+        done = [t for t in range(step + 1) if is_pruning_step(t, sparse.update_interval, sparse.start_step,
+                                                               sparse.stop_step)]
+        ramp = cubic_sparsity(done[-1], 1.0, sparse.start_step, sparse.stop_step) if done else 0.0
+    elif isinstance(sparse, SNIP) and sparse.num_updates == 0:  # postponed: still dense
+        ramp = 0.0
+    total = sum(numel.values())
+    if sparse.distribution == GLOBAL:  # the whole selection keeps N - floor(ramp·S·N), each layer at least one
+        assert sum(live.values()) == total - math.floor(ramp * sparse.sparsity * total), f"step {step}"
+        assert all(n >= 1 for n in live.values()), f"step {step}: a layer without live weights"
+        return
+    if isinstance(sparse, DynamicSparseTraining) and sparse.redistribution != "none":
+        assert sum(live.values()) == sum(target.values()), f"step {step}: the global count moved"
+        assert all(1 <= live[n] <= numel[n] for n in live), f"step {step}: a layer outside [1, numel]"
+        assert all(live[n] == numel[n] for n in live if sparse.targets[n] == 1.0), "a dense layer lost weights"
+    else:
+        zeros = {name: numel[name] - target[name] for name in numel}
+        expected = {name: numel[name] - math.floor(ramp * zeros[name] + 1e-9) for name in numel}
+        assert live == expected, f"step {step}: live counts {live}, targets {expected}"
+    if ramp == 1.0 and sparse.distribution in ("er", "erk") and not sparse.custom_sparsity:
+        # The official budget: the layers share sum(N - floor(S·N)) live weights; each floors its own zeros.
+        budget = sum(n - math.floor(sparse.sparsity * n) for n in numel.values())
+        assert budget <= sum(live.values()) <= budget + len(numel), f"step {step}: total against the sparsity"
 
 
 def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
@@ -173,6 +214,12 @@ def _assert_resume_matches(tmp_path, make, crash_step, model_factory=TinyNet, st
 
     assert resumed_cb.num_updates == straight_cb.num_updates
     assert resumed_cb.densities == straight_cb.densities
+    # A rewind copy taken before the crash travels in the checkpoint, unchanged.
+    assert (resumed_cb.rewind is None) == (straight_cb.rewind is None)
+    if straight_cb.rewind is not None:
+        assert set(resumed_cb.rewind) == set(straight_cb.rewind)
+        for name, copy in straight_cb.rewind.items():
+            assert torch.equal(resumed_cb.rewind[name], copy), f"rewind copy of {name}"
     assert resumed_cb.flops.spent == straight_cb.flops.spent  # the FLOP account travels in the checkpoint
     for name in SPARSE_NAMES:
         assert torch.equal(resumed_cb.masks[name], straight_cb.masks[name]), name
@@ -188,8 +235,10 @@ def _assert_resume_matches(tmp_path, make, crash_step, model_factory=TinyNet, st
 @pytest.mark.parametrize("crash_step", [6, 7])  # right after an update, and between updates
 @pytest.mark.parametrize("method", list(METHODS))
 def test_resume_matches_uninterrupted_run(tmp_path, method, crash_step):
-    state = _assert_resume_matches(tmp_path, METHODS[method], crash_step)
+    rewind = {} if method == "lottery" else {"rewind_step": 2}  # a ticket consumes a copy, it keeps none
+    state = _assert_resume_matches(tmp_path, functools.partial(METHODS[method], **rewind), crash_step)
     assert ("moving_average" in state) == (method == "snfs")
+    assert ("rewind" in state) == bool(rewind)
 
 
 def test_resume_keeps_the_moving_average_where_the_optimizer_has_no_momentum(tmp_path):
@@ -427,6 +476,47 @@ def test_resume_with_other_sparsity_fails(tmp_path):
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     with pytest.raises(RuntimeError, match="do not fit this configuration"):
         train([RigL(sparsity=0.5, stop_at=1.0)], steps=4, ckpt_path=str(tmp_path / "a.ckpt"))
+
+
+class Snapshot(pl.Callback):
+    """The sparse layers' weights and masks in ``on_before_optimizer_step`` of ``step``: before the sparse
+    callback's update when listed in front of it, after the update (and before the optimizer step) when behind."""
+
+    def __init__(self, sparse: pl.Callback, step: int) -> None:
+        self.sparse, self.step = sparse, step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            self.weights = {n: pl_module.get_parameter(n).detach().clone() for n in self.sparse.masks}
+            self.masks = {n: m.clone() for n, m in self.sparse.masks.items()}
+
+
+@pytest.mark.parametrize("grow_init", ["normal", "uniform"])
+@pytest.mark.parametrize("method", [RigL, SET])
+def test_grow_init_gives_new_connections_values_of_the_stated_distribution(method, grow_init):
+    sparse = method(sparsity=0.5, grow_init=grow_init, update_interval=3, drop_fraction=0.5, drop_schedule="constant",
+                    stop_at=1.0)
+    before, after = Snapshot(sparse, 3), Snapshot(sparse, 3)
+    train([before, sparse, after], steps=4)
+    grown_counts = {}
+    for name, mask in after.masks.items():
+        old, weights, new_weights = before.masks[name], before.weights[name], after.weights[name]
+        grown, kept = mask & ~old, mask & old
+        assert torch.equal(new_weights[kept], weights[kept]), f"{name}: a kept connection changed"
+        assert (new_weights[~mask] == 0).all(), f"{name}: a dropped or dead connection is not 0"
+        values = new_weights[grown]
+        grown_counts[name] = values.numel()
+        if values.numel() < 1000:  # too few draws to test a distribution
+            continue
+        if grow_init == "normal":  # official: N(0, std of the layer's weights, zeros included)
+            scale = weights.std().item()
+            assert abs(values.mean().item()) < 4 * scale / math.sqrt(values.numel()), name
+            assert values.std().item() == pytest.approx(scale, rel=0.08), name
+        else:  # official: U(-b, b) with b the mean |w| of the layer, zeros included
+            bound = weights.abs().mean().item()
+            assert values.abs().max().item() <= bound and values.abs().max().item() > 0.95 * bound, name
+            assert values.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.08), name
+    assert max(grown_counts.values()) >= 1000, grown_counts
 
 
 @pytest.mark.parametrize("grow_init", ["normal", "uniform"])

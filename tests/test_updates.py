@@ -11,6 +11,7 @@ from lightning_rigl.sparsity import (
     global_density,
     is_update_step,
     mask_densities,
+    mask_digest,
     random_mask,
     top_k_indices,
 )
@@ -213,3 +214,22 @@ def test_densities_of_masks_per_layer_and_over_all() -> None:
     masks = {"a": WEIGHTS != 0, "b": torch.tensor([True, False, False, False])}
     assert mask_densities(masks) == {"a": 6 / 16, "b": 1 / 4}
     assert global_density(masks) == 7 / 20  # weighted by size, not the mean of the layers' densities
+
+
+def _positions(*live: int, numel: int = 8) -> torch.Tensor:
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[list(live)] = True
+    return mask
+
+
+def test_mask_digest_tells_apart_masks_with_other_live_positions() -> None:
+    same = mask_digest({"a": _positions(1, 5, 6), "b": _positions(0, numel=3)})
+    assert torch.equal(same, mask_digest({"a": _positions(1, 5, 6), "b": _positions(0, numel=3)}))
+    assert same[:, 0].tolist() == [3, 1]  # the live counts
+    # {1, 5, 6} and {2, 3, 7} share their count, sum and sum of squares (12 and 62): power sums would collide.
+    assert not torch.equal(same[0], mask_digest({"a": _positions(2, 3, 7)})[0])
+    assert not torch.equal(same[0], mask_digest({"a": _positions(1, 5, 7)})[0])  # one position moved
+    # Positions are row-major, whatever the memory layout.
+    grid = torch.rand(2, 3, 4, 5) > 0.5
+    assert torch.equal(mask_digest({"w": grid}), mask_digest({"w": grid.to(memory_format=torch.channels_last)}))
+    assert mask_digest({}).shape == (0, 3)
