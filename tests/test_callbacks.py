@@ -158,25 +158,38 @@ def test_rigl_grows_where_the_accumulated_gradient_is_largest():
     assert grad[grown].min() >= grad[~new].max()
 
 
-@pytest.mark.parametrize("method", ["rigl", "snfs", "rigl_sg", "snip"])
+# Methods whose mask decisions read this step's gradient (directly, or through momentum or a moving average).
+READS_GRADIENT = ["rigl", "snfs", "rigl_sg", "rigl_sm", "rigl_skip_step", "snip", "snip_global"]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
 def test_accumulated_micro_batches_update_like_one_large_batch(method):
-    class NoBatchNormNet(TinyNet):
+    class RunningStatsBatchNorm(torch.nn.BatchNorm2d):
+        def train(self, mode=True):  # batch statistics differ between micro-batches: normalise by running ones
+            return super().train(False)
+
+    class FixedNormNet(TinyNet):  # the same parameters (a lottery ticket's checkpoint fits it)
         def __init__(self):
-            super().__init__(dtype=torch.float64)
-            self.features[1] = torch.nn.Identity()  # batch statistics differ between micro-batches
+            super().__init__()
+            self.features[1] = RunningStatsBatchNorm(8)
+            self.to(torch.float64)
 
     def run(accumulate, batch_size):
         sparse = METHODS[method]()
-        train([sparse], model_factory=NoBatchNormNet, steps=4, batch_size=batch_size,
-              data=make_data(32, dtype=torch.float64), accumulate_grad_batches=accumulate)
-        return sparse
+        trainer = train([sparse], model_factory=FixedNormNet, steps=6, batch_size=batch_size,
+                        data=make_data(32, dtype=torch.float64), accumulate_grad_batches=accumulate)
+        return sparse, dict(trainer.lightning_module.named_parameters())
 
-    full, accumulated = run(1, 32), run(4, 8)
-    assert full.num_updates == accumulated.num_updates >= 1
+    (full, full_params), (accumulated, accumulated_params) = run(1, 32), run(4, 8)
+    assert full.num_updates == accumulated.num_updates >= (method in CHANGING)
     for name in SPARSE_NAMES:
         assert torch.equal(full.masks[name], accumulated.masks[name]), name
-    single_micro_batch = run(1, 8)
-    assert any(not torch.equal(full.masks[n], single_micro_batch.masks[n]) for n in SPARSE_NAMES)
+    for name, param in full_params.items():
+        torch.testing.assert_close(accumulated_params[name], param, rtol=1e-9, atol=1e-12, msg=name)
+    single_micro_batch, single_params = run(1, 8)  # the test tells one micro-batch from all four
+    assert any(not torch.equal(full_params[n], single_params[n]) for n in full_params)
+    if method in READS_GRADIENT:
+        assert any(not torch.equal(full.masks[n], single_micro_batch.masks[n]) for n in SPARSE_NAMES)
 
 
 class Crash(Exception):
@@ -340,6 +353,23 @@ def test_fp16_grad_scaler_overflow_defers_update_to_first_finite_unscaled_gradie
     reference = fp32_spy.grads[0]
     got = spy.grads[first_finite]
     assert (got - reference).abs().max() <= 1e-2 * reference.abs().max()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fp16_grad_scaler_overflows_are_never_read_and_invariants_hold(method):
+    # An overflowing start as above, backing off more slowly so that it spans the first update step of every
+    # method: no decision that reads gradients is taken on a step whose gradients are not finite, and counts, dead
+    # weights and new connections stay exact throughout.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-5, growth_interval=1000)
+    sparse = METHODS[method]()
+    spy, recorder = GradientSpy(), Recorder(sparse)
+    train([spy, sparse, recorder], steps=13, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    assert spy.finite[:4] == [False] * 4 and spy.finite[-1] is True
+    history = [recorder.initial, *recorder.masks]
+    changed = [step for step, (a, b) in enumerate(zip(history, history[1:])) if _changed(a, b)]
+    if method in READS_GRADIENT:
+        assert all(spy.finite[step] for step in changed), (changed, spy.finite)
+    assert sparse.num_updates >= (method in CHANGING)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
