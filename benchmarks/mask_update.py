@@ -5,7 +5,8 @@ for comparison, random gradients. Real gradients are full of exact zeros (ReLU, 
 3×3 convs of layer4 see a 1×1 map, so 8 of 9 kernel taps get no gradient) and ties. Each figure is the
 median over several updates, each from the same starting state, beside two baselines timed in the same run:
 one elementwise pass over every weight, gradient and mask (``torch.where(mask, weight, grad)``: the floor
-for any update, which must read each of them once) and a plain full top-k per layer (selection only).
+for any update, which must read each of them once) and a plain full top-k per layer (selection only). Under DDP
+the callback also digests the new masks to compare them across processes (``mask_digest``, timed apart).
 
     python benchmarks/mask_update.py [--sparsity 0.9] [--distribution erk] [--repeats 7] [--threads 2]
 """
@@ -19,7 +20,7 @@ import torchvision
 from timing import median_seconds
 
 from lightning_rigl.callbacks.sparse_training import gradients_ready
-from lightning_rigl.sparsity import drop_and_grow, layer_densities, live_count, random_mask
+from lightning_rigl.sparsity import drop_and_grow, layer_densities, live_count, mask_digest, random_mask
 from lightning_rigl.sparsity.masks import Stream, apply_change, generator
 from lightning_rigl.sparsity.parallel import for_each_layer
 
@@ -95,11 +96,16 @@ def main() -> None:
                 grow_scores = torch.where(kept, -1.0, param.grad.abs().view(-1))
                 torch.topk(grow_scores, n_swap).indices
 
+        def digest() -> None:
+            mask_digest(masks)
+
         ours = median_seconds(update, args.repeats, before=restore)
+        digest_time = median_seconds(digest, args.repeats, before=restore)
         floor = median_seconds(elementwise_pass, args.repeats, before=restore)
         baseline = median_seconds(full_topk, args.repeats, before=restore)
         print(f"gradients: {source} ({zeros:.0%} exact zeros)")
         print(f"  lightning-rigl update (with finiteness check):  {ours:.3f} s   ({ours / floor:.1f}x the pass)")
+        print(f"  mask digest (DDP agreement check, no gather):    {digest_time:.3f} s   ({digest_time / ours:.0%} of the update)")
         print(f"  one elementwise pass (torch.where):              {floor:.3f} s")
         print(f"  full top-k per layer (selection only):           {baseline:.3f} s   ({baseline / ours:.1f}x ours)")
 

@@ -25,31 +25,30 @@ def global_density(masks: Mapping[str, Tensor]) -> float:
 
 
 _UINT32 = 0xFFFFFFFF
-_MIX = (0x45D9F3B, 0x119DE1F3)  # multipliers of two 32-bit integer hashes (xor-shift-multiply rounds)
+_MIX = 0x45D9F3B  # the multiplier of a 32-bit integer hash (two xor-shift-multiply rounds)
 
 
-def _hash32(index: Tensor, multiplier: int) -> Tensor:
+def _hash32(index: Tensor) -> Tensor:
     """A 32-bit integer hash of each int64 index, in int64: no product exceeds 2⁶⁰, so nothing overflows."""
     x = index & _UINT32
     for _ in range(2):
-        x = (((x >> 16) ^ x) * multiplier) & _UINT32
+        x = (((x >> 16) ^ x) * _MIX) & _UINT32
     return (x >> 16) ^ x
 
 
 def mask_digest(masks: Mapping[str, Tensor]) -> Tensor:
     """A fingerprint of each mask's live positions, cheap to compare between processes: one row per mask of
-    int64 [live count, Σ h₁(i), Σ h₂(i)] over its live flat (row-major) indices i, with two 32-bit hashes.
+    int64 [live count, Σ i, Σ h(i)] over its live flat (row-major) indices i, with h a 32-bit integer hash.
 
-    Two masks with the same live positions always agree; masks that differ agree on both sums only by a
-    chance of about one in 2⁶⁴ (power sums such as Σi and Σi², by contrast, coincide for structured sets:
-    {1, 5, 6} and {2, 3, 7}). Sums of 32-bit values over fewer than 2³¹ positions cannot overflow.
-    Shape (len(masks), 3), on the first mask's device.
+    Two masks with the same live positions always agree. Masks that differ agree only by chance, about one in
+    2³² for differences without structure (the power sums Σ i and Σ i² alone coincide for structured sets:
+    {1, 5, 6} and {2, 3, 7}). Sums over fewer than 2³¹ positions cannot overflow. Shape (len(masks), 3), on
+    the first mask's device.
     """
     rows = []
     for mask in masks.values():
         index = mask.reshape(-1).nonzero().squeeze(1)
-        rows.append(torch.stack([index.new_tensor(index.numel()),
-                                 *(_hash32(index, multiplier).sum() for multiplier in _MIX)]))
+        rows.append(torch.stack([index.new_tensor(index.numel()), index.sum(), _hash32(index).sum()]))
     if not rows:
         return torch.zeros(0, 3, dtype=torch.int64)
     return torch.stack([row.to(rows[0].device) for row in rows])
