@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from torch import nn
 
 from lightning_rigl.callbacks import DynamicSparseTraining, LotteryTicket, SparseTraining
 from lightning_rigl.callbacks.sparse_training import FORWARD_RATIO, SIZE_BYTES, TRAIN_RATIO
-from lightning_rigl.flops import model_size_bytes
+from lightning_rigl.flops import forward_flops, model_size_bytes
 from lightning_rigl.models import create_model
 
 RESULTS_FILE = "results.json"
@@ -56,8 +58,10 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
     }
     if not sparse:
         removed = _parameters_removed(model)
+        # A Small-Dense model trains and infers at its own FLOPs: a fraction of the full-width model's.
+        ratio = 1.0 if removed == 0 else _narrowed_flop_ratio(model, _example_shape(trainer))
         record.update(method="Dense" if removed == 0 else "Small-Dense", distribution=None, sparsity=removed,
-                      achieved_sparsity=removed, seed=None, train_ratio=1.0, forward_ratio=1.0,
+                      achieved_sparsity=removed, seed=None, train_ratio=ratio, forward_ratio=ratio,
                       size_bytes=model_size_bytes(model), densities={})
         return record
     (callback,) = sparse
@@ -79,14 +83,42 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
     return record
 
 
-def _parameters_removed(model: pl.LightningModule) -> float:
-    """For a narrowed dense model (``width`` < 1: a Small-Dense baseline), the fraction of the full-width model's
-    parameters it lacks, the sparsity whose parameter count it matches; 0 for any other model."""
+def _full_width_model(model: pl.LightningModule) -> nn.Module | None:
+    """The full-width network of a narrowed dense model (``width`` < 1: a Small-Dense baseline); None for any
+    other model."""
     hparams = model.hparams
     if float(hparams.get("width", 1.0)) == 1.0 or "arch" not in hparams:
+        return None
+    return create_model(hparams["arch"], num_classes=hparams["num_classes"], **(hparams.get("arch_kwargs") or {}))
+
+
+def _parameters_removed(model: pl.LightningModule) -> float:
+    """For a narrowed dense model, the fraction of the full-width model's parameters it lacks, the sparsity
+    whose parameter count it matches; 0 for any other model."""
+    full = _full_width_model(model)
+    if full is None:
         return 0.0
-    full = create_model(hparams["arch"], num_classes=hparams["num_classes"], **(hparams.get("arch_kwargs") or {}))
     return 1.0 - sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in full.parameters())
+
+
+def _narrowed_flop_ratio(model: pl.LightningModule, example_shape: tuple[int, ...] | None) -> float | None:
+    """A narrowed model's forward FLOPs over its full-width model's, for one example (also its training FLOPs
+    over the full model's, both trained densely); None when no example shape is known."""
+    full = _full_width_model(model)
+    if full is None or example_shape is None:
+        return None
+    return forward_flops(model, example_shape) / forward_flops(full, example_shape)
+
+
+def _example_shape(trainer: pl.Trainer) -> tuple[int, ...] | None:
+    """The shape of one training example of the trainer's data module (``train_set[0]``'s first tensor), if it
+    has one."""
+    dataset = getattr(trainer.datamodule, "train_set", None)
+    if dataset is None:
+        return None
+    example = dataset[0]
+    inputs = example[0] if isinstance(example, (tuple, list)) else example
+    return tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else None
 
 
 def _distribution(callback: SparseTraining) -> tuple[str, float | None]:

@@ -257,6 +257,19 @@ def test_the_recorded_distribution(callback, expected: tuple) -> None:
     assert _distribution(callback) == expected
 
 
+def test_a_small_dense_run_records_its_own_flops_against_the_full_width_model(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    write_fashion_mnist(tmp_path / "fashion", n_train=64, n_test=16)
+    monkeypatch.chdir(tmp_path)
+    narrow = tmp_path / "small_dense.yaml"
+    narrow.write_text("trainer:\n  callbacks: []\nmodel:\n  width: 0.5\n")
+    record = read_results(fit(tmp_path / "fashion", "small_dense", "--config", str(narrow)))
+    # LeNet-300-100 at half width is 784-150-50-10: 125,600 weights against 266,200, and all its FLOPs are
+    # matrix products, so it trains and infers at 125,600 / 266,200 of the full model's FLOPs.
+    assert record["method"] == "Small-Dense"
+    assert record["train_ratio"] == record["forward_ratio"] == pytest.approx(125_600 / 266_200)
+
+
 def test_a_narrowed_dense_model_records_the_fraction_of_parameters_it_lacks() -> None:
     full = sum(p.numel() for p in ImageClassifier(arch="lenet300_100", num_classes=10).parameters())
     half = ImageClassifier(arch="lenet300_100", num_classes=10, width=0.5)
