@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_rigl.report import Report, Row, markdown_table
+from lightning_rigl.report import RECORDS_FILE, Report, Row, markdown_table
 
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 
@@ -156,7 +156,8 @@ def _claim(claim: str, lines: Sequence[str], verdict: str) -> str:
 
 
 def write_reproduction_doc(report: Report, figures: Path, path: Path, seeds: int, quick: bool) -> Path:
-    """The study's page: how it was run, the claims, the table and the figures (copied next to the page)."""
+    """The study's page: how it was run, the claims, the table and the figures, copied next to the page with the
+    run records they were drawn from (``records.json``, from which ``--from-records`` redraws them)."""
     sparsities = [s for s in SPARSITIES if any(abs(r.first["sparsity"] - s) < 1e-9 for r in report.rows)]
     assets = path.parent / path.stem
     assets.mkdir(parents=True, exist_ok=True)
@@ -164,14 +165,18 @@ def write_reproduction_doc(report: Report, figures: Path, path: Path, seeds: int
     for figure in sorted(figures.glob("*.png")):
         shutil.copy(figure, assets / figure.name)
         images.append(f"![{figure.stem}]({assets.name}/{figure.name})")
+    if (figures / RECORDS_FILE).resolve() != (assets / RECORDS_FILE).resolve():
+        shutil.copy(figures / RECORDS_FILE, assets / RECORDS_FILE)
     command = "python benchmarks/reproduce.py" + (" --quick" if quick else "") + " --docs " + str(path)
+    redraw = f"python benchmarks/reproduce.py --from-records {assets / RECORDS_FILE} --docs {path}"
     text = "\n\n".join([
         "# The paper's claims on Fashion-MNIST",
         f"Written by `{command}` (`make reproduce`): LeNet-300-100 on the real Fashion-MNIST (55,000 training "
         "images, 5,000 held out, the 10,000 test images), every method of `recipes/fashion_mnist/` with the same "
         f"step budget (4,300 steps; 2x runs twice that), {seeds} seeds each, on this project's 2-core CPU machine. "
         "Accuracies are test top-1, mean ± standard deviation over seeds; a difference no larger than the larger "
-        "of the two standard deviations is called a tie.",
+        "of the two standard deviations is called a tie. The figures and this page are drawn from the runs' "
+        f"records in `{assets / RECORDS_FILE}`; `{redraw}` draws them again without training.",
         "## The claims",
         *claims(report.rows, sparsities),
         "## The table",

@@ -2,11 +2,14 @@
 over several seeds, through the `lightning-rigl` command; then the report and docs/reproduction.md.
 
     python benchmarks/reproduce.py [--quick] [--output DIR] [--seeds 3] [--workers 2] [--docs docs/reproduction.md]
+    python benchmarks/reproduce.py --from-records docs/reproduction/records.json --docs docs/reproduction.md
 
 Runs go to DIR/runs/fashion_mnist/<recipe>/seed_<k>/; a run whose results.json exists is reused, so an
 interrupted study continues where it stopped (a folder without it is trained again). `--quick` trains every
-method at 90% sparsity with two seeds. Each run is one `lightning-rigl fit` process with one thread;
-`--workers` of them run at once. A lottery ticket starts when its pruning run (same sparsity, same seed) is done.
+method at 90% sparsity with two seeds. `--from-records` trains nothing and redraws from the run records a
+report wrote (the study's page keeps them in docs/reproduction/records.json). Each run is one
+`lightning-rigl fit` process with one thread; `--workers` of them run at once. A lottery ticket starts when its
+pruning run (same sparsity, same seed) is done.
 """
 
 from __future__ import annotations
@@ -143,11 +146,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--docs", default=None,
                         help="also write the study's page here (docs/reproduction.md for the full study)")
+    parser.add_argument("--from-records", default=None, metavar="FILE",
+                        help="train nothing: draw the report (and the page) from the run records of an earlier "
+                        "study, such as docs/reproduction/records.json")
     args = parser.parse_args()
     output = Path(args.output).resolve()
     seeds = args.seeds or (2 if args.quick else 3)
-    failed = run_all(jobs(args.quick, seeds), output, args.workers)
-    report = collect([output / "runs"])
+    failed = [] if args.from_records else run_all(jobs(args.quick, seeds), output, args.workers)
+    report = collect([Path(args.from_records) if args.from_records else output / "runs"])
+    if args.from_records:
+        seeds = max(len(row.runs) for row in report.rows)
     paths = write_report(report, output / "report")
     print(f"report: {', '.join(str(path) for path in paths)}")
     if args.docs:

@@ -32,7 +32,7 @@ from lightning_rigl.callbacks.sparse_training import LAYER_DENSITY, saved_state
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
-from lightning_rigl.plots import Panel, plot_densities, plot_panels
+from lightning_rigl.plots import Line, Panel, plot_densities, plot_panels
 from lightning_rigl.results import run_results, write_results
 from lightning_rigl.resume import ResumeBetweenEpochs
 from lightning_rigl.summary import checkpoint_summary, fit_summary
@@ -175,8 +175,9 @@ def save_density_plots(trainer: pl.Trainer, folder: Path) -> None:
                 history = report.logged_series(folder / "metrics.csv", LAYER_DENSITY)
                 moved = any(report.moves(points) for points in history.values())
                 if moved:
-                    panel = Panel(series={name: report.as_line(points) for name, points in history.items()})
-                    plot_panels({title: panel}, folder / "density_history.png", xlabel="optimizer step",
+                    panel = Panel([Line(report.as_line(points), label=name) for name, points in history.items()],
+                                  title=title)
+                    plot_panels([panel], folder / "density_history.png", xlabel="optimizer step",
                                 ylabel="density (fraction of live weights)", title="density per layer over training",
                                 markers=False)
             except ModuleNotFoundError:

@@ -13,11 +13,12 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import statistics
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import yaml
 
 from lightning_rigl.callbacks.sparse_training import FORWARD_RATIO
-from lightning_rigl.plots import Panel, plot_panels
+from lightning_rigl.plots import Line, Look, Panel, draw_heatmap, draw_panels, save_figure
 from lightning_rigl.results import RESULTS_FILE, read_results
 
 # What a folder the command wrote holds; any of them marks a run folder, finished or not.
@@ -38,6 +39,8 @@ _IGNORED_KEY = re.compile(
     r"enable_progress_bar|enable_model_summary|default_root_dir|dirpath|checkpoint)$|^trainer\.logger(\.|$)"
 )
 _SEED_KEY = re.compile(r"(^|\.)(seed|seed_everything)$")
+RECORDS_FILE = "records.json"  # the runs a report drew from, written beside it (write_records)
+RECORDS_FORMAT = 1
 
 
 class ReportError(Exception):
@@ -128,12 +131,16 @@ def find_run_folders(paths: Sequence[str | Path]) -> list[Path]:
                               "version_N), or a folder above them such as runs/.")
         if path.is_file():
             if path.name != RESULTS_FILE:
-                raise ReportError(f"{path} is a file; give a run's folder (it holds {RESULTS_FILE}) or a folder of "
-                                  "runs.")
+                raise ReportError(f"{path} is a file; give a run's folder (it holds {RESULTS_FILE}), a folder of "
+                                  "runs, or a file of run records (a .json file the report wrote).")
             path = path.parent
         for folder in _run_folders_under(path):
             found[folder] = None
     return list(found)
+
+
+def _is_records_file(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".json" and path.name != RESULTS_FILE
 
 
 def _run_folders_under(folder: Path) -> list[Path]:
@@ -211,16 +218,62 @@ def as_line(points: Sequence[tuple[int, float]]) -> list[tuple[float, float, flo
     return [(step, value, 0.0) for step, value in points]
 
 
-def collect(paths: Sequence[str | Path]) -> Report:
-    """Every finished run at or under ``paths``, grouped into rows; folders that are not finished runs are
-    listed in ``skipped``.
+def write_records(runs: Sequence[Run], path: Path) -> Path:
+    """The runs as one JSON file the report can draw from again without the run folders (``collect`` reads
+    it): each run's record, the settings that group it into a row (those shared by every run stored once), its
+    seeds, and its forward-FLOP curve where it moves. A few kB per run."""
+    folders = [run.folder.resolve() for run in runs]
+    root = Path(os.path.commonpath(folders)) if folders else Path()
+    shared = dict(runs[0].settings) if runs else {}
+    for run in runs[1:]:
+        shared = {key: value for key, value in shared.items() if key in run.settings and run.settings[key] == value}
+    stored = [{"folder": str(folder.relative_to(root)) if folder != root else folder.name, "record": run.record,
+               "settings": {key: value for key, value in run.settings.items() if key not in shared},
+               "seeds": run.seeds, "forward_curve": run.forward_curve if moves(run.forward_curve) else []}
+              for run, folder in zip(runs, folders)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": RECORDS_FORMAT, "shared_settings": shared, "runs": stored},
+                               separators=(",", ":"), default=str) + "\n")
+    return path
+
+
+def read_records(path: Path) -> list[Run]:
+    """The runs of a file ``write_records`` wrote.
 
     Raises:
-        ReportError: a path does not exist, or no finished run was found.
+        ValueError: the file is not such a file, or of another format version.
+    """
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("format") != RECORDS_FORMAT:
+            raise ValueError(f"format {stored.get('format')!r}, not {RECORDS_FORMAT}")
+        shared = stored["shared_settings"]
+        return [Run(path.parent / run["folder"], run["record"], {**shared, **run["settings"]},
+                    [(int(step), float(value)) for step, value in run["forward_curve"]], run["seeds"])
+                for run in stored["runs"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a file of run records written by the report ({error})") from None
+
+
+def collect(paths: Sequence[str | Path]) -> Report:
+    """Every finished run at or under ``paths`` (run folders, folders of them, or files of run records that
+    ``write_records`` wrote), grouped into rows; folders that are not finished runs are listed in ``skipped``.
+
+    Raises:
+        ReportError: a path does not exist, a records file does not read, or no finished run was found.
     """
     runs: dict[str, Run] = {}  # one per config and seeds: a rerun with the same seeds is no new seed
     skipped = []
-    for folder in find_run_folders(paths):
+    record_files = [Path(path) for path in paths if _is_records_file(Path(path))]
+    folder_paths = [path for path in paths if not _is_records_file(Path(path))]
+    for file in record_files:
+        try:
+            loaded = read_records(file)
+        except (ValueError, OSError) as error:
+            raise ReportError(str(error)) from None
+        for run in loaded:
+            runs[json.dumps([_columns(run.record), run.settings, run.seeds], sort_keys=True, default=str)] = run
+    for folder in find_run_folders(folder_paths):
         try:
             run = load_run(folder)
         except FileNotFoundError:
@@ -345,92 +398,261 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
 
 
 def write_figures(rows: Sequence[Row], folder: Path) -> list[Path]:
-    """The four figures of the reproducibility report, as PNG files in ``folder``: accuracy against sparsity
-    (its Figure 1), accuracy against training FLOPs (Figure 3), each row's density per layer (Figure 4 right)
-    and forward FLOPs over training for runs whose density moves (Figure 4 left). A figure with nothing to
-    show is not written.
+    """The figures of ``figures(rows)``, as PNG files in ``folder``.
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed.
     """
-    written = []
-    # Against sparsity, a line per method and multiplier; against training FLOPs, a line per method and
-    # sparsity, through its multipliers (the report's Figure 3).
-    for name, x_key, xlabel, line in (
-        ("accuracy_vs_sparsity.png", "sparsity", "sparsity (fraction of zeros)", Row.label.fget),
-        ("accuracy_vs_training_flops.png", "train_flops", "training FLOPs (x dense at 1x)", _label_with_sparsity),
-    ):
-        panels = _accuracy_panels(rows, x_key, line)
-        if panels:
-            title = "test top-1 against " + xlabel.split(" (")[0] + " (mean ± std over seeds)"
-            written.append(plot_panels(panels, folder / name, xlabel=xlabel, ylabel="test top-1 (%)", title=title))
-    densities = _density_panels(rows)
-    if densities:
-        written.append(plot_panels(densities, folder / "layer_densities.png", xlabel="layer",
-                                   ylabel="density (fraction of live weights)", title="final density per layer"))
-    curves = _curve_panels(rows)
-    if curves:
-        written.append(plot_panels(curves, folder / "forward_flops.png", xlabel="optimizer step",
-                                   ylabel="forward FLOPs (x dense)", title="inference FLOPs over training",
-                                   markers=False))
-    return written
+    return [save_figure(figure, folder / name) for name, figure in figures(rows).items()]
 
 
-def _label_with_sparsity(row: Row) -> str:
-    """The row's method and distribution at its sparsity, whatever its multiplier."""
-    record = row.first
-    if record["method"] == "Dense":
-        return "Dense"
-    label = f"{record['method']} {record['distribution']} s={record['sparsity']:.4g}"
-    return label + (f" ({row.note})" if row.note else "")
+def figures(rows: Sequence[Row]) -> dict[str, Any]:
+    """The report's figures by file name (matplotlib figures), after the reproducibility report's: accuracy
+    against sparsity (its Figure 1; one panel per layer distribution), accuracy against training FLOPs (Figure 3;
+    one panel per sparsity, a line through each method's multipliers), every row's final density per layer (a
+    heat map) and forward FLOPs over training for runs whose density moves (Figure 4 left). Each method keeps
+    one colour and marker in every figure; hollow markers are uniform distributions, dashed lines longer
+    training. A figure with nothing to show is left out.
+
+    Raises:
+        ModuleNotFoundError: matplotlib is not installed.
+    """
+    looks = _method_looks(rows)
+    drawn = {}
+    panels = _sparsity_panels(rows, looks)
+    if panels:
+        drawn["accuracy_vs_sparsity.png"] = draw_panels(
+            panels, xlabel="sparsity (log scale of the density)", ylabel="test top-1 (%)",
+            title="test top-1 against sparsity (mean ± std over seeds)",
+            legend=_legend(rows, looks, by_multiplier=True), xscale="log", invert_x=True, share_y=True,
+            clip_outliers=True)
+    panels = _flops_panels(rows, looks)
+    if panels:
+        xs = [p[0] for panel in panels for line in panel.lines for p in line.points if p[0] > 0]
+        drawn["accuracy_vs_training_flops.png"] = draw_panels(
+            panels, xlabel="training FLOPs (x dense at 1x)", ylabel="test top-1 (%)",
+            title="test top-1 against training FLOPs (mean ± std over seeds; a line joins 1x, 2x, ... of a method)",
+            legend=_legend(rows, looks, by_multiplier=False, with_dense=True),
+            xscale="log" if xs and max(xs) > 10 * min(xs) else "linear", clip_outliers=True, dodge=True)
+    grids = _density_grids(rows)
+    for panel, grid in grids.items():
+        title = "final density per layer (fraction of live weights; mean over seeds)"
+        name = "layer_densities.png"
+        if len(grids) > 1:
+            title, name = f"{title}: {panel}", f"layer_densities_{re.sub(r'[^A-Za-z0-9]+', '_', panel)}.png"
+        drawn[name] = draw_heatmap(grid.values, grid.labels, grid.layers, title=title, colorbar_label="density",
+                                   group_ends=grid.group_ends)
+    panels = _curve_panels(rows)
+    if panels:
+        drawn["forward_flops.png"] = draw_panels(
+            panels, xlabel="optimizer step", ylabel="forward FLOPs (x dense)", title="inference FLOPs over training",
+            markers=False)
+    return drawn
 
 
-def _accuracy_panels(rows: Sequence[Row], x_key: str, line: Callable[[Row], str]) -> dict[str, Panel]:
-    """Per panel (model and data), the rows' mean accuracy against ``x_key``, joined into lines by ``line``;
-    dense training at 1x is also a dashed reference line."""
-    panels: dict[str, Panel] = {}
+# The paper's convention: RigL one strong colour and its variants shades of it, the baselines apart, dense grey.
+_METHOD_LOOKS = {
+    "Dense": Look("#6e6e6e", "s"),
+    "RigL": Look("#1f4fa3", "o"),
+    "RigL-SG": Look("#5b9bd5", "^"),
+    "RigL-SM": Look("#0b2656", "v"),
+    "SET": Look("#ef8a17", "s"),
+    "Static": Look("#2e9e44", "D"),
+    "SNFS": Look("#8e4fc0", "P"),
+    "SNIP": Look("#8c564b", "X"),
+    "GradualMagnitudePruning": Look("#d62728", "*"),
+    "LotteryTicket": Look("#e377c2", "h"),
+    "Small-Dense": Look("#a6a61c", "d"),
+}
+_SPARE_LOOKS = (Look("#17becf", "o"), Look("#393b79", "s"), Look("#bcbd22", "^"), Look("#9c9ede", "D"),
+                Look("#7b4173", "v"), Look("#637939", "P"))
+_MULTIPLIER_STYLES = ("-", "--", "-.", ":")
+# Panels of distributions in this order, then any other by name.
+_DISTRIBUTION_ORDER = {name: i for i, name in enumerate(("erk", "er", "uniform", "uniform (all layers)", "global",
+                                                          "ticket", "custom"))}
+
+
+def _method_looks(rows: Sequence[Row]) -> dict[str, Look]:
+    """A colour and marker per method: the paper's for the known ones, the spare ones in name order."""
+    methods = sorted({row.first["method"] for row in rows})
+    unknown = [method for method in methods if method not in _METHOD_LOOKS]
+    spare = {method: _SPARE_LOOKS[i % len(_SPARE_LOOKS)] for i, method in enumerate(unknown)}
+    return {method: _METHOD_LOOKS.get(method) or spare[method] for method in methods}
+
+
+def _is_uniform(distribution: Any) -> bool:
+    return isinstance(distribution, str) and distribution.startswith("uniform")
+
+
+def _multiplier_styles(rows: Sequence[Row]) -> dict[float, str]:
+    multipliers = sorted({row.first["multiplier"] for row in rows} | {1.0})
+    return {m: _MULTIPLIER_STYLES[min(i, len(_MULTIPLIER_STYLES) - 1)] for i, m in enumerate(multipliers)}
+
+
+def _row_look(row: Row, looks: Mapping[str, Look], linestyle: str = "-") -> Look:
+    look = looks[row.first["method"]]
+    return Look(look.color, look.marker, linestyle, filled=not _is_uniform(row.first["distribution"]))
+
+
+def _legend(rows: Sequence[Row], looks: Mapping[str, Look], by_multiplier: bool,
+            with_dense: bool = False) -> list[tuple[str, Look]]:
+    """A key to the looks: one entry per method, then what hollow markers and line styles mean."""
+    order = list(_METHOD_LOOKS)
+    methods = sorted({row.first["method"] for row in rows if row.first["method"] != "Dense" or with_dense},
+                     key=lambda m: (order.index(m) if m in order else len(order), m))
+    entries = [(method, Look(looks[method].color, looks[method].marker, "-")) for method in methods]
+    distributions = {row.first["distribution"] for row in rows if row.first["method"] != "Dense"}
+    if any(_is_uniform(d) for d in distributions) and not all(_is_uniform(d) for d in distributions):
+        entries.append(("hollow: uniform distribution", Look("black", "o", "none", filled=False)))
+    styles = _multiplier_styles(rows)
+    if by_multiplier and len(styles) > 1:
+        entries += [(f"{m:g}x training", Look("black", "", style)) for m, style in styles.items()]
+    return entries
+
+
+def _sparsity_ticks(sparsities: Iterable[float]) -> list[float]:
+    """The distinct sparsities, those within 0.005 of one another counted once, as the most frequent of them
+    (Small-Dense matches the parameter count of its sparse rows only roughly: 0.7993 for 0.8)."""
+    groups: list[list[float]] = []
+    for value in sorted(sparsities):
+        if groups and value - groups[-1][-1] <= 0.005:
+            groups[-1].append(value)
+        else:
+            groups.append([value])
+    return [max(set(group), key=lambda value: (group.count(value), -len(repr(value)))) for group in groups]
+
+
+def _tick_of(sparsity: float, ticks: Sequence[float]) -> float:
+    return min(ticks, key=lambda tick: abs(tick - sparsity))
+
+
+def _percent(sparsity: float) -> str:
+    return f"{100 * sparsity:.4g}%"
+
+
+def _references(rows: Sequence[Row]) -> dict[str, dict[str, float]]:
+    """Per panel, the dense rows' mean accuracy as labelled reference lines."""
+    references: dict[str, dict[str, float]] = defaultdict(dict)
     for row in rows:
-        accuracy, x = row.mean_std("test_top1"), row.mean_std(x_key)
-        if accuracy is None or x is None:
-            continue
-        panel = panels.setdefault(row.panel, Panel())
-        if row.first["method"] == "Dense" and row.first["multiplier"] == 1:
-            panel.references[f"dense ({accuracy[0]:.2f}%)"] = accuracy[0]
-        panel.series.setdefault(line(row), []).append((x[0], accuracy[0], accuracy[1]))
-    for panel in panels.values():
-        for points in panel.series.values():
-            points.sort()
-    return panels
+        accuracy = row.mean_std("test_top1")
+        if row.first["method"] == "Dense" and accuracy is not None:
+            multiplier = "" if row.first["multiplier"] == 1 else f" {row.first['multiplier']:g}x"
+            references[row.panel][f"dense{multiplier} {accuracy[0]:.2f}%"] = accuracy[0]
+    return references
 
 
-def _density_panels(rows: Sequence[Row]) -> dict[str, Panel]:
-    panels: dict[str, Panel] = {}
-    for row in rows:
+def _sparsity_panels(rows: Sequence[Row], looks: Mapping[str, Look]) -> list[Panel]:
+    """One panel per model/data and layer distribution (rows without one, such as Small-Dense, in every panel
+    of their model): each row's accuracy against its density, 1 - sparsity, on a log scale."""
+    sparse = [row for row in rows if row.first["sparsity"] > 0 and row.mean_std("test_top1") is not None]
+    references = _references(rows)
+    ticks = _sparsity_ticks(row.first["sparsity"] for row in sparse)
+    styles = _multiplier_styles(rows)
+    panels: dict[tuple[str, Any], Panel] = {}
+    keys = sorted(dict.fromkeys((row.panel, row.first["distribution"]) for row in sparse
+                                if row.first["distribution"] is not None),
+                  key=lambda key: (key[0], _DISTRIBUTION_ORDER.get(key[1], len(_DISTRIBUTION_ORDER)), str(key[1])))
+    several_models = len({key[0] for key in keys}) > 1
+    for panel_name, distribution in keys:
+        title = f"distribution: {distribution}" + (f" ({panel_name})" if several_models else "")
+        panels[panel_name, distribution] = Panel(title=title, references=references.get(panel_name, {}),
+                                                 xticks={1 - tick: _percent(tick) for tick in ticks})
+    lines: dict[tuple[Any, ...], Line] = {}
+    for row in sparse:
+        targets = [key for key in panels if key[0] == row.panel and row.first["distribution"] in (None, key[1])]
+        for key in targets:
+            line_key = (*key, row.first["method"], row.first["distribution"], row.first["multiplier"], row.note)
+            if line_key not in lines:
+                lines[line_key] = Line([], _row_look(row, looks, styles[row.first["multiplier"]]), row.label)
+                panels[key].lines.append(lines[line_key])
+            accuracy = row.mean_std("test_top1")
+            lines[line_key].points.append((1 - row.first["sparsity"], accuracy[0], accuracy[1]))
+    for line in lines.values():
+        line.points.sort(reverse=True)
+    return list(panels.values())
+
+
+def _flops_panels(rows: Sequence[Row], looks: Mapping[str, Look]) -> list[Panel]:
+    """One panel per model/data and sparsity: each row's accuracy against its training FLOPs, a line through
+    the multipliers of a method and distribution; the dense rows as a point and a reference line in each."""
+    measured = [row for row in rows if row.mean_std("test_top1") is not None and row.mean_std("train_flops")]
+    references = _references(rows)
+    ticks = _sparsity_ticks(row.first["sparsity"] for row in measured if row.first["sparsity"] > 0)
+    several_models = len({row.panel for row in measured}) > 1
+    panels: dict[tuple[str, float], Panel] = {}
+    for row in measured:
+        if row.first["sparsity"] > 0:
+            key = (row.panel, _tick_of(row.first["sparsity"], ticks))
+            if key not in panels:
+                title = f"sparsity {_percent(key[1])}" + (f" ({row.panel})" if several_models else "")
+                panels[key] = Panel(title=title, references=references.get(row.panel, {}))
+    lines: dict[tuple[Any, ...], Line] = {}
+    for row in measured:
+        sparsity = row.first["sparsity"]
+        targets = [key for key in panels if key[0] == row.panel and (
+            sparsity == 0 or key[1] == _tick_of(sparsity, ticks))]
+        for key in targets:
+            line_key = (*key, row.first["method"], row.first["distribution"], row.note)
+            if line_key not in lines:
+                lines[line_key] = Line([], _row_look(row, looks), row.label)
+                panels[key].lines.append(lines[line_key])
+            accuracy, flops = row.mean_std("test_top1"), row.mean_std("train_flops")
+            lines[line_key].points.append((flops[0], accuracy[0], accuracy[1]))
+            lines[line_key].notes.append(f"{row.first['multiplier']:g}x")
+    for line in lines.values():
+        order = sorted(range(len(line.points)), key=lambda i: line.points[i][0])
+        line.points = [line.points[i] for i in order]
+        line.notes = [line.notes[i] for i in order] if len(line.points) > 1 else [""]
+    return [panels[key] for key in sorted(panels, key=lambda key: (key[0], key[1]))]
+
+
+@dataclass
+class _DensityGrid:
+    """One model's heat map: a label and a row of densities (one per layer) for each row of the report."""
+
+    layers: list[str]
+    labels: list[str] = field(default_factory=list)
+    values: list[list[float]] = field(default_factory=list)
+    group_ends: list[int] = field(default_factory=list)  # the last row of each sparsity
+    last_tick: float | None = None
+
+
+def _density_grids(rows: Sequence[Row]) -> dict[str, _DensityGrid]:
+    """Per model/data, each row's mean final density per layer; rows ordered by sparsity, then as the table
+    orders them."""
+    with_densities = [row for row in rows if row.densities()]
+    ticks = _sparsity_ticks(row.first["sparsity"] for row in with_densities)
+    grids: dict[str, _DensityGrid] = {}
+    for row in sorted(with_densities, key=lambda row: _tick_of(row.first["sparsity"], ticks)):  # stable
         densities = row.densities()
-        if not densities:
-            continue
-        panel = panels.setdefault(row.panel, Panel(xticklabels=list(densities)))
-        if list(densities) != panel.xticklabels:
+        grid = grids.setdefault(row.panel, _DensityGrid(list(densities)))
+        if list(densities) != grid.layers:
             continue  # another selection of layers: not comparable position by position
-        panel.series[f"{row.label} s={row.first['sparsity']:.4g}"] = [
-            (i, d, 0.0) for i, d in enumerate(densities.values())]
-    return panels
+        tick = _tick_of(row.first["sparsity"], ticks)
+        if grid.last_tick is not None and tick != grid.last_tick:
+            grid.group_ends.append(len(grid.labels) - 1)
+        grid.last_tick = tick
+        grid.labels.append(f"{_percent(row.first['sparsity'])}  {row.label}")
+        grid.values.append(list(densities.values()))
+    return grids
 
 
-def _curve_panels(rows: Sequence[Row]) -> dict[str, Panel]:
+def _curve_panels(rows: Sequence[Row]) -> list[Panel]:
+    """Per model/data, the forward FLOP ratio over training of each row whose density moves (its first run)."""
     panels: dict[str, Panel] = {}
     for row in rows:
         curve = row.runs[0].forward_curve
         if not moves(curve):
             continue  # the density did not move
-        panel = panels.setdefault(row.panel, Panel())
-        panel.series[f"{row.label} s={row.first['sparsity']:.4g}"] = as_line(curve)
-    return panels
+        panel = panels.setdefault(row.panel, Panel(title=row.panel))
+        panel.lines.append(Line(as_line(curve), label=f"{row.label} s={row.first['sparsity']:.4g}"))
+    return list(panels.values())
 
 
 def write_report(report: Report, output: Path) -> list[Path]:
-    """``report.md`` (the table and the figures' names), ``report.csv`` and the figures in ``output``; the
-    figures are left out, with a note in report.md, when matplotlib is missing."""
+    """``report.md`` (the table and the figures' names), ``report.csv``, the figures and ``records.json`` (the
+    runs it drew from, which ``lightning-rigl report records.json`` redraws without the run folders) in
+    ``output``; the figures are left out, with a note in report.md, when matplotlib is missing."""
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(report.rows)
     try:
@@ -447,24 +669,28 @@ def write_report(report: Report, output: Path) -> list[Path]:
     if report.skipped:
         notes.append("Skipped: " + "; ".join(report.skipped))
     markdown = "\n\n".join(["# lightning-rigl report", table, *notes, *figure_lines]) + "\n"
-    paths = [output / "report.md", write_csv(report.rows, output / "report.csv"), *figures]
+    runs = [run for row in report.rows for run in row.runs]
+    paths = [output / "report.md", write_csv(report.rows, output / "report.csv"), *figures,
+             write_records(runs, output / RECORDS_FILE)]
     paths[0].write_text(markdown)
     return paths
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """``lightning-rigl report``: prints the table and writes report.md, report.csv and the figures. Returns the
-    exit status: 0, or 2 for bad input (with a message, no traceback)."""
+    """``lightning-rigl report``: prints the table and writes report.md, report.csv, the figures and records.json.
+    Returns the exit status: 0, or 2 for bad input (with a message, no traceback)."""
     parser = argparse.ArgumentParser(
         prog="lightning-rigl report",
         allow_abbrev=False,
         description="The paper-style table of finished runs (mean ± std over seeds), as report.md and report.csv, "
-        "with figures of accuracy against sparsity and training FLOPs, density per layer and FLOPs over training.",
+        "with figures of accuracy against sparsity and training FLOPs, density per layer and FLOPs over training, "
+        "and records.json, the runs it drew from (give it instead of the run folders to redraw).",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="a run's folder (runs/NAME/version_N) or a folder of runs, such as runs/")
+                        help="a run's folder (runs/NAME/version_N), a folder of runs such as runs/, or a records.json "
+                        "an earlier report wrote")
     parser.add_argument("--output", default="report", metavar="DIR",
-                        help="where report.md, report.csv and the PNG figures go (default: ./report)")
+                        help="where report.md, report.csv, records.json and the PNG figures go (default: ./report)")
     options = parser.parse_args(args)
     try:
         report = collect(options.runs)

@@ -119,8 +119,8 @@ def test_only_runs_whose_density_moves_have_a_forward_flops_curve(runs: dict[str
     assert curves["GradualMagnitudePruning"][0] == (0, 1.0)  # dense start
     assert curves["GradualMagnitudePruning"][-1] == (12, pytest.approx(pruned["forward_ratio"]))
     assert len({ratio for _, ratio in curves["RigL"]}) == 1  # ERK masks move, densities do not
-    (panel,) = _curve_panels(report.rows).values()
-    assert [label.split()[0] for label in panel.series] == ["GradualMagnitudePruning"]
+    (panel,) = _curve_panels(report.rows)
+    assert [line.label.split()[0] for line in panel.lines] == ["GradualMagnitudePruning"]
 
 
 def _run(folder: str, lr: float, seed: int, accuracy: float, method: str = "RigL") -> Run:
