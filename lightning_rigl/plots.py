@@ -78,7 +78,7 @@ def plot_densities(densities: Mapping[str, float], path: str | Path, title: str 
         positions = [i for i, name in enumerate(names) if name in targets]
         axes.scatter(positions, [targets[names[i]] for i in positions], marker="_", s=200, color="black",
                      label="target", zorder=3)
-        figure.legend(loc="outside right upper", fontsize=8)
+        figure.legend(loc="outside right center", fontsize=8)
     axes.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("density (fraction of live weights)")
@@ -137,7 +137,7 @@ def draw_panels(panels: Sequence[Panel], *, xlabel: str, ylabel: str, title: str
     handles, labels = _legend_entries(grid.flat, panels, legend, markers)
     if handles:
         per_column = max(1, int((_PANEL_SIZE[1] * rows) * 72 / 14))  # entries of about 14 points each
-        figure.legend(handles, labels, loc="outside right upper", fontsize=8,
+        figure.legend(handles, labels, loc="outside right center", fontsize=8,
                       ncols=max(1, math.ceil(len(handles) / per_column)))
     figure.suptitle(title, fontsize=11)
     return figure

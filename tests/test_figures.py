@@ -86,6 +86,8 @@ def _check_layout(figure) -> None:
         assert box.x0 >= page.x0 - 1 and box.x1 <= page.x1 + 1 and box.y0 >= page.y0 - 1 and box.y1 <= page.y1 + 1
         for a in axes:
             assert not _overlap(box, a.get_window_extent(renderer)), "a legend covers an axes"
+        if figure._suptitle is not None:
+            assert not _overlap(box, _extent(figure._suptitle, renderer)), "a legend covers the title"
     for a, b in itertools.combinations(axes, 2):
         assert not _overlap(a.get_window_extent(renderer), b.get_window_extent(renderer)), "panels overlap"
     width, height = figure.get_size_inches()
