@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rigl import ResumeBetweenEpochs
 from lightning_rigl.cli import DEFAULT_CONFIG, main
-from lightning_rigl.data.order import EpochShuffle, training_order
+from lightning_rigl.data.order import EpochShuffle, TrainingLoader, training_order
 
 STEPS, STOP = 30, 10  # 10 steps per epoch: 160 training images, batch 16
 RIGL = {"class_path": "lightning_rigl.RigL",
@@ -190,15 +190,18 @@ def test_a_step_counted_run_resumes_at_the_next_epoch_only_with_the_fix(tmp_path
 
 
 class TrainingOrderData(pl.LightningDataModule):
-    """TinyNet's data through the command's training order."""
+    """TinyNet's data through the command's training order: its training loader (position in checkpoints) or a
+    plain DataLoader over the same sampler."""
 
-    def __init__(self, num_workers: int) -> None:
+    def __init__(self, num_workers: int, stateful: bool = True) -> None:
         super().__init__()
-        self.data, self.num_workers = make_data(40), num_workers
+        self.data, self.num_workers, self.stateful = make_data(40), num_workers, stateful
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=4, sampler=training_order(self.data, self.trainer),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        options = {"batch_size": 4, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if self.stateful:
+            return TrainingLoader(self.data, self.trainer, **options)
+        return DataLoader(self.data, sampler=training_order(self.data, self.trainer), **options)
 
 
 class BatchLog(pl.Callback):
@@ -212,25 +215,41 @@ class BatchLog(pl.Callback):
             trainer.should_stop = True
 
 
+def _fit_in_order(folder: Path, num_workers: int, every: int, stop: int | None = None, ckpt_path: Path | None = None,
+                  stateful: bool = True) -> BatchLog:
+    """50 steps of 10-batch epochs, a checkpoint every ``every`` steps; stops after ``stop`` steps."""
+    log = BatchLog(stop)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=every, save_top_k=-1)
+    trainer = pl.Trainer(max_steps=50, max_epochs=-1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         callbacks=[log, ResumeBetweenEpochs(), checkpoints], enable_model_summary=False)
+    trainer.fit(TinyNet(), datamodule=TrainingOrderData(num_workers, stateful), ckpt_path=ckpt_path)
+    return log
+
+
 @pytest.mark.parametrize("num_workers", [0, 2], ids=["in-process loading", "2 loader workers"])
-def test_a_checkpoint_taken_after_an_epochs_last_batch_resumes_in_the_next_epochs_order(
-    tmp_path: Path, num_workers: int
-) -> None:
-    """ModelCheckpoint(every_n_train_steps) landing on an epoch's last batch saves before the epoch ends; with
-    loader workers, Lightning draws the resumed run's first indices before it counts that epoch."""
-
-    def fit(folder: str, stop: int | None = None, ckpt_path: Path | None = None) -> BatchLog:
-        log = BatchLog(stop)
-        every_10 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=10, save_top_k=-1)
-        trainer = pl.Trainer(max_steps=50, max_epochs=-1, accelerator="cpu", logger=False,
-                             callbacks=[log, ResumeBetweenEpochs(), every_10], enable_progress_bar=False,
-                             enable_model_summary=False)
-        trainer.fit(TinyNet(), datamodule=TrainingOrderData(num_workers), ckpt_path=ckpt_path)
-        return log
-
-    straight = fit("straight")
-    fit("stopped", stop=30)
-    resumed = fit("resumed", ckpt_path=tmp_path / "stopped" / "epoch=2-step=30.ckpt")
-    assert len(resumed.batches) == 20
-    for step, (a, b) in enumerate(zip(straight.batches[30:], resumed.batches), start=30):
+@pytest.mark.parametrize(("every", "stop", "name"), [
+    (10, 30, "epoch=2-step=30.ckpt"),  # after an epoch's last batch, before the epoch ends
+    (7, 14, "epoch=1-step=14.ckpt"),  # in the middle of an epoch
+    (7, 28, "epoch=2-step=28.ckpt"),
+], ids=["after the last batch", "mid-epoch 1", "mid-epoch 2"])
+def test_a_resumed_run_takes_up_the_uninterrupted_runs_batches(tmp_path: Path, num_workers: int, every: int,
+                                                               stop: int, name: str) -> None:
+    """With loader workers, Lightning draws the resumed run's first indices before it counts a finished epoch;
+    in the middle of an epoch, the training loader's position in the checkpoint skips the batches done."""
+    straight = _fit_in_order(tmp_path / "straight", num_workers, every)
+    _fit_in_order(tmp_path / "stopped", num_workers, every, stop=stop)
+    resumed = _fit_in_order(tmp_path / "resumed", num_workers, every, ckpt_path=tmp_path / "stopped" / name)
+    assert len(resumed.batches) == 50 - stop
+    for step, (a, b) in enumerate(zip(straight.batches[stop:], resumed.batches), start=stop):
         assert torch.equal(a, b), f"step {step}: another batch"
+
+
+def test_a_plain_loader_restarts_the_epochs_order_in_the_middle_of_an_epoch(tmp_path: Path) -> None:
+    """Lightning alone replays an interrupted epoch's order from its start: what TrainingLoader's position
+    mends. If this fails after an upgrade, Lightning resumes plain loaders exactly and the position can go."""
+    straight = _fit_in_order(tmp_path / "straight", 0, 7, stateful=False)
+    _fit_in_order(tmp_path / "stopped", 0, 7, stop=14, stateful=False)
+    with pytest.warns(UserWarning, match="dataloader is not resumable"):
+        resumed = _fit_in_order(tmp_path / "resumed", 0, 7, ckpt_path=tmp_path / "stopped" / "epoch=1-step=14.ckpt",
+                                stateful=False)
+    assert not torch.equal(resumed.batches[0], straight.batches[14])

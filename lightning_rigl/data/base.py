@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_rigl.data.order import training_order
+from lightning_rigl.data.order import TrainingLoader, training_order
 from lightning_rigl.errors import ConfigError
 
 
@@ -71,16 +72,17 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("the data module is not set up: call setup() first (the Trainer does)")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=training_order(dataset, self.trainer) if train else None,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+        options: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "drop_last": False,
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
             # Re-forking the workers every epoch costs seconds per epoch on small datasets.
-            persistent_workers=self.num_workers > 0,
-        )
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train and self.trainer is not None:
+            return TrainingLoader(dataset, self.trainer, **options)
+        return DataLoader(dataset, sampler=training_order(dataset, None) if train else None, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -1,15 +1,17 @@
 """The training order: a permutation drawn from the seed and the epoch alone, so a resumed run sees the batches
-the uninterrupted run would have seen, with one process or many."""
+the uninterrupted run would have seen, with one process or many; and a training loader whose position in the
+epoch goes into checkpoints, so that a run resumed in the middle of an epoch takes up the same batches."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch.distributed as dist
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 if TYPE_CHECKING:
     from pytorch_lightning.loops.fit_loop import _FitLoop
@@ -46,11 +48,51 @@ class EpochShuffle(DistributedSampler):
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.epoch_of = epoch_of
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, done: int) -> None:
+        """Make the next iteration, if it is of ``epoch``, start after the first ``done`` indices of this process's
+        share (those a run resumed in the middle of that epoch has trained on already)."""
+        self._resume = (epoch, done)
 
     def __iter__(self) -> Iterator[int]:
         if self.epoch_of is not None:
             self.set_epoch(self.epoch_of())
-        return super().__iter__()
+        indices = super().__iter__()
+        resume, self._resume = self._resume, None
+        if resume is not None and resume[0] == self.epoch:
+            return itertools.islice(indices, resume[1], None)
+        return indices
+
+
+class TrainingLoader(DataLoader):
+    """A ``DataLoader`` of ``training_order``'s order that Lightning checkpoints with the run: its position (the
+    epoch and the batches of it trained on) goes into every checkpoint, and a run resumed from a checkpoint taken
+    in the middle of an epoch takes up that epoch's remaining batches in the uninterrupted run's order (Lightning
+    2.x saves and restores loaders with ``state_dict`` / ``load_state_dict``; a plain loader would restart the
+    epoch's order, with a warning). With one process, with loader workers, and under DDP.
+
+    Args:
+        dataset: the training set.
+        trainer: the trainer that fits on it (``self.trainer`` in a data module or LightningModule).
+        batch_size: examples per batch, per process.
+        loader_options: any other ``DataLoader`` option but ``sampler``, ``shuffle`` and ``batch_sampler``.
+    """
+
+    def __init__(self, dataset: Dataset, trainer: pl.Trainer, batch_size: int = 1, **loader_options: Any) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=training_order(dataset, trainer), **loader_options)
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch begun last and the batches of it this process has finished, from the fit loop (at an epoch's
+        end as well as in its middle)."""
+        loop = self.trainer.fit_loop
+        return {"epoch": loop.epoch_progress.current.started - 1,
+                "batches": loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        assert isinstance(self.sampler, EpochShuffle)
+        self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
 
 
 def training_order(dataset: Dataset, trainer: pl.Trainer | None) -> EpochShuffle:
