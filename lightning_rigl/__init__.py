@@ -15,11 +15,12 @@ from lightning_rigl.callbacks import (
     Static,
 )
 from lightning_rigl.classifier import ImageClassifier
-from lightning_rigl.resume import ResumeBetweenEpochs
+from lightning_rigl.resume import AtomicCheckpointIO, RequeueAtStepEnd, ResumeBetweenEpochs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtomicCheckpointIO",
     "SET",
     "SNFS",
     "SNIP",
@@ -29,6 +30,7 @@ __all__ = [
     "LotteryTicket",
     "MaskDisagreementError",
     "PruningFromDense",
+    "RequeueAtStepEnd",
     "ResumeBetweenEpochs",
     "RigL",
     "SparseTraining",

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,12 +34,14 @@ from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import Line, Panel, plot_densities, plot_panels
 from lightning_rigl.results import run_results, write_results
-from lightning_rigl.resume import ResumeBetweenEpochs
+from lightning_rigl.resume import RequeueAtStepEnd, ResumeBetweenEpochs
 from lightning_rigl.summary import checkpoint_summary, fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
 _SUBCOMMANDS = ("fit", "validate", "test")
 _WRITTEN_BEFORE_TRAINING = {"config.yaml", "hparams.yaml"}
+_CSV_LOGGERS = ("pytorch_lightning.loggers.CSVLogger", "pytorch_lightning.loggers.csv_logs.CSVLogger",
+                "lightning.pytorch.loggers.CSVLogger")
 FIT_DESCRIPTION = (
     "Train a recipe. A callback's options: --trainer.callbacks.init_args.sparsity 0.8 sets an option of the last "
     "callback in the list (the sparse one, in the recipes); --trainer.callbacks.help lightning_rigl.RigL lists "
@@ -104,6 +106,8 @@ class RigLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            keep_run_folder_across_restarts(config, os.environ)
         scale_step_counts(config, config.multiplier)
         if config.scaled_by <= 0:
             raise ConfigError(f"--scaled_by must be > 0 (the multiplier a saved config carries), got "
@@ -186,6 +190,41 @@ def save_density_plots(trainer: pl.Trainer, folder: Path) -> None:
             print(f"  density per layer plotted in {path}" + (" and density_history.png" if moved else ""))
 
 
+def relaunch_identity(environ: Mapping[str, str]) -> str | None:
+    """A name that stays the same when a launcher starts the same job again: ``slurm_<job id>`` (with
+    ``_<task>`` for an array task) under SLURM, whose requeued jobs keep their id; ``torchrun_<run id>`` under
+    torchrun with a rendezvous id (``--standalone`` draws one per launch, kept across ``--max-restarts``);
+    None otherwise."""
+    if "SLURM_NTASKS" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        array_job = environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{array_job}_{environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else environ.get("SLURM_JOB_ID")
+        if job:
+            return f"slurm_{job}"
+    run = environ.get("TORCHELASTIC_RUN_ID")
+    return f"torchrun_{run}" if run and run != "none" else None
+
+
+def keep_run_folder_across_restarts(config: Namespace, environ: Mapping[str, str]) -> None:
+    """Under a launcher that restarts jobs (``relaunch_identity``), the run's logger version is that identity
+    instead of the next ``version_N`` (unless the config sets one), so a restarted job writes into the folder of
+    its first start and finds its checkpoints there, and a CSV logger goes on with the metrics.csv it finds
+    (``ContinuingCSVLogger``); ``default_root_dir`` becomes that folder too, where Lightning saves the SLURM
+    requeue checkpoint and looks for it when the job starts again."""
+    identity = relaunch_identity(environ)
+    logger = config.trainer.logger
+    if identity is None or not isinstance(logger, Namespace) or "init_args" not in logger:
+        return
+    options = logger.init_args
+    if options.get("version") is not None or options.get("save_dir") is None:
+        return
+    options.version = identity
+    if logger.class_path in _CSV_LOGGERS:
+        logger.class_path = "lightning_rigl.resume.ContinuingCSVLogger"
+    folder = Path(options.save_dir) / (options.get("name") or "") / identity
+    if config.trainer.default_root_dir is None:
+        config.trainer.default_root_dir = str(folder)
+
+
 def scale_step_counts(config: Namespace, multiplier: float) -> None:
     """Multiplies in place every step count of a parsed config by ``multiplier`` (rounded to whole steps).
 
@@ -258,7 +297,8 @@ def main(args: Sequence[str] | None = None) -> None:
             subclass_mode_data=True,
             args=args,
             seed_everything_default=0,
-            trainer_defaults={"callbacks": [ResumeBetweenEpochs()]},
+            trainer_defaults={"callbacks": [ResumeBetweenEpochs(), RequeueAtStepEnd()],
+                              "plugins": [{"class_path": "lightning_rigl.AtomicCheckpointIO"}]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs=parser_kwargs(),
             parser_class=RigLArgumentParser,

@@ -1,11 +1,31 @@
-"""Resuming a run whose length is counted in steps from a checkpoint saved at the end of an epoch."""
+"""Resuming runs: a step-counted run from a checkpoint saved at the end of an epoch, a SLURM job requeued from a
+checkpoint saved between two steps, checkpoints that a kill cannot leave half-written, and logs that go on
+where a restarted job left them."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from lightning_fabric.utilities.cloud_io import get_filesystem
+from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 
 class ResumeBetweenEpochs(Callback):
@@ -19,8 +39,7 @@ class ResumeBetweenEpochs(Callback):
     This callback marks the checkpoint's last epoch as finished before Lightning reads its loop state, and
     lets the next epoch start as a new one (so validation is logged at the same steps as without the
     interruption). Other checkpoints are left as they are. Of those, a mid-epoch checkpoint resumes with the
-    epoch's remaining number of batches, which Lightning draws from the start of the epoch's order (with a
-    warning).
+    epoch's remaining batches where the training loader records its position (``TrainingLoader``).
 
     ``lightning-rigl`` adds it to every run; add it to your own ``Trainer`` if you resume step-counted runs.
     """
@@ -53,3 +72,118 @@ class ResumeBetweenEpochs(Callback):
             # which shifts the steps validation is logged at by one.
             trainer.fit_loop.epoch_loop.restarting = False
             self._starts_an_epoch = False
+
+
+class RequeueAtStepEnd(Callback):
+    """Under SLURM with auto-requeue (Lightning's default there), saves the requeue checkpoint at the end of an
+    optimizer step instead of in the signal handler, and then requeues the job.
+
+    Lightning's own handler saves the checkpoint inside the handler, at whatever point of the step the signal
+    lands: between two layers of a mask update, or halfway through the optimizer's writes, so that masks,
+    densities and weights in the checkpoint need not fit together. This callback takes the requeue signal
+    (``SIGUSR1``, or the one ``SLURMEnvironment(requeue_signal=...)`` names) before Lightning registers its own:
+    the handler only notes it. At the end of the step every process agrees that a signal came, the loggers
+    write what they hold, the checkpoint goes to ``hpc_ckpt_<N>.ckpt`` in ``trainer.default_root_dir`` (where
+    Lightning looks when the job starts again under SLURM) and rank 0 runs ``scontrol requeue`` for the job.
+    Training goes on until SLURM stops the job, as with Lightning's handler. Outside SLURM it does nothing.
+
+    ``lightning-rigl`` adds it to every run; add it to your own ``Trainer`` if you requeue on SLURM.
+    """
+
+    def __init__(self) -> None:
+        self._signal: signal.Signals | None = None
+        self._previous_handler: Any = None
+        self._received = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning registers its signal handlers after on_fit_start, and none where one is set already.
+        environment = trainer._accelerator_connector.cluster_environment
+        if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+            return
+        self._signal = environment.requeue_signal or signal.SIGUSR1
+        self._previous_handler = signal.signal(self._signal, self._note)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._signal is None or not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+            return
+        self._received = False
+        for logger in trainer.loggers:
+            logger.save()
+        trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+        if trainer.is_global_zero:
+            _requeue_slurm_job()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._signal is not None:
+            signal.signal(self._signal, self._previous_handler)
+            self._signal = None
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self._received = True
+
+
+def _requeue_slurm_job() -> None:
+    """``scontrol requeue`` this SLURM job (or array task); a failure is a warning, as in Lightning."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    result = subprocess.call(["scontrol", "requeue", job])
+    if result == 0:
+        rank_zero_info(f"Requeued SLURM job {job}; it resumes from its checkpoint when it starts again.")
+    else:
+        rank_zero_warn(f"`scontrol requeue {job}` failed with status {result}: the job will not start again.")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it and renames it into place once complete, so that a
+    process killed while saving leaves the previous checkpoint, never a truncated one that a restart would pick
+    up (``hpc_ckpt_<N>.ckpt`` after a SLURM requeue, ``last.ckpt`` for ``--ckpt_path last``). The temporary
+    name (``.partial-<hash>``) matches neither.
+
+    Lightning's own writer goes through a temporary file in the system's temporary folder; the move from there
+    is a rename only on the same file system, and a copy (which a kill can cut short) across file systems, as
+    from a node's local /tmp to a shared checkpoint folder. Remote paths (``s3://`` ...) are left to Lightning's.
+    ``lightning-rigl`` uses it for every run: ``Trainer(plugins=[AtomicCheckpointIO()])``.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".partial-{hashlib.sha1(target.name.encode()).hexdigest()[:12]}")
+        with partial.open("wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, target)
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """A ``CSVLogger`` that goes on with the ``metrics.csv`` it finds in its folder (a job started again after a
+    requeue or a torchrun restart) instead of deleting it, as Lightning's does. Rows logged by the interrupted
+    start after its last checkpoint are logged again, with the same values, by the resumed one; the report reads
+    the last value of each step. ``lightning-rigl`` uses it in place of ``CSVLogger`` for such jobs."""
+
+    @property
+    @override
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _ContinuingWriter(ExperimentWriter):
+    @override
+    def _check_log_dir_exists(self) -> None:
+        # Lightning's deletes metrics.csv here; its columns are read instead, and rows are appended to it.
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])

@@ -7,6 +7,8 @@ checkpoint would leave it."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,17 +20,32 @@ from lightning_rigl.callbacks.sparse_training import SparseTraining
 
 class RecordMasksPerProcess(pl.Callback):
     """Writes ``{"mask_digests" and "param_digests": [(step, sha256)], "masks", "params", "updates",
-    "global_step"}`` per process.
+    "global_step", "checkpoint_io"}`` per process.
 
     Args:
         folder: where ``rank<N>.pt`` goes.
         stop_after_step: ask the trainer to stop after this optimizer step (None: run to the end).
+        signal_at_step: send this process SIGUSR1 (SLURM's warning before the time limit) as the batch of this
+            optimizer step starts.
+        kill_at_step: kill this process with SIGKILL as the batch of this step starts (the time limit, a lost
+            node), on the first start only (not in a job torchrun restarted).
+        kill_rank: the global rank that kills itself (None: every process).
     """
 
-    def __init__(self, folder: str, stop_after_step: int | None = None) -> None:
+    def __init__(self, folder: str, stop_after_step: int | None = None, signal_at_step: int | None = None,
+                 kill_at_step: int | None = None, kill_rank: int | None = None) -> None:
         self.folder, self.stop_after_step = Path(folder), stop_after_step
+        self.signal_at_step, self.kill_at_step, self.kill_rank = signal_at_step, kill_at_step, kill_rank
         self.digests: list[tuple[int, str]] = []
         self.param_digests: list[tuple[int, str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.signal_at_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        first_start = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if (trainer.global_step == self.kill_at_step and first_start
+                and self.kill_rank in (None, trainer.global_rank)):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _sparse(self, trainer: pl.Trainer) -> SparseTraining:
         (sparse,) = [c for c in trainer.callbacks if isinstance(c, SparseTraining)]
@@ -52,14 +69,17 @@ class RecordMasksPerProcess(pl.Callback):
         torch.save({"mask_digests": self.digests, "param_digests": self.param_digests,
                     "masks": {name: mask.cpu() for name, mask in sparse.masks.items()},
                     "params": {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters()},
-                    "updates": sparse.num_updates, "global_step": trainer.global_step},
+                    "updates": sparse.num_updates, "global_step": trainer.global_step,
+                    "checkpoint_io": type(trainer.strategy.checkpoint_io).__name__},
                    self.folder / f"rank{trainer.global_rank}.pt")
 
 
-def probe_config(folder: Path, records: Path, callbacks: list[dict], stop_after_step: int | None = None) -> Path:
-    """A config that puts the probe in front of ``callbacks`` (the sparse callback stays last)."""
+def probe_config(folder: Path, records: Path, callbacks: list[dict], stop_after_step: int | None = None,
+                 **probe_options: int | None) -> Path:
+    """A config that puts the probe (with ``probe_options``) in front of ``callbacks`` (the sparse callback stays
+    last)."""
     probe = {"class_path": f"{__name__}.RecordMasksPerProcess",
-             "init_args": {"folder": str(records), "stop_after_step": stop_after_step}}
+             "init_args": {"folder": str(records), "stop_after_step": stop_after_step, **probe_options}}
     path = folder / "probe.yaml"
     path.write_text(yaml.safe_dump({"trainer": {"callbacks": [probe, *callbacks]}}))
     return path

@@ -57,9 +57,10 @@ class DynamicSparseTraining(SparseTraining):
             update t_0, then α·(1 - (t - t_0)/(T_end - t_0)), the official linear anneal).
         start_at: t_0, the first update step (the official ``maskupdate_begin_step``); updates then follow at
             t_0 + ΔT, t_0 + 2ΔT, ... before T_end, and the schedule decays over T_end - t_0 steps, as in the
-            official code (cosine from the raw step t, linear from t_0). An int is a step, a float in [0, 1) a fraction of the run. None (the default):
-            the first update is at ΔT, after the random mask has trained, and the schedule decays over T_end;
-            0: the first update is at step 0, as in the official code's default.
+            official code (cosine from the raw step t, linear from t_0). An int is a step, a float in [0, 1) a
+            fraction of the run. None (the default): the first update is at ΔT, after the random mask has
+            trained, and the schedule decays over T_end; 0: the first update is at step 0, as in the official
+            code's default.
         stop_at: T_end, from which masks stay fixed: a float in (0, 1] is a fraction of the run's total
             optimizer steps (``trainer.estimated_stepping_batches``); an int is an absolute step.
         grow_init: value of new connections: "zeros"; "normal" (std of the layer's current weights);

@@ -1,0 +1,215 @@
+"""Surviving preemption, as a cluster does it to the command: a SLURM job warned with SIGUSR1 in the middle of an
+epoch, requeued and killed, then started again by the same command; two torchrun processes, one killed with
+SIGKILL in the middle of an epoch and the group restarted; a checkpoint killed while being written. Each ends
+where the uninterrupted run ends: the same masks and parameters, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from fake_datasets import write_fashion_mnist
+from process_probe import load_records, probe_config
+
+from lightning_rigl.cli import DEFAULT_CONFIG, relaunch_identity
+from lightning_rigl.report import collect, logged_series
+
+TESTS = Path(__file__).resolve().parent
+COMMAND = str(Path(sys.executable).with_name("lightning-rigl"))
+RIGL = {"class_path": "lightning_rigl.RigL",
+        "init_args": {"sparsity": 0.9, "update_interval": 4, "drop_fraction": 0.3, "stop_at": 0.75}}
+STEPS = 30
+RUN_NAME = "preempted"
+
+
+def _arguments(workdir: Path, data: Path, batch_size: int, configs: list[Path]) -> list[str]:
+    return ["fit", "--config", str(DEFAULT_CONFIG), *[a for c in configs for a in ("--config", str(c))],
+            "--data.data_dir", str(data), "--data.val_size", "16", "--data.batch_size", str(batch_size),
+            "--trainer.max_steps", str(STEPS), "--trainer.max_epochs", "-1", "--trainer.accelerator", "cpu",
+            "--trainer.logger.init_args.save_dir", str(workdir / "runs"),
+            "--trainer.logger.init_args.name", RUN_NAME, "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--test_after_fit", "false"]
+
+
+def _environment(**variables: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
+    return {**env, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **variables}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fashion")
+    write_fashion_mnist(folder, n_train=176, n_test=8)  # 160 training images after the 16 held out
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------- SLURM
+
+
+def _slurm(job: str, scontrol_log: Path) -> dict[str, str]:
+    """What SLURM sets for one task of a batch job, and a stand-in ``scontrol`` first on PATH that records its
+    arguments."""
+    bin_dir = scontrol_log.parent / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {scontrol_log}\n")
+    scontrol.chmod(0o755)
+    return {"SLURM_JOB_ID": job, "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _slurm_job(workdir: Path, data: Path, job: str, records: str, **probe: int) -> subprocess.CompletedProcess:
+    """The command as the job's batch script runs it: 16 images a batch, 10 steps an epoch."""
+    workdir.mkdir(exist_ok=True)
+    config = probe_config(workdir, workdir / records, [RIGL], **probe)
+    env = _environment(**_slurm(job, workdir / "scontrol.log"))
+    return subprocess.run([COMMAND, *_arguments(workdir, data, 16, [config])], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def slurm_runs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("slurm")
+    straight = _slurm_job(root / "straight", data, "101", "records")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # SIGUSR1 as step 13's batch starts (epoch 1 of 10-step epochs); the time limit's kill at step 16.
+    preempted = _slurm_job(root / "requeued", data, "202", "first", signal_at_step=13, kill_at_step=16)
+    assert preempted.returncode == -signal.SIGKILL, preempted.stderr[-3000:]
+    restarted = _slurm_job(root / "requeued", data, "202", "second")
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    return {"straight": root / "straight", "requeued": root / "requeued"}
+
+
+def test_the_signal_saves_between_two_steps_into_the_run_folder_and_requeues(slurm_runs: dict[str, Path]) -> None:
+    folder = slurm_runs["requeued"] / "runs" / RUN_NAME / "slurm_202"
+    assert (slurm_runs["requeued"] / "scontrol.log").read_text() == "requeue 202\n"
+    (checkpoint,) = folder.glob("hpc_ckpt_*.ckpt")
+    assert checkpoint.name == "hpc_ckpt_1.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 14  # at the end of step 13's batch: a whole step, never half of one
+    assert not list(folder.glob(".partial-*"))
+
+
+def test_the_requeued_job_resumes_by_itself_and_ends_where_the_uninterrupted_one_does(
+    slurm_runs: dict[str, Path],
+) -> None:
+    (straight,) = load_records(slurm_runs["straight"] / "records")
+    (resumed,) = load_records(slurm_runs["requeued"] / "second")
+    assert resumed["checkpoint_io"] == "AtomicCheckpointIO"
+    assert resumed["mask_digests"] == straight["mask_digests"][14:]
+    assert resumed["param_digests"] == straight["param_digests"][14:]
+    for name, param in straight["params"].items():
+        assert torch.equal(param, resumed["params"][name]), name
+    # The logs of the job's two starts, read as the report reads them, end as the uninterrupted run's do.
+    logged = {run: logged_series(next((slurm_runs[run] / "runs" / RUN_NAME).glob("slurm_*")) / "metrics.csv", "")
+              for run in slurm_runs}
+    assert logged["requeued"].keys() == logged["straight"].keys()
+    for metric, points in logged["straight"].items():
+        requeued = dict(logged["requeued"][metric])
+        assert requeued.items() >= dict(points).items(), metric  # every point, with its value
+        assert set(requeued) - {step for step, _ in points} <= {14}, metric  # and fit start's logs on resuming
+        assert logged["requeued"][metric][-1] == points[-1], metric
+
+
+def test_the_report_counts_the_requeued_job_as_one_finished_run(slurm_runs: dict[str, Path]) -> None:
+    report = collect([slurm_runs["requeued"] / "runs"])
+    assert not report.skipped
+    (row,) = report.rows
+    assert [run.folder.name for run in row.runs] == ["slurm_202"]
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+def _torchrun(workdir: Path, data: Path, **probe: int) -> list[dict]:
+    """``torchrun --standalone --nproc_per_node 2 --max-restarts 1`` running the command with a checkpoint every
+    6 steps and ``--ckpt_path last``: 8 images a batch per process, 10 steps an epoch."""
+    workdir.mkdir()
+    every_6 = {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+               "init_args": {"every_n_train_steps": 6, "save_last": True, "save_top_k": -1}}
+    config = probe_config(workdir, workdir / "records", [every_6, RIGL], **probe)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node",
+               "2", "--max-restarts", "1", COMMAND, *_arguments(workdir, data, 8, [config]),
+               "--trainer.strategy", "ddp", "--trainer.devices", "2", "--ckpt_path", "last"]
+    finished = subprocess.run(command, cwd=workdir, env=_environment(), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return load_records(workdir / "records", 2)
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> dict[str, list[dict]]:
+    root = tmp_path_factory.mktemp("torchrun")
+    # Rank 1 dies at step 15 (epoch 1); the last checkpoint is step 12's, in the middle of that epoch.
+    return {"straight": _torchrun(root / "straight", data), "restarted": _torchrun(root / "restarted", data,
+                                                                                      kill_at_step=15, kill_rank=1)}
+
+
+def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint_and_ends_where_the_uninterrupted_run_does(
+    torchrun_runs: dict[str, list[dict]],
+) -> None:
+    for straight, restarted in zip(torchrun_runs["straight"], torchrun_runs["restarted"]):
+        assert restarted["mask_digests"] == straight["mask_digests"][12:]
+        assert restarted["param_digests"] == straight["param_digests"][12:]
+        for name, param in straight["params"].items():
+            assert torch.equal(param, restarted["params"][name]), name
+    assert torchrun_runs["restarted"][0]["mask_digests"] == torchrun_runs["restarted"][1]["mask_digests"]
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_for_the_restart(tmp_path: Path) -> None:
+    """A process killed in the middle of writing hpc_ckpt_2.ckpt: Lightning's resume finds hpc_ckpt_1.ckpt,
+    whole, and the half-written file under a name that neither SLURM's resume nor ``last`` picks up."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        import torch
+        import lightning_rigl.resume as resume
+        from lightning_rigl import AtomicCheckpointIO
+
+        folder = {str(tmp_path)!r}
+        AtomicCheckpointIO().save_checkpoint({{"step": 1}}, os.path.join(folder, "hpc_ckpt_1.ckpt"))
+        real_save = torch.save
+
+        def killed_halfway(obj, file):
+            file.write(b"half a checkpoint")
+            file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        resume.torch.save = killed_halfway
+        AtomicCheckpointIO().save_checkpoint({{"step": 2, "weights": torch.zeros(1000)}},
+                                             os.path.join(folder, "hpc_ckpt_2.ckpt"))
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["hpc_ckpt_1.ckpt"]
+    (partial,) = tmp_path.glob(".partial-*")
+    assert "hpc_ckpt" not in partial.name and "last" not in partial.name and partial.suffix != ".ckpt"
+    from pytorch_lightning import Trainer
+
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, accelerator="cpu")
+    assert Path(trainer._checkpoint_connector._hpc_resume_path).name == "hpc_ckpt_1.ckpt"
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True) == {"step": 1}
+
+
+@pytest.mark.parametrize(("environ", "identity"), [
+    ({"SLURM_NTASKS": "8", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train"}, "slurm_4242"),
+    ({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "3"},
+     "slurm_4200_3"),
+    ({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4244", "SLURM_JOB_NAME": "interactive"}, None),  # salloc, then by hand
+    ({"TORCHELASTIC_RUN_ID": "c0ffee"}, "torchrun_c0ffee"),
+    ({"TORCHELASTIC_RUN_ID": "none"}, None),  # static rendezvous without --rdzv-id: nothing names the job
+    ({}, None),
+])
+def test_a_restarted_job_keeps_its_run_folder(environ: dict[str, str], identity: str | None) -> None:
+    assert relaunch_identity(environ) == identity
+
