@@ -105,7 +105,8 @@ def main() -> None:
         baseline = median_seconds(full_topk, args.repeats, before=restore)
         print(f"gradients: {source} ({zeros:.0%} exact zeros)")
         print(f"  lightning-rigl update (with finiteness check):  {ours:.3f} s   ({ours / floor:.1f}x the pass)")
-        print(f"  mask digest (DDP agreement check, no gather):    {digest_time:.3f} s   ({digest_time / ours:.0%} of the update)")
+        print(f"  mask digest (DDP agreement check, no gather):    {digest_time:.3f} s   "
+              f"({digest_time / ours:.0%} of the update)")
         print(f"  one elementwise pass (torch.where):              {floor:.3f} s")
         print(f"  full top-k per layer (selection only):           {baseline:.3f} s   ({baseline / ours:.1f}x ours)")
 

@@ -20,8 +20,8 @@ from pytorch_lightning.strategies import FSDPStrategy
 from lightning_rigl import SET, SNFS, SNIP, DynamicSparseTraining, GradualMagnitudePruning, RigL, SparseTraining, Static
 from lightning_rigl.callbacks.sparse_training import _check_supported
 from lightning_rigl.sparsity import GLOBAL, MaskChange, live_count
-from lightning_rigl.sparsity.schedules import cubic_sparsity, is_pruning_step
 from lightning_rigl.sparsity.masks import param_state_tensors
+from lightning_rigl.sparsity.schedules import cubic_sparsity, is_pruning_step
 
 DYNAMIC_CLASSES = {"rigl": RigL, "set": SET}
 
