@@ -34,7 +34,7 @@ from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import Line, Panel, plot_densities, plot_panels
 from lightning_rigl.results import run_results, write_results
-from lightning_rigl.resume import RequeueAtStepEnd, ResumeBetweenEpochs
+from lightning_rigl.resume import RequeueAtStepEnd, ResumeBetweenEpochs, join_torchrun_attempt
 from lightning_rigl.summary import checkpoint_summary, fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
@@ -125,6 +125,9 @@ class RigLCLI(LightningCLI):
             if _config_error(error) is not None:  # refused before training: leave no empty run folder behind
                 remove_unused_run_folders(self.trainer)
             raise
+
+    def before_fit(self) -> None:
+        join_torchrun_attempt(self.trainer)
 
     def after_test(self) -> None:
         masks = checkpoint_masks(self.config.test.ckpt_path)

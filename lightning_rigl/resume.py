@@ -15,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.utilities.cloud_io import get_filesystem
@@ -187,3 +188,24 @@ class _ContinuingWriter(ExperimentWriter):
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
                 self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+
+def join_torchrun_attempt(trainer: pl.Trainer) -> None:
+    """Under torchrun (which serves the workers a store), creates the default process group on a part of that
+    store reserved for this attempt (``TORCHELASTIC_RESTART_COUNT``), with the backend the trainer's strategy
+    would use; Lightning then finds it made. Call it before ``trainer.fit``; it does nothing elsewhere.
+
+    torchrun keeps one store across ``--max-restarts``: a restarted worker that asks for a peer's address before
+    the peer has written its new one reads the previous attempt's, and fails to connect (about two restarts in
+    three here when one worker starts a few seconds after the other, as Lightning's imports make it).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized() or trainer.world_size < 2:
+        return
+    backend = getattr(trainer.strategy, "_get_process_group_backend", None)
+    if backend is None:
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), trainer.world_size,
+                          is_master=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend(), store=dist.PrefixStore(f"lightning_rigl/attempt_{attempt}/", store),
+                            rank=trainer.global_rank, world_size=trainer.world_size)
