@@ -33,7 +33,7 @@ from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import Line, Panel, plot_densities, plot_panels
-from lightning_rigl.results import run_results, write_results
+from lightning_rigl.results import RESULTS_FILE, run_results, write_results
 from lightning_rigl.resume import RequeueAtStepEnd, ResumeBetweenEpochs, join_torchrun_attempt
 from lightning_rigl.summary import checkpoint_summary, fit_summary
 
@@ -220,10 +220,15 @@ def keep_run_folder_across_restarts(config: Namespace, environ: Mapping[str, str
     options = logger.init_args
     if options.get("version") is not None or options.get("save_dir") is None:
         return
+    folder = Path(options.save_dir) / (options.get("name") or "") / identity
+    if (folder / RESULTS_FILE).exists():
+        raise ConfigError(f"{folder} holds a finished run of this job already: a job (or an array task) trains one "
+                          "run of a given name, which it resumes when restarted. Give this run another name "
+                          "(--trainer.logger.init_args.name) or a version (--trainer.logger.init_args.version), "
+                          "or run it as a job of its own.")
     options.version = identity
     if logger.class_path in _CSV_LOGGERS:
         logger.class_path = "lightning_rigl.resume.ContinuingCSVLogger"
-    folder = Path(options.save_dir) / (options.get("name") or "") / identity
     if config.trainer.default_root_dir is None:
         config.trainer.default_root_dir = str(folder)
 

@@ -95,6 +95,7 @@ class RequeueAtStepEnd(Callback):
         self._signal: signal.Signals | None = None
         self._previous_handler: Any = None
         self._received = False
+        self._last_step = -1
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -104,11 +105,15 @@ class RequeueAtStepEnd(Callback):
             return
         self._signal = environment.requeue_signal or signal.SIGUSR1
         self._previous_handler = signal.signal(self._signal, self._note)
+        self._last_step = trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._signal is None or not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+        # Only where an optimizer step just ended: a checkpoint holds no half-accumulated gradient.
+        stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
+        if self._signal is None or not stepped or not trainer.strategy.reduce_boolean_decision(self._received,
+                                                                                               all=False):
             return
         self._received = False
         for logger in trainer.loggers:

@@ -213,3 +213,46 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_for_the_restart(tmp_
 def test_a_restarted_job_keeps_its_run_folder(environ: dict[str, str], identity: str | None) -> None:
     assert relaunch_identity(environ) == identity
 
+
+
+def test_the_requeue_checkpoint_waits_for_the_end_of_an_accumulated_step(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 2 micro-batches a step, SIGUSR1 as the first micro-batch of step 3 starts: the checkpoint is saved
+    after the second, when step 3 is whole (Lightning's checkpoints hold no accumulated gradient)."""
+    import pytorch_lightning as pl
+    from conftest import TinyNet, make_data
+    from torch.utils.data import DataLoader
+
+    from lightning_rigl import RequeueAtStepEnd
+
+    for key, value in _slurm("77", tmp_path / "scontrol.log").items():
+        monkeypatch.setenv(key, value)
+
+    class SignalAtBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 4:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                         accumulate_grad_batches=2, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, callbacks=[SignalAtBatch(), RequeueAtStepEnd()])
+    trainer.fit(TinyNet(), DataLoader(make_data(80), batch_size=4))
+    state = torch.load(tmp_path / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3
+    assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 6
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
+
+
+def test_a_job_refuses_to_train_again_into_its_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture, data: Path) -> None:
+    from lightning_rigl.cli import main
+
+    for key, value in _slurm("88", tmp_path / "scontrol.log").items():
+        monkeypatch.setenv(key, value)
+    finished = tmp_path / "runs" / RUN_NAME / "slurm_88"
+    finished.mkdir(parents=True)
+    (finished / "results.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_status:
+        main(_arguments(tmp_path, data, 16, []))
+    assert exit_status.value.code == 2
+    assert "holds a finished run of this job already" in capsys.readouterr().err
