@@ -1,9 +1,11 @@
 """FLOPs and model size as the RigL paper counts them; pure torch.
 
-Counting: ``torch.utils.flop_counter`` on a real forward pass of one example, per module. It counts matrix
-products and convolutions (a multiply and an add are one FLOP each, so a multiply-add is 2), the operations
-that sparsity removes; elementwise operations (BatchNorm, ReLU, residual additions, pooling, bias additions)
-are not counted. A sparse layer costs its dense FLOPs times its density, as in the paper.
+Counting: ``torch.utils.flop_counter``'s formulas on a real forward pass of one example, each matrix product
+and convolution given to the weight it reads, whoever calls it (a module, ``F.linear``, the attention
+functions). It counts matrix products, convolutions and attention's products of two activations (a multiply
+and an add are one FLOP each, so a multiply-add is 2); elementwise operations (BatchNorm, ReLU, residual
+additions, pooling, bias additions, softmax) are not counted. A sparse weight costs the dense FLOPs of its
+products times its density, as in the paper; products of two activations stay dense.
 
 How this compares with the published figures (``tests/test_flops.py``):
 
@@ -22,55 +24,121 @@ How this compares with the published figures (``tests/test_flops.py``):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from lightning_rigl.sparsity.distributions import live_count
 
+aten = torch.ops.aten
 
-def module_flops(model: nn.Module, input_size: Sequence[int]) -> dict[str, float]:
-    """FLOPs of one forward pass of one example of shape ``input_size``, per module: the module's name in
-    ``model.named_modules()`` ("" for the whole model) -> the FLOPs of the matrix products and convolutions
-    it runs, its submodules' included. The model runs in eval mode, on a zero input, without gradients."""
+
+Example = Sequence[int] | Tensor  # the shape of one example, or an example batch of one (any dtype)
+
+# The attention kernel PyTorch runs on the CPU, which torch.utils.flop_counter has no formula for: its FLOPs
+# are those of the same product on the GPU's flash kernel (q·kᵀ and attention·v).
+_FORMULAS = {**flop_registry, aten._scaled_dot_product_flash_attention_for_cpu:
+             flop_registry[aten._scaled_dot_product_flash_attention]}
+# Which arguments of an operation are its matrix operands (a weight among them owns the operation's FLOPs).
+_OPERANDS = {aten.mm: (0, 1), aten.addmm: (1, 2), aten.bmm: (0, 1), aten.baddbmm: (1, 2),
+             aten.convolution: (1,), aten._convolution: (1,), aten.convolution_overrideable: (1,),
+             aten.cudnn_convolution: (1,), aten._slow_conv2d_forward: (1,)}
+
+
+@dataclass
+class WeightFlops:
+    """FLOPs of one forward pass of one example.
+
+    Attributes:
+        total: every matrix product, convolution and attention product.
+        per_weight: parameter name -> the FLOPs of the products and convolutions that read it (through a
+            module, ``F.linear``, or inside ``F.multi_head_attention_forward``); products of two activations
+            (q·kᵀ, attention·v) belong to no weight.
+    """
+
+    total: float
+    per_weight: dict[str, float]
+
+
+class _CountByWeight(TorchDispatchMode):
+    """Counts FLOPs per operation as ``torch.utils.flop_counter`` does, and gives each to the parameter among its
+    operands (found by storage, so that a view such as ``W.t()`` or a chunk of ``in_proj_weight`` counts)."""
+
+    def __init__(self, owners: Mapping[int, str]) -> None:
+        super().__init__()
+        self.owners = owners
+        self.flops = WeightFlops(0.0, {})
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in _FORMULAS:
+            flops = float(_FORMULAS[packet](*args, **kwargs, out_val=out))
+            self.flops.total += flops
+            operands = [args[i] for i in _OPERANDS.get(packet, range(len(args))) if i < len(args)]
+            owner = next((self.owners[t.untyped_storage().data_ptr()] for t in operands
+                          if isinstance(t, Tensor) and t.untyped_storage().data_ptr() in self.owners), None)
+            if owner is not None:
+                self.flops.per_weight[owner] = self.flops.per_weight.get(owner, 0.0) + flops
+        return out
+
+
+def weight_flops(model: nn.Module, example: Example) -> WeightFlops:
+    """FLOPs of one forward pass of ``model`` on one example, in total and per weight (``WeightFlops``).
+
+    Args:
+        example: the shape of one example (``(3, 224, 224)``: a zero input of the model's dtype), or an example
+            batch of one, of any dtype (token ids, say).
+
+    The model runs in eval mode with gradients enabled: without them, ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` take a fused path whose products no counter sees.
+    """
     parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    if not isinstance(example, Tensor):
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+        example = torch.zeros(1, *example, device=device, dtype=dtype)
+    owners = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters()}
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_size, device=device, dtype=dtype))
+        with torch.enable_grad(), _CountByWeight(owners) as counter:
+            model(example)
     finally:
         model.train(was_training)
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    flops = {"": float(sum(counts.get("Global", {}).values()))}
-    for key, ops in counts.items():
-        if key.startswith(root + "."):
-            flops[key[len(root) + 1:]] = float(sum(ops.values()))
-    return flops
+    return counter.flops
 
 
-def forward_flops(model: nn.Module, input_size: Sequence[int], densities: Mapping[str, float] | None = None) -> float:
-    """FLOPs of one forward pass of one example of shape ``input_size`` (e.g. ``(3, 224, 224)``): matrix
-    products and convolutions, a multiply and an add one FLOP each. Every layer whose weight is named in
-    ``densities`` (parameter name -> density, e.g. ``callback.densities`` or ``layer_densities(...)``) costs
-    its dense FLOPs times its density; other layers are dense.
+def forward_flops(model: nn.Module, example: Example, densities: Mapping[str, float] | None = None) -> float:
+    """FLOPs of one forward pass of one example (``example``: its shape, e.g. ``(3, 224, 224)``, or an example
+    batch of one, of any dtype): matrix products, convolutions and attention products, a multiply and an add
+    one FLOP each. Every weight named in ``densities`` (parameter name -> density, e.g. ``callback.densities``
+    or ``layer_densities(...)``) costs the dense FLOPs of the products that read it times its density; the rest
+    is dense, products of two activations (q·kᵀ) included.
 
     Raises:
-        ValueError: a name in ``densities`` is not the ``weight`` of a module that runs in the forward pass.
+        ValueError: a name in ``densities`` is not a parameter that a product or convolution of the forward pass
+            reads.
     """
-    flops = module_flops(model, input_size)
-    saved = 0.0
-    for name, density in (densities or {}).items():
-        module = name.removesuffix(".weight")
-        if not name.endswith(".weight") or module not in flops:
-            raise ValueError(f"{name!r} is not the weight of a convolution or linear layer that runs in the forward "
-                             "pass; densities must name such weights (as callback.densities does).")
-        saved += flops[module] * (1.0 - density)
-    return flops[""] - saved
+    return sparse_forward(weight_flops(model, example), densities or {})
+
+
+def sparse_forward(flops: WeightFlops, densities: Mapping[str, float]) -> float:
+    """f_S: ``flops.total`` with each weight named in ``densities`` costing its FLOPs times its density.
+
+    Raises:
+        ValueError: a name in ``densities`` owns no FLOPs.
+    """
+    unknown = sorted(set(densities) - set(flops.per_weight))
+    if unknown:
+        raise ValueError(f"{unknown[:3]} are not weights that a matrix product or convolution of the forward pass "
+                         "reads; densities must name such weights (as callback.densities does).")
+    return flops.total - sum(flops.per_weight[name] * (1.0 - density) for name, density in densities.items())
 
 
 def model_size_bytes(model: nn.Module, densities: Mapping[str, float] | None = None) -> float:
@@ -116,14 +184,15 @@ class TrainingFlops:
         self.dense_spent = 0.0
 
     @classmethod
-    def of(cls, model: nn.Module, input_size: Sequence[int], sparse_names: Sequence[str]) -> TrainingFlops:
-        """The account of ``model`` on examples of shape ``input_size`` with the given sparse weights."""
-        flops = module_flops(model, input_size)
-        return cls({name: flops.get(name.removesuffix(".weight"), 0.0) for name in sparse_names}, flops[""])
+    def of(cls, model: nn.Module, example: Example, sparse_names: Sequence[str]) -> TrainingFlops:
+        """The account of ``model`` on examples like ``example`` (a shape, or a batch of one) with the given
+        sparse weights."""
+        flops = weight_flops(model, example)
+        return cls({name: flops.per_weight.get(name, 0.0) for name in sparse_names}, flops.total)
 
     def forward(self, densities: Mapping[str, float]) -> float:
         """f_S: forward FLOPs of one example with the sparse layers at ``densities``."""
-        return self.dense_flops - sum(flops * (1.0 - densities[name]) for name, flops in self.layer_flops.items())
+        return sparse_forward(WeightFlops(self.dense_flops, self.layer_flops), densities)
 
     def add_step(self, sparse_forward: float, dense_gradient: bool) -> None:
         """Count one optimizer step whose forward pass cost ``sparse_forward`` (f_S, from ``forward``);

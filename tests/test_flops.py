@@ -7,7 +7,7 @@ import torch
 import torchvision
 from conftest import TinyNet
 
-from lightning_rigl.flops import TrainingFlops, forward_flops, model_size_bytes, module_flops
+from lightning_rigl.flops import TrainingFlops, forward_flops, model_size_bytes, weight_flops
 from lightning_rigl.models import create_model
 from lightning_rigl.sparsity import layer_densities
 
@@ -77,11 +77,11 @@ def test_mobilenet_v1_flops_and_size():
 
 def test_a_sparse_layer_costs_its_dense_flops_times_its_density():
     model = TinyNet()
-    per_module = module_flops(model, (1, 8, 8))
+    flops = weight_flops(model, (1, 8, 8))
     # conv 3×3 from 1 to 8 channels on 8×8: 2·(1·9)·8·64 = 9,216 FLOPs; linear 256 -> 32: 2·256·32 = 16,384.
-    assert per_module["features.0"] == 9_216 and per_module["classifier.1"] == 16_384
+    assert flops.per_weight["features.0.weight"] == 9_216 and flops.per_weight["classifier.1.weight"] == 16_384
     densities = {"features.0.weight": 0.5, "classifier.1.weight": 0.25}
-    assert forward_flops(model, (1, 8, 8), densities) == per_module[""] - 9_216 * 0.5 - 16_384 * 0.75
+    assert forward_flops(model, (1, 8, 8), densities) == flops.total - 9_216 * 0.5 - 16_384 * 0.75
     # Size: 4 bytes per live weight and a bit per position of each sparse layer, 4 bytes per other value.
     total = sum(p.numel() for p in model.parameters())
     expected = 4 * (total - 72 - 8_192) + (4 * 36 + 72 / 8) + (4 * 2_048 + 8_192 / 8)
@@ -89,7 +89,7 @@ def test_a_sparse_layer_costs_its_dense_flops_times_its_density():
 
 
 def test_unknown_names_are_refused():
-    with pytest.raises(ValueError, match="not the weight"):
+    with pytest.raises(ValueError, match="not weights that a matrix product or convolution"):
         forward_flops(TinyNet(), (1, 8, 8), {"features.1.weight": 0.5})  # a BatchNorm: no FLOPs counted
     with pytest.raises(ValueError, match="lacks"):
         model_size_bytes(TinyNet(), {"missing.weight": 0.5})

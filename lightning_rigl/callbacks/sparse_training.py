@@ -286,15 +286,16 @@ class SparseTraining(Callback, ABC):
         }
 
     def _start_counting_flops(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Counts the model's FLOPs on an example of the first batch's shape; warns once if it cannot."""
+        """Counts the model's FLOPs on the first example of the first batch (images or token ids alike); warns
+        once if it cannot."""
         example = _first_tensor(batch)
         try:
             if example is None:
                 raise ValueError("the batch holds no tensor")
-            self.flops = TrainingFlops.of(pl_module, tuple(example.shape[1:]), list(self._params))
+            self.flops = TrainingFlops.of(pl_module, example[:1], list(self._params))
         except Exception as error:  # a forward that takes more than one input, say: training goes on
             self._flops_unavailable = True
-            rank_zero_warn(f"FLOPs are not counted: a forward pass on one example of the first batch's shape failed "
+            rank_zero_warn(f"FLOPs are not counted: a forward pass on the first example of the first batch failed "
                            f"({type(error).__name__}: {error}).")
             return
         if self._restored_flops is not None:

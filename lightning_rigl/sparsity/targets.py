@@ -1,7 +1,11 @@
 """Which parameters are sparsified.
 
-By default: the ``weight`` of every convolution (any dimensionality, transposed included) and every linear
-layer. Biases, normalisation layers and embeddings stay dense. Names are those of ``model.named_parameters()``.
+By default: every weight matrix the network multiplies its activations by: the ``weight`` of every convolution
+(any dimensionality, transposed included) and every linear layer, and the projections that
+``nn.MultiheadAttention`` keeps outside a linear layer (``in_proj_weight``, or ``q_proj_weight``,
+``k_proj_weight`` and ``v_proj_weight`` when keys and values have their own sizes; its ``out_proj`` is a
+linear layer). Biases, normalisation layers, embedding tables, positional embeddings and class tokens stay
+dense. Names are those of ``model.named_parameters()``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,21 @@ from torch.nn.modules.conv import _ConvNd
 from lightning_rigl.errors import ConfigError
 
 SPARSIFIABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
+_ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _default_weights(model: nn.Module) -> set[int]:
+    """The ids of the weight matrices selected by default (see the module's docstring)."""
+    chosen = set()
+    for module in model.modules():
+        if isinstance(module, SPARSIFIABLE_MODULES):
+            candidates = [module.weight]
+        elif isinstance(module, nn.MultiheadAttention):
+            candidates = [getattr(module, name) for name in _ATTENTION_PROJECTIONS]
+        else:
+            continue
+        chosen.update(id(p) for p in candidates if isinstance(p, nn.Parameter))
+    return chosen
 
 
 def _matching(names: Sequence[str], pattern: str) -> list[str]:
@@ -40,7 +59,8 @@ def sparsifiable_parameters(
     Args:
         model: the network.
         include: glob patterns over parameter names. When given, exactly the matching parameters with at
-            least two dimensions are sparsified instead of the default conv/linear weights.
+            least two dimensions are sparsified instead of the default weight matrices (conv, linear,
+            attention projections).
         exclude: glob patterns over parameter names removed from the selection (kept dense and left out of
             the sparsity budget).
 
@@ -60,17 +80,13 @@ def sparsifiable_parameters(
                 "matrices and kernels can be sparsified; narrow the include patterns."
             )
     else:
-        weight_ids = {
-            id(module.weight)
-            for module in model.modules()
-            if isinstance(module, SPARSIFIABLE_MODULES) and isinstance(module.weight, nn.Parameter)
-        }
+        weight_ids = _default_weights(model)
         chosen = [n for n in names if id(all_params[n]) in weight_ids]
     _check_patterns(names, exclude, "exclude")
     chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
     if not chosen:
         raise ConfigError(
-            f"{type(model).__name__} has nothing to sparsify: no convolution or linear weight is left "
+            f"{type(model).__name__} has nothing to sparsify: no convolution, linear or attention weight is left "
             "after include/exclude. Check the model and the patterns."
         )
     return {name: all_params[name] for name in chosen}
