@@ -17,9 +17,12 @@ from lightning_rigl.errors import ConfigError
 from lightning_rigl.lr_schedule import LRSchedule, check_lr_schedule, lr_factor
 from lightning_rigl.models import create_model
 
+OPTIMIZERS = ("sgd", "adamw")
+
 
 class ImageClassifier(pl.LightningModule):
-    """Cross-entropy training of a registered model with SGD, as in the RigL papers.
+    """Cross-entropy training of a registered model with SGD, as in the RigL papers, or AdamW, as vision
+    transformers are trained.
 
     Step counts (``warmup_steps``, ``lr_milestones``) are optimizer steps, the unit of ``trainer.max_steps``.
 
@@ -28,10 +31,13 @@ class ImageClassifier(pl.LightningModule):
         num_classes: output classes; the command links it to the data module's.
         width: multiplier on every layer's channel count (Small-Dense baselines); 1.0 is the standard network.
         arch_kwargs: further keyword arguments of the model, e.g. ``{"zero_init_residual": True}``.
+        optimizer: "sgd" (with ``momentum`` and ``nesterov``) or "adamw" (with ``betas``; decoupled weight decay).
         lr: base learning rate (after warm-up, before decay).
         momentum: SGD momentum; 0 disables it.
         nesterov: Nesterov momentum.
-        weight_decay: L2 coefficient on conv and linear weights; BatchNorm parameters and biases get none.
+        betas: AdamW's decays of its first and second moments, each in [0, 1).
+        weight_decay: coefficient on every parameter of two or more dimensions (conv, linear and attention weights,
+            a ViT's class token and position embedding); normalisation parameters and biases get none.
         lr_schedule: "step" (×``lr_gamma`` at each of ``lr_milestones``), "cosine" (to 0 at the last step) or
             "constant".
         lr_milestones: optimizer steps at which "step" multiplies the learning rate by ``lr_gamma``.
@@ -49,9 +55,11 @@ class ImageClassifier(pl.LightningModule):
         num_classes: int = 10,
         width: float = 1.0,
         arch_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "sgd",
         lr: float = 0.1,
         momentum: float = 0.9,
         nesterov: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 5e-4,
         lr_schedule: LRSchedule = "step",
         lr_milestones: Sequence[int] = (),
@@ -60,7 +68,7 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_optimizer(lr, momentum, nesterov, weight_decay, label_smoothing)
+        _check_optimizer(optimizer, lr, momentum, nesterov, betas, weight_decay, label_smoothing)
         check_lr_schedule(lr_schedule, warmup_steps, lr_milestones, lr_gamma)
         self.save_hyperparameters()
         self.net = create_model(arch, num_classes=num_classes, width=width, **(arch_kwargs or {}))
@@ -98,9 +106,11 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.SGD(
-            _decay_groups(self.net, hp.weight_decay), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov
-        )
+        groups = _decay_groups(self.net, hp.weight_decay)
+        if hp.optimizer == "adamw":
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        else:
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         total_steps = None
         if hp.lr_schedule == "cosine":
             estimate = self.trainer.estimated_stepping_batches
@@ -116,18 +126,24 @@ class ImageClassifier(pl.LightningModule):
 
 
 def _decay_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two parameter groups: weight decay on weights of rank >= 2, none on BatchNorm parameters and biases."""
+    """Two parameter groups: weight decay on parameters of rank >= 2, none on normalisation parameters and
+    biases."""
     decay = [p for p in net.parameters() if p.ndim >= 2]
     no_decay = [p for p in net.parameters() if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _check_optimizer(lr: float, momentum: float, nesterov: bool, weight_decay: float, label_smoothing: float) -> None:
+def _check_optimizer(optimizer: str, lr: float, momentum: float, nesterov: bool, betas: Sequence[float],
+                     weight_decay: float, label_smoothing: float) -> None:
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"Unknown optimizer {optimizer!r}: use one of {OPTIMIZERS}.")
+    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+        raise ConfigError(f"betas must be two decays in [0, 1), got {tuple(betas)}.")
     if lr <= 0:
         raise ConfigError(f"lr must be > 0, got {lr}.")
     if not 0 <= momentum < 1:
         raise ConfigError(f"momentum must be in [0, 1), got {momentum}.")
-    if nesterov and momentum == 0:
+    if optimizer == "sgd" and nesterov and momentum == 0:
         raise ConfigError("nesterov=True needs momentum > 0: set model.momentum or model.nesterov false.")
     if weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}.")

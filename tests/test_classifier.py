@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -58,6 +59,8 @@ def test_cosine_without_a_run_length_is_a_config_error() -> None:
         ({"lr_schedule": "cosine", "lr_milestones": [10]}, "only apply"),
         ({"lr_gamma": 2.0}, "lr_gamma"),
         ({"warmup_steps": -1}, "warmup_steps"),
+        ({"optimizer": "lamb"}, "Unknown optimizer"),
+        ({"optimizer": "adamw", "betas": (0.9, 1.0)}, "betas"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs: dict, match: str) -> None:
@@ -77,6 +80,15 @@ def test_weight_decay_spares_batchnorm_and_biases() -> None:
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             assert id(module.weight) in decayed
             assert module.bias is None or id(module.bias) in spared
+
+
+def test_adamw_takes_the_betas_and_the_same_decay_groups() -> None:
+    model = ImageClassifier(optimizer="adamw", lr=3e-3, betas=(0.8, 0.99), weight_decay=0.3, momentum=0.0)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=100)
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.3, 0.0]
+    assert all(group["betas"] == (0.8, 0.99) and group["lr"] == 3e-3 for group in optimizer.param_groups)
 
 
 def test_top5_only_with_at_least_five_classes() -> None:

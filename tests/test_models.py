@@ -27,6 +27,8 @@ INPUTS = {
     "resnet50_cifar": ((3, 32, 32), 100),
     "resnet50": ((3, 64, 64), 1000),
     "mobilenet_v1": ((3, 64, 64), 1000),
+    "vit_tiny": ((1, 28, 28), 10),
+    "vit_b_16": ((3, 224, 224), 1000),  # a ViT takes only the image size its position embedding was built for
 }
 
 
@@ -97,6 +99,18 @@ def _mobilenet_v1_parameters(num_classes: int) -> int:
 
 RESNET50_PARAMETERS = 25_557_032  # torchvision's ResNet50_Weights.IMAGENET1K_V1.meta["num_params"]
 
+
+def _vit_parameters(in_channels: int, patch: int, tokens: int, layers: int, hidden: int, mlp: int,
+                    num_classes: int) -> int:
+    """Class token; patch embedding (a conv with bias); position embedding of the tokens and the class token;
+    per block two LayerNorms (scale and shift), the attention's q/k/v projection and output projection (with
+    biases) and the two MLP layers (with biases); the final LayerNorm; the head."""
+    block = 2 * 2 * hidden + (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden) + (
+        hidden * mlp + mlp) + (mlp * hidden + hidden)
+    return (hidden + in_channels * patch * patch * hidden + hidden + (tokens + 1) * hidden + layers * block
+            + 2 * hidden + hidden * num_classes + num_classes)
+
+
 PARAMETER_COUNTS = {
     # (num_classes, parameters at width 1)
     "lenet300_100": (10, (784 * 300 + 300) + (300 * 100 + 100) + (100 * 10 + 10)),  # 266,610
@@ -107,6 +121,9 @@ PARAMETER_COUNTS = {
     "resnet50_cifar": (100, RESNET50_PARAMETERS - 7 * 7 * 3 * 64 + 3 * 3 * 3 * 64 - 2048 * 900 - 900),
     # Keras' MobileNet(alpha=1.0): "Trainable params: 4,231,976" (its 21,888 non-trainable are BN statistics).
     "mobilenet_v1": (1000, _mobilenet_v1_parameters(1000)),
+    "vit_tiny": (10, _vit_parameters(1, 4, 49, 4, 64, 128, 10)),
+    # torchvision's ViT_B_16_Weights.IMAGENET1K_V1.meta["num_params"]: 86,567,656.
+    "vit_b_16": (1000, _vit_parameters(3, 16, 196, 12, 768, 3072, 1000)),
 }
 
 
@@ -116,6 +133,8 @@ def test_hand_arithmetic_gives_the_quoted_totals() -> None:
     assert PARAMETER_COUNTS["wrn22_2"][1] == 1_079_642
     assert PARAMETER_COUNTS["resnet50_cifar"][1] == 23_705_252
     assert PARAMETER_COUNTS["mobilenet_v1"][1] == 4_231_976
+    assert PARAMETER_COUNTS["vit_tiny"][1] == 139_018
+    assert PARAMETER_COUNTS["vit_b_16"][1] == 86_567_656
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -5,7 +5,7 @@ training code; each takes ``num_classes`` and ``width`` (a multiplier on every h
 """
 
 # Importing the model modules registers their models.
-from lightning_rigl.models import lenet, mobilenet, resnet, small_cnn, wide_resnet
+from lightning_rigl.models import lenet, mobilenet, resnet, small_cnn, vit, wide_resnet
 from lightning_rigl.models.registry import ModelConfig, create_model, list_models, register_model
 from lightning_rigl.models.width import count_parameters, match_width, scale_channels, sparse_parameter_count
 
@@ -22,5 +22,6 @@ __all__ = [
     "scale_channels",
     "small_cnn",
     "sparse_parameter_count",
+    "vit",
     "wide_resnet",
 ]
