@@ -29,7 +29,8 @@ from lightning_rigl.models import create_model, list_models
 from lightning_rigl.sparsity import layer_densities, random_masks
 
 INPUTS = {"lenet300_100": (1, 28, 28), "small_cnn": (1, 28, 28), "wrn22_2": (3, 32, 32),
-          "resnet50_cifar": (3, 32, 32), "resnet50": (3, 64, 64), "mobilenet_v1": (3, 64, 64)}
+          "resnet50_cifar": (3, 32, 32), "resnet50": (3, 64, 64), "mobilenet_v1": (3, 64, 64),
+          "vit_tiny": (1, 28, 28), "vit_b_16": (3, 224, 224)}
 
 
 def sparse_model(arch: str, sparsity: float = 0.9, seed: int = 0) -> tuple[nn.Module, dict[str, Tensor]]:
@@ -135,7 +136,7 @@ def test_another_models_file_is_refused_and_nothing_is_loaded(tmp_path) -> None:
         load_sparse(tmp_path / "absent.lrs")
 
 
-@pytest.mark.parametrize("arch", ["lenet300_100", "small_cnn", "resnet50_cifar", "mobilenet_v1"])
+@pytest.mark.parametrize("arch", ["lenet300_100", "small_cnn", "resnet50_cifar", "mobilenet_v1", "vit_tiny"])
 @pytest.mark.parametrize("mode", ["auto", "sparse"])
 def test_the_inference_copy_gives_the_models_outputs(arch: str, mode: str) -> None:
     model, masks = sparse_model(arch, sparsity=0.95)
@@ -178,7 +179,7 @@ def test_depthwise_convolutions_stay_dense_and_bad_arguments_are_refused() -> No
         sparse_inference(model, {"0.weight": mask})
     with pytest.raises(ValueError, match="mode must be"):
         sparse_inference(model, {"0.weight": mask}, mode="fast")
-    with pytest.raises(ValueError, match="not the weight of a module"):
+    with pytest.raises(ValueError, match="not a parameter of the model"):
         sparse_inference(model, {"1.weight": mask}, mode="sparse")
 
 
@@ -309,3 +310,18 @@ def test_a_dense_runs_masks_are_its_zeros_in_convolution_and_linear_weights() ->
     masks = nonzero_masks(net)
     assert list(masks) == ["0.weight"] and int(masks["0.weight"].sum()) == 5
     assert nonzero_masks(nn.Sequential(nn.ReLU())) == {}  # nothing to mask
+
+
+def test_attention_projections_stay_dense_in_the_inference_copy() -> None:
+    # nn.MultiheadAttention reads in_proj_weight and out_proj.weight itself: replacing out_proj by a CSR layer
+    # would break it, so both stay dense (masked) with the reason, and the MLPs are converted.
+    model, masks = sparse_model("vit_tiny", sparsity=0.95)
+    inference = sparse_inference(model, masks, mode="sparse")
+    choices = {choice.name: choice for choice in inference.sparse_layers}
+    block = "encoder.layers.encoder_layer_0"
+    for name in (f"{block}.self_attention.in_proj_weight", f"{block}.self_attention.out_proj"):
+        assert choices[name].kind == "attention projection" and not choices[name].converted
+        assert "reads the weight itself" in choices[name].why_not
+    assert choices[f"{block}.mlp.0"].converted and isinstance(inference.get_submodule(f"{block}.mlp.0"), SparseLinear)
+    live = inference.get_parameter(f"{block}.self_attention.in_proj_weight") != 0
+    assert torch.equal(live, masks[f"{block}.self_attention.in_proj_weight"] & live)

@@ -33,9 +33,10 @@ class LayerChoice:
     """What ``sparse_inference`` did with one sparse layer.
 
     Args:
-        name: the module's name in the model.
-        kind: "linear", "conv1x1", "conv" (a k×k convolution through im2col), "grouped conv" or the module's
-            class name (the last two never converted).
+        name: the module's name in the model (the parameter's, for a weight that is not a module's ``weight``).
+        kind: "linear", "conv1x1", "conv" (a k×k convolution through im2col), "grouped conv", "attention
+            projection" (a weight an attention module reads itself) or the module's class name (the last three
+            never converted).
         density: fraction of live weights.
         dense_ms: median time of the dense layer on the example input (milliseconds); None when not timed.
         sparse_ms: the same for the sparse layer.
@@ -119,7 +120,8 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
     """An inference copy of ``model`` (eval mode, no gradients needed) whose sparse layers compute with CSR kernels.
 
     Linear layers and 2-d convolutions (ungrouped, padding given as numbers and ``padding_mode="zeros"``, batched
-    input) are converted; others (depthwise convolutions, for instance) stay dense. Every weight outside its
+    input) are converted; others (depthwise convolutions, the projections ``nn.MultiheadAttention`` reads
+    itself, for instance) stay dense. Every weight outside its
     mask is 0 in the copy, converted or not, and the copy gives the model's outputs to float tolerance (the
     model's own, when its weights outside the masks are already 0, as after sparse training). ``model`` itself
     is not changed. The copy's ``sparse_layers`` lists a ``LayerChoice`` per candidate layer (also logged at
@@ -149,49 +151,72 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
     inference = copy.deepcopy(model).eval()
     candidates = _candidates(inference, nonzero_masks(inference) if masks is None else masks)
-    inputs = _layer_inputs(inference, list(candidates), example_input) if mode == "auto" else {}
+    versions = {name: _sparse_version(candidate) for name, candidate in candidates.items()}
+    convertible = [name for name, (_, sparse, _) in versions.items() if sparse is not None]
+    inputs = _layer_inputs(inference, convertible, example_input) if mode == "auto" else {}
     choices = []
-    for module_name, (module, mask) in candidates.items():
-        density = float(mask.float().mean())
-        kind, sparse, why_not = _sparse_version(module, mask)
+    for name, candidate in candidates.items():
+        density = float(candidate.mask.float().mean())
+        kind, sparse, why_not = versions[name]
         dense_ms = sparse_ms = None
         if sparse is not None and mode == "auto":
-            if module_name in inputs:
-                dense_ms = _median_ms(lambda: module(inputs[module_name]), repeats)
-                sparse_ms = _median_ms(lambda: sparse(inputs[module_name]), repeats)
+            if name in inputs:
+                dense_ms = _median_ms(lambda: candidate.module(inputs[name]), repeats)
+                sparse_ms = _median_ms(lambda: sparse(inputs[name]), repeats)
                 why_not = "" if sparse_ms < dense_ms else "the dense layer was faster"
             else:
                 why_not = "the example input does not reach it"
         converted = sparse is not None and not why_not
         if converted:
-            inference = _replace(inference, module_name, sparse)
-        choices.append(LayerChoice(module_name, kind, density, dense_ms, sparse_ms, converted, why_not))
+            inference = _replace(inference, name, sparse)
+        choices.append(LayerChoice(name, kind, density, dense_ms, sparse_ms, converted, why_not))
     inference.sparse_layers = choices
     log.info("sparse_inference: %d of %d layers converted", sum(c.converted for c in choices), len(choices))
     return inference
 
 
-def _candidates(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, tuple[nn.Module, Tensor]]:
-    """Module name -> (module, mask) for every mask, with the module's weight zeroed outside its mask."""
+@dataclass
+class _Candidate:
+    """A masked weight: the module holding it and its attribute name, its mask, and whether an attention module
+    reads it directly (``in_proj_weight``, ``out_proj.weight``) instead of calling the module that holds it."""
+
+    module: nn.Module
+    attribute: str
+    mask: Tensor
+    read_by_attention: bool
+
+
+def _candidates(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, _Candidate]:
+    """Layer name (the module's, or the parameter's when it is not a module's ``weight``) -> candidate for every
+    mask, with the weight zeroed outside its mask."""
     modules = dict(model.named_modules())
+    attention_owned = {f"{name}.out_proj" if name else "out_proj" for name, module in modules.items()
+                       if isinstance(module, nn.MultiheadAttention)}
     candidates = {}
     for name, mask in masks.items():
-        module_name = "" if name == "weight" else name.removesuffix(".weight")
+        module_name, _, attribute = name.rpartition(".")
         module = modules.get(module_name)
-        if not name.endswith("weight") or module is None or not isinstance(getattr(module, "weight", None), Tensor):
-            raise ValueError(f"masks name {name!r}, which is not the weight of a module of the model.")
-        if mask.shape != module.weight.shape:
-            raise ValueError(f"the mask of {name!r} has shape {tuple(mask.shape)}, the weight "
-                             f"{tuple(module.weight.shape)}.")
-        mask = mask.to(module.weight.device).bool()
+        weight = getattr(module, attribute, None) if module is not None else None
+        if not isinstance(weight, Tensor):
+            raise ValueError(f"masks name {name!r}, which is not a parameter of the model.")
+        if mask.shape != weight.shape:
+            raise ValueError(f"the mask of {name!r} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}.")
+        mask = mask.to(weight.device).bool()
         with torch.no_grad():
-            module.weight.mul_(mask)
-        candidates[module_name] = (module, mask)
+            weight.mul_(mask)
+        read_by_attention = isinstance(module, nn.MultiheadAttention) or module_name in attention_owned
+        candidates[module_name if attribute == "weight" else name] = _Candidate(module, attribute, mask,
+                                                                                read_by_attention)
     return candidates
 
 
-def _sparse_version(module: nn.Module, mask: Tensor) -> tuple[str, nn.Module | None, str]:
+def _sparse_version(candidate: _Candidate) -> tuple[str, nn.Module | None, str]:
     """The layer's kind, its sparse version (None where no sparse kernel applies) and why not."""
+    module, mask = candidate.module, candidate.mask
+    if candidate.read_by_attention:
+        return "attention projection", None, "its attention module reads the weight itself: it stays dense"
+    if candidate.attribute != "weight":
+        return type(module).__name__, None, "only the weight of Linear and Conv2d is converted"
     if isinstance(module, nn.Linear):
         kind = "linear"
     elif isinstance(module, nn.Conv2d):
