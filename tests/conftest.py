@@ -47,6 +47,28 @@ class TinyNet(pl.LightningModule):
 SPARSE_NAMES = ["features.0.weight", "features.3.weight", "classifier.1.weight", "classifier.3.weight"]
 
 
+class TinyViT(TinyNet):
+    """torchvision's VisionTransformer on TinyNet's 1×8×8 inputs (patches of 4: 4 tokens and a class token; one
+    block of 16 features in 2 heads), trained as transformers are: AdamW, linear warm-up then cosine."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        from lightning_rigl.models.vit import ViTConfig, build_vit
+
+        super().__init__(optimizer="adamw", lr=lr)
+        self.features = nn.Identity()
+        self.classifier = build_vit(ViTConfig(num_classes=4, in_channels=1, image_size=8, patch_size=4, layers=1,
+                                              heads=2, hidden=16, mlp=32))
+
+    def configure_optimizers(self) -> dict:
+        from lightning_rigl.lr_schedule import lr_factor
+
+        optimizer = super().configure_optimizers()
+        steps = self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+            step, "cosine", warmup_steps=3, milestones=(), gamma=1.0, total_steps=int(steps)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 def make_data(n: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32) -> TensorDataset:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 8, 8, generator=gen, dtype=dtype)

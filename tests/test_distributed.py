@@ -16,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.multiprocessing as mp
-from conftest import SPARSE_NAMES, TinyNet, make_data
+from conftest import TinyNet, TinyViT, make_data
 from methods import CHANGING, METHODS
 from torch.utils.data import DataLoader
 
@@ -24,6 +24,7 @@ from lightning_rigl import Static
 
 STEPS = 10
 RANK_DEPENDENT = "static_seeded_by_rank"
+TRANSFORMER_RUNS = {f"{method}_vit": (METHODS[method], TinyViT) for method in ("rigl", "set")}
 
 
 class SaveMasksPerRank(pl.Callback):
@@ -47,7 +48,9 @@ def _train_every_method(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     # A seed that differs between ranks (a configuration no process can notice alone) must stop both at once.
-    for method, make in {**METHODS, RANK_DEPENDENT: lambda: Static(sparsity=0.8, seed=rank)}.items():
+    runs = {**{method: (make, TinyNet) for method, make in METHODS.items()}, **TRANSFORMER_RUNS,
+            RANK_DEPENDENT: (lambda: Static(sparsity=0.8, seed=rank), TinyNet)}
+    for method, (make, model_factory) in runs.items():
         torch.manual_seed(0)
         sparse = make()
         out = Path(folder) / method
@@ -59,7 +62,7 @@ def _train_every_method(rank: int, port: int, folder: str) -> None:
         )
         # Each rank sees different samples, so decisions must use the all-reduced gradient to agree.
         try:
-            trainer.fit(TinyNet(), DataLoader(make_data(64), batch_size=16, shuffle=False))
+            trainer.fit(model_factory(), DataLoader(make_data(64), batch_size=16, shuffle=False))
         except Exception as error:  # raised on both ranks at once (the agreement check): the next method runs
             torch.save({"error": f"{type(error).__name__}: {error}"}, out / f"rank{rank}.pt")
     # Close gloo while Python runs: left to interpreter exit, it aborts now and then (as the command does).
@@ -80,7 +83,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [*METHODS, *TRANSFORMER_RUNS])
 def test_ranks_hold_identical_masks_at_every_step(runs: Path, method: str) -> None:
     rank0, rank1 = (torch.load(runs / method / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert "error" not in rank0 and "error" not in rank1, rank0.get("error") or rank1.get("error")
@@ -88,10 +91,11 @@ def test_ranks_hold_identical_masks_at_every_step(runs: Path, method: str) -> No
     assert rank0["densities"] == rank1["densities"]
     assert len(rank0["masks"]) == len(rank1["masks"]) == STEPS
     for step, (a, b) in enumerate(zip(rank0["masks"], rank1["masks"])):
-        for name in SPARSE_NAMES:
+        assert list(a) == list(b)
+        for name in a:
             assert torch.equal(a[name], b[name]), f"step {step}, {name}"
-    if method in CHANGING and not method.startswith("snip"):  # SNIP's only change is at step 0
-        assert any(not torch.equal(rank0["masks"][0][n], rank0["masks"][-1][n]) for n in SPARSE_NAMES)
+    if method.removesuffix("_vit") in CHANGING and not method.startswith("snip"):  # SNIP changes at step 0 only
+        assert any(not torch.equal(rank0["masks"][0][n], rank0["masks"][-1][n]) for n in rank0["masks"][0])
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name
 

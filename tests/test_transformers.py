@@ -6,9 +6,13 @@ published ViT-B/16 figure."""
 from __future__ import annotations
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import TinyViT, train
+from methods import CHANGING, METHODS
+from test_callbacks import Recorder, _assert_resume_matches
 from torch import nn
 
 from lightning_rigl.flops import forward_flops, weight_flops
@@ -117,3 +121,47 @@ def test_vit_b_16_counts_torchvisions_published_figure() -> None:
     flops = weight_flops(torchvision.models.vit_b_16(), (3, 224, 224))
     assert flops.total == pytest.approx(2 * 17.56e9, rel=0.01)
     assert len(flops.per_weight) == 50  # the patch embedding, 4 matrices in each of 12 blocks, the head
+
+
+# --------------------------------------------------------------------------------- training a transformer
+
+
+@pytest.mark.parametrize("method", [name for name in METHODS if name != "lottery"])  # a ticket needs its own run
+def test_every_method_trains_a_vit_as_transformers_are_trained(method: str) -> None:
+    """AdamW (m and v cleared where masks change), warm-up then cosine, clipping by norm, bf16, accumulation:
+    counts, dead weights and new connections exact at every step (the Recorder of test_callbacks)."""
+    sparse = METHODS[method]()
+    train([sparse, Recorder(sparse)], model_factory=TinyViT, steps=13, batch_size=16, accumulate_grad_batches=2,
+          precision="bf16-mixed", gradient_clip_val=1.0)
+    assert sparse.num_updates >= (method in CHANGING)
+    assert any(name.endswith("in_proj_weight") for name in sparse.masks)
+
+
+@pytest.mark.parametrize("method", ["rigl", "snfs"])
+def test_a_vit_resumes_where_it_would_have_gone_on(tmp_path, method: str) -> None:
+    _assert_resume_matches(tmp_path, METHODS[method], 7, model_factory=TinyViT)
+
+
+def test_gradient_clipping_sees_only_the_live_gradients() -> None:
+    """A huge gradient at a dead position (before the callback masks it) must not shrink the live ones: the
+    clipping norm is taken over the masked gradients."""
+
+    class Spike(pl.Callback):  # before the sparse callback
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            name = next(n for n in rigl.masks if n.endswith("in_proj_weight"))
+            dead = (~rigl.masks[name]).nonzero()[0]
+            pl_module.get_parameter(name).grad[tuple(dead)] = 1e6
+
+    class ClippingSpy(TinyViT):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            self.dead = [float(self.get_parameter(n).grad[~m].abs().max()) for n, m in rigl.masks.items()]
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    rigl = METHODS["rigl"]()
+    model = ClippingSpy()
+    model.norms = []
+    train([Spike(), rigl], model=model, steps=3, gradient_clip_val=1.0)  # before the first update, at step 3,
+    assert max(model.dead) == 0.0  # which would grow the spiked position (the largest gradient there is)
+    assert max(model.norms) < 1e3  # the spike of 1e6 is not in the norm the clip divides by
