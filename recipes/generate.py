@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -165,7 +166,8 @@ def recipe(setup: Setup, row: Row) -> dict[str, Any]:
 def masked_names(setup: Setup) -> list[str]:
     """Names (as ImageClassifier sees them) of the parameters the sparse callbacks of ``setup`` mask."""
     holder = nn.Module()
-    holder.net = create_model(setup.arch, num_classes=setup.num_classes)
+    with torch.device("meta"):  # names and shapes only
+        holder.net = create_model(setup.arch, num_classes=setup.num_classes)
     return list(sparsifiable_parameters(holder, exclude=setup.sparse_args.get("exclude", ())))
 
 
@@ -467,6 +469,75 @@ def _fashion_rows() -> list[Row]:
     return rows
 
 
+# Vision transformers. The Fashion-MNIST study's ViT: vit_tiny (patches of 4, 4 blocks of 64 features) trained as
+# small ViTs are (AdamW, warm-up then cosine, clipping, label smoothing), on a budget the study can afford on
+# two CPU cores: 3 epochs.
+FASHION_VIT_STEPS = 1290  # 3 epochs of 430 batches of 128
+VIT_NOTES = ("Transformer training: AdamW (its m and v cleared wherever a mask changes), linear warm-up then cosine, "
+             "gradients clipped to norm 1 after the masks zero the dead ones.",)
+FASHION_VIT = Setup(
+    folder="fashion_mnist_vit",
+    source="this project's Fashion-MNIST ViT study (vit_tiny; batch 128, 1,290 steps = 3 epochs, AdamW lr 2e-3 "
+    "betas 0.9/0.999 weight decay 0.05, 100 warm-up steps then cosine, label smoothing 0.1, gradients clipped to "
+    "norm 1; RigL's ΔT 100, α 0.3 cosine, T_end at 75%)",
+    arch="vit_tiny",
+    num_classes=10,
+    data={"class_path": "lightning_rigl.data.FashionMNISTDataModule",
+          "init_args": {"batch_size": 128, "val_size": 5000}},
+    trainer={"max_steps": FASHION_VIT_STEPS, "gradient_clip_val": 1.0},
+    model={"optimizer": "adamw", "lr": 0.002, "betas": [0.9, 0.999], "weight_decay": 0.05, "lr_schedule": "cosine",
+           "warmup_steps": 100, "label_smoothing": 0.1},
+    stop_at=FASHION_VIT_STEPS * 3 // 4,
+    notes=(*VIT_NOTES, "uniform keeps the first masked layer (the 4×4 patch embedding, 1,024 weights) dense.",
+           "Run the whole study with benchmarks/reproduce.py --study vit, which sets the seeds and the folders."),
+)
+
+CIFAR10_VIT = Setup(
+    folder="cifar10_vit",
+    source="this project's choice for a small ViT trained from scratch on CIFAR-10, not a published table "
+    "(vit_tiny at 32×32×3; batch 128, 200 epochs = 70,400 steps of 352 batches, AdamW lr 1e-3 weight decay 0.05, "
+    "5 warm-up epochs then cosine, label smoothing 0.1, gradients clipped to norm 1; RigL's ΔT 100, α 0.3 cosine, "
+    "T_end at 75%)",
+    arch="vit_tiny",
+    num_classes=10,
+    data={"class_path": "lightning_rigl.data.CIFAR10DataModule",
+          "init_args": {"data_dir": "data", "download": True, "batch_size": 128, "val_size": 5000}},
+    trainer={"max_steps": 70400, "gradient_clip_val": 1.0},
+    model={"arch_kwargs": {"in_channels": 3, "image_size": 32}, "optimizer": "adamw", "lr": 0.001,
+           "betas": [0.9, 0.999], "weight_decay": 0.05, "lr_schedule": "cosine", "warmup_steps": 1760,
+           "label_smoothing": 0.1},
+    stop_at=52800,
+    notes=(*VIT_NOTES, "Not trained here (no GPU): a starting point, not a reproduction."),
+)
+
+IMAGENET_VIT = Setup(
+    folder="imagenet_vit_b_16",
+    source="SRigL's ViT-B/16 ImageNet run (Lasby et al., ICLR 2024; calgaryml/condensed-sparsity, "
+    "configs/training/vit.yaml and configs/rigl/vit.yaml): global batch 4,096, 46,918 steps = 150 epochs, AdamW lr "
+    "0.003 betas 0.9/0.999 weight decay 0.3, 16 warm-up epochs then cosine, label smoothing 0.11, gradients "
+    "clipped to norm 1; RigL every 100 steps, α 0.3, updates until 75% of the run, uniform over every layer "
+    "(patch embedding and attention included)",
+    arch="vit_b_16",
+    num_classes=1000,
+    data=IMAGENET_DATA,
+    trainer={"max_steps": 46918, "accumulate_grad_batches": 16, "gradient_clip_val": 1.0},
+    model={"optimizer": "adamw", "lr": 0.003, "betas": [0.9, 0.999], "weight_decay": 0.3, "lr_schedule": "cosine",
+           "warmup_steps": _epochs_to_steps(16)[0], "label_smoothing": 0.11},
+    stop_at=35188,
+    uniform_over_masks=True,
+    notes=(*IMAGENET_NOTES[:1], *VIT_NOTES,
+           "SRigL's run is RigL with a constant fan-in and neuron ablation; this recipe is plain RigL on its "
+           "schedule. Its warm-up starts from lr 9.9e-5 (ours from lr / warm-up steps), and we have not checked "
+           "which augmentations it used: the ImageNet data module crops, resizes and flips only.",
+           "Pass the ImageNet folder (train/ and val/ class folders) with --data.data_dir. Not trained here."),
+)
+
+
+def _vit_rows(sparsities: tuple[float, ...]) -> list[Row]:
+    return [Row("dense")] + [Row(method, sparsity, distribution) for sparsity in sparsities
+                             for distribution in ("erk", "uniform") for method in ("static", "set", "rigl")]
+
+
 def all_recipes() -> dict[Path, str]:
     """Every recipe file's path and text."""
     tables = [
@@ -476,6 +547,9 @@ def all_recipes() -> dict[Path, str]:
         (IMAGENET_RESNET, _imagenet_resnet_rows()),
         (IMAGENET_RESNET_S99, _imagenet_resnet_s99_rows()),
         (IMAGENET_MOBILENET, _imagenet_mobilenet_rows()),
+        (FASHION_VIT, _vit_rows((0.9, 0.95))),
+        (CIFAR10_VIT, _vit_rows((0.9,))),
+        (IMAGENET_VIT, [Row("dense"), Row("rigl", 0.9, "uniform"), Row("rigl", 0.9, "erk")]),
     ]
     return {RECIPES / setup.folder / f"{row.name}.yaml": render(setup, row) for setup, rows in tables for row in rows}
 
