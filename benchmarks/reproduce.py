@@ -1,10 +1,12 @@
-"""The paper's comparison on the real Fashion-MNIST: every method of recipes/fashion_mnist/ at every sparsity,
-over several seeds, through the `lightning-rigl` command; then the report and docs/reproduction.md.
+"""The paper's comparison on the real Fashion-MNIST: every method of recipes/fashion_mnist/ at every sparsity
+(``--study vit``: the small ViT of recipes/fashion_mnist_vit/), over several seeds, through the `lightning-rigl`
+command; then the report and docs/reproduction.md.
 
-    python benchmarks/reproduce.py [--quick] [--output DIR] [--seeds 3] [--workers 2] [--docs docs/reproduction.md]
+    python benchmarks/reproduce.py [--study lenet|vit] [--quick] [--output DIR] [--seeds 3] [--workers 2]
+                                   [--docs docs/reproduction.md]
     python benchmarks/reproduce.py --from-records docs/reproduction/records.json --docs docs/reproduction.md
 
-Runs go to DIR/runs/fashion_mnist/<recipe>/seed_<k>/; a run whose results.json exists is reused, so an
+Runs go to DIR/runs/<recipes folder>/<recipe>/seed_<k>/; a run whose results.json exists is reused, so an
 interrupted study continues where it stopped (a folder without it is trained again). `--quick` trains every
 method at 90% sparsity with two seeds. `--from-records` trains nothing and redraws from the run records a
 report wrote (the study's page keeps them in docs/reproduction/records.json). Each run is one
@@ -31,12 +33,14 @@ from lightning_rigl.report import collect, write_report
 from lightning_rigl.results import RESULTS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes" / "fashion_mnist"
+# The studies: LeNet-300-100 with every method, and a small ViT against Static, SET and RigL.
+STUDIES = {"lenet": "fashion_mnist", "vit": "fashion_mnist_vit"}
 QUICK_SPARSITY = "s90"
 
 
 @dataclass(frozen=True)
 class Job:
+    study: str  # the recipes' folder, e.g. "fashion_mnist"
     recipe: str  # the recipe's name, e.g. "rigl_erk_s90"
     seed: int
 
@@ -44,33 +48,39 @@ class Job:
     def name(self) -> str:
         return f"{self.recipe} seed {self.seed}"
 
+    @property
+    def recipe_file(self) -> Path:
+        return REPO / "recipes" / self.study / f"{self.recipe}.yaml"
+
     def folder(self, output: Path) -> Path:
-        return output / "runs" / "fashion_mnist" / self.recipe / f"seed_{self.seed}"
+        return output / "runs" / self.study / self.recipe / f"seed_{self.seed}"
 
     def pruning_checkpoint(self, output: Path) -> Path:
         """Where the pruning run of this sparsity and seed leaves its final weights, masks and rewind copy."""
         return output / "tickets" / self.recipe.replace("lottery", "pruning") / f"seed_{self.seed}" / "final.ckpt"
 
     def depends_on(self) -> Job | None:
-        return Job(self.recipe.replace("lottery", "pruning"), self.seed) if self.recipe.startswith("lottery") else None
+        if not self.recipe.startswith("lottery"):
+            return None
+        return Job(self.study, self.recipe.replace("lottery", "pruning"), self.seed)
 
 
-def jobs(quick: bool, seeds: int) -> list[Job]:
-    """Every run of the study, pruning runs before lottery tickets."""
-    recipes = sorted(path.stem for path in RECIPES.glob("*.yaml"))
+def jobs(study: str, quick: bool, seeds: int) -> list[Job]:
+    """Every run of the study (a folder of recipes/), pruning runs before lottery tickets."""
+    recipes = sorted(path.stem for path in (REPO / "recipes" / study).glob("*.yaml"))
     if quick:
         recipes = [name for name in recipes if name == "dense" or f"_{QUICK_SPARSITY}" in name]
     ordered = sorted(recipes, key=lambda name: (name.startswith("lottery"), name))
-    return [Job(recipe, seed) for recipe in ordered for seed in range(seeds)]
+    return [Job(study, recipe, seed) for recipe in ordered for seed in range(seeds)]
 
 
 def run_config(job: Job, output: Path) -> Path:
     """The recipe with this job's seed and folders, written to DIR/configs/."""
-    config = yaml.safe_load((RECIPES / f"{job.recipe}.yaml").read_text())
+    config = yaml.safe_load(job.recipe_file.read_text())
     config["seed_everything"] = job.seed
     config["trainer"]["enable_progress_bar"] = False
     config["trainer"]["enable_model_summary"] = False
-    config["trainer"]["logger"]["init_args"] = {"save_dir": str(output / "runs"), "name": f"fashion_mnist/{job.recipe}",
+    config["trainer"]["logger"]["init_args"] = {"save_dir": str(output / "runs"), "name": f"{job.study}/{job.recipe}",
                                                 "version": f"seed_{job.seed}"}
     for callback in config["trainer"]["callbacks"]:
         args = callback.setdefault("init_args", {})
@@ -140,6 +150,9 @@ def run_all(todo: Sequence[Job], output: Path, workers: int) -> list[Job]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", choices=sorted(STUDIES), default="lenet",
+                        help="lenet: LeNet-300-100 and every method (recipes/fashion_mnist); vit: a small ViT, dense "
+                        "against Static, SET and RigL (recipes/fashion_mnist_vit)")
     parser.add_argument("--quick", action="store_true", help="90%% sparsity only, two seeds (about 15 minutes)")
     parser.add_argument("--output", default="reproduction", help="where the runs, the logs and the report go")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per run (default 3, or 2 with --quick)")
@@ -152,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     output = Path(args.output).resolve()
     seeds = args.seeds or (2 if args.quick else 3)
-    failed = [] if args.from_records else run_all(jobs(args.quick, seeds), output, args.workers)
+    failed = [] if args.from_records else run_all(jobs(STUDIES[args.study], args.quick, seeds), output, args.workers)
     report = collect([Path(args.from_records) if args.from_records else output / "runs"])
     if args.from_records:
         seeds = max(len(row.runs) for row in report.rows)

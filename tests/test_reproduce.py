@@ -17,19 +17,23 @@ import reproduce  # noqa: E402
 
 
 def test_the_study_runs_every_recipe_per_seed_with_tickets_after_their_pruning_runs() -> None:
-    jobs = reproduce.jobs(quick=False, seeds=3)
+    jobs = reproduce.jobs("fashion_mnist", quick=False, seeds=3)
     recipes = {job.recipe for job in jobs}
     assert len(recipes) == 61 and len(jobs) == 3 * 61
     first_ticket = next(i for i, job in enumerate(jobs) if job.recipe.startswith("lottery"))
     assert all(not job.recipe.startswith("lottery") for job in jobs[:first_ticket])
     assert all(job.recipe.startswith("lottery") for job in jobs[first_ticket:])
-    quick = reproduce.jobs(quick=True, seeds=2)
+    quick = reproduce.jobs("fashion_mnist", quick=True, seeds=2)
     assert {job.recipe for job in quick} == {"dense"} | {r for r in recipes if "_s90" in r}
-    assert reproduce.Job("lottery_global_s90", 1).depends_on() == reproduce.Job("pruning_global_s90", 1)
+    assert reproduce.Job("fashion_mnist", "lottery_global_s90", 1).depends_on() == reproduce.Job(
+        "fashion_mnist", "pruning_global_s90", 1)
+    vit = reproduce.jobs("fashion_mnist_vit", quick=False, seeds=3)
+    assert len(vit) == 3 * 13 and {job.recipe_file.parent.name for job in vit} == {"fashion_mnist_vit"}
 
 
 def test_each_runs_config_has_its_seed_its_folder_and_its_own_ticket(tmp_path: Path) -> None:
-    pruning, ticket = reproduce.Job("pruning_global_s90", 2), reproduce.Job("lottery_global_s90", 2)
+    pruning = reproduce.Job("fashion_mnist", "pruning_global_s90", 2)
+    ticket = reproduce.Job("fashion_mnist", "lottery_global_s90", 2)
     config = yaml.safe_load(reproduce.run_config(pruning, tmp_path).read_text())
     callbacks = {cb["class_path"].rsplit(".", 1)[1]: cb["init_args"] for cb in config["trainer"]["callbacks"]}
     assert config["seed_everything"] == 2 and callbacks["GradualMagnitudePruning"]["seed"] == 2
