@@ -155,6 +155,85 @@ def _claim(claim: str, lines: Sequence[str], verdict: str) -> str:
     return f"**{claim}** Here: {verdict.rstrip('.')}.\n\n" + "\n".join(f"- {line}" for line in lines)
 
 
+VIT_HEADING = "## A vision transformer"
+VIT_SPARSITIES = (0.9, 0.95)
+
+
+def vit_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
+    """The claims the ViT study can test: one paragraph each, as ``claims`` writes them."""
+    paragraphs = []
+    lines, held = [], True
+    for s in sparsities:
+        for distribution in ("erk", "uniform"):
+            rigl, set_, static = (find(rows, m, distribution, s) for m in ("RigL", "SET", "Static"))
+            lines.append(f"{at(s)} {distribution}: {versus(rigl, set_, 'RigL', 'SET')}; "
+                         f"{versus(set_, static, 'SET', 'Static')}.")
+            held &= compare(rigl, set_)[0] == "wins" and compare(set_, static)[0] == "wins"
+    paragraphs.append(_claim("RigL beats SET beats Static.", lines, "held" if held else "did not hold"))
+
+    lines, held = [], True
+    for s in sparsities:
+        erk, uniform = find(rows, "RigL", "erk", s), find(rows, "RigL", "uniform", s)
+        if erk is None or uniform is None:
+            lines.append(f"{at(s)}: not run.")
+            continue
+        held &= compare(erk, uniform)[0] == "wins"
+        lines.append(f"{at(s)}: {versus(erk, uniform, 'ERK', 'uniform')}; inference FLOPs ERK "
+                     f"{erk.mean_std('forward_flops')[0]:.3f}x, uniform {uniform.mean_std('forward_flops')[0]:.3f}x; "
+                     f"training FLOPs ERK {erk.mean_std('train_flops')[0]:.3f}x, uniform "
+                     f"{uniform.mean_std('train_flops')[0]:.3f}x.")
+    paragraphs.append(_claim("ERK beats uniform at the same parameter count (RigL).", lines,
+                             ("held" if held else "did not hold") + ". Unlike LeNet's, a ViT's FLOPs do not follow "
+                             "its parameters (attention's products of two activations stay dense; the patch "
+                             "embedding and the head see other numbers of tokens), so the FLOP columns differ"))
+
+    lines = []
+    dense = find(rows, "Dense", None, 0.0)
+    for s in sparsities:
+        for distribution in ("erk", "uniform"):
+            rigl = find(rows, "RigL", distribution, s)
+            lines.append(f"{at(s)} {distribution}: {versus(rigl, dense, 'RigL', 'dense')}.")
+    paragraphs.append(_claim("How far sparse training stays from dense (RigL).", lines, "see each line"))
+    return paragraphs
+
+
+def write_vit_section(report: Report, figures: Path, path: Path, seeds: int) -> Path:
+    """The ViT study's section of the study's page: its claims, its table and its figures (copied next to the
+    page as ``vit_*.png``, with its runs' records as ``vit_records.json``), in place of the page's earlier ViT
+    section; the rest of the page is kept."""
+    assets = path.parent / path.stem
+    assets.mkdir(parents=True, exist_ok=True)
+    images = []
+    for figure in sorted(figures.glob("*.png")):
+        shutil.copy(figure, assets / f"vit_{figure.name}")
+        images.append(f"![vit_{figure.stem}]({assets.name}/vit_{figure.name})")
+    records = assets / f"vit_{RECORDS_FILE}"
+    if (figures / RECORDS_FILE).resolve() != records.resolve():
+        shutil.copy(figures / RECORDS_FILE, records)
+    sparsities = [s for s in VIT_SPARSITIES if any(abs(r.first["sparsity"] - s) < 1e-9 for r in report.rows)]
+    redraw = f"python benchmarks/reproduce.py --study vit --from-records {records} --docs {path}"
+    section = "\n\n".join([
+        VIT_HEADING,
+        "Written by `python benchmarks/reproduce.py --study vit --docs " + str(path) + "`: `vit_tiny` (torchvision's "
+        "VisionTransformer, patches of 4×4, 4 blocks of 64 features in 4 heads, 139,018 parameters) on the real "
+        "Fashion-MNIST, trained as transformers are (AdamW, 100 warm-up steps then cosine, gradients clipped to "
+        "norm 1, label smoothing 0.1) for 1,290 steps (3 epochs, the budget two CPU cores allow for the study), "
+        f"{seeds} seeds each. The sparse runs mask the patch embedding, every attention projection "
+        "(`in_proj_weight`, `out_proj`), the MLPs and the head; class token, position embedding, norms and biases "
+        "stay dense. `uniform` keeps the patch embedding (1,024 weights) dense. Ties as above. Drawn from "
+        f"`{records}`; `{redraw}` draws it again without training.",
+        *vit_claims(report.rows, sparsities),
+        "### The ViT table",
+        markdown_table(report.rows),
+        "### The ViT figures",
+        *images,
+    ])
+    page = path.read_text() if path.exists() else ""
+    kept = page.split(VIT_HEADING)[0].rstrip()
+    path.write_text((kept + "\n\n" if kept else "") + section + "\n")
+    return path
+
+
 def write_reproduction_doc(report: Report, figures: Path, path: Path, seeds: int, quick: bool) -> Path:
     """The study's page: how it was run, the claims, the table and the figures, copied next to the page with the
     run records they were drawn from (``records.json``, from which ``--from-records`` redraws them)."""
@@ -188,5 +267,8 @@ def write_reproduction_doc(report: Report, figures: Path, path: Path, seeds: int
         *images,
     ]) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    if VIT_HEADING in old:  # the ViT study's section, written by its own run
+        text = text.rstrip() + "\n\n" + VIT_HEADING + old.split(VIT_HEADING, 1)[1]
     path.write_text(text)
     return path

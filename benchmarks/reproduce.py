@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from claims import write_reproduction_doc
+from claims import write_reproduction_doc, write_vit_section
 
 from lightning_rigl.report import collect, write_report
 from lightning_rigl.results import RESULTS_FILE
@@ -171,7 +171,9 @@ def main() -> None:
         seeds = max(len(row.runs) for row in report.rows)
     paths = write_report(report, output / "report")
     print(f"report: {', '.join(str(path) for path in paths)}")
-    if args.docs:
+    if args.docs and args.study == "vit":
+        print(f"wrote {write_vit_section(report, output / 'report', Path(args.docs), seeds)}")
+    elif args.docs:
         print(f"wrote {write_reproduction_doc(report, output / 'report', Path(args.docs), seeds, args.quick)}")
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(job.name for job in failed)}", file=sys.stderr)

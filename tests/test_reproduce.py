@@ -76,3 +76,31 @@ def test_the_claims_say_held_or_not_with_the_numbers() -> None:
     assert "Here: held" in paragraphs[2] and "gap to RigL 1x +2.00, to RigL 2x +1.00" in paragraphs[2]
     assert "not run" in paragraphs[3] and "not run" in paragraphs[4]
     assert "Here: held" in paragraphs[5]
+
+
+def test_the_vit_claims_and_its_section_beside_the_lenet_page(tmp_path: Path) -> None:
+    rows = [row("Dense", [88, 88.2], None, 0.0)]
+    for distribution, shift in (("erk", 0.5), ("uniform", 0.0)):
+        rows += [row("RigL", [86 + shift, 86.2 + shift], distribution, forward=0.1 + shift / 10),
+                 row("SET", [85 + shift, 85.2 + shift], distribution), row("Static", [84, 84.2], distribution)]
+    paragraphs = claims.vit_claims(rows, [0.9])
+    assert paragraphs[0].startswith("**RigL beats SET beats Static.** Here: held")
+    assert "90% uniform: RigL 86.10 ± 0.14% wins against SET 85.10 ± 0.14% (+1.00)" in paragraphs[0]
+    assert "Here: held" in paragraphs[1] and "inference FLOPs ERK 0.150x, uniform 0.100x" in paragraphs[1]
+    assert "90% erk: RigL 86.60 ± 0.14% loses against dense 88.10 ± 0.14% (-1.50)" in paragraphs[2]
+
+    page, figures = tmp_path / "reproduction.md", tmp_path / "report"
+    figures.mkdir()
+    (figures / "records.json").write_text("{}")
+    (figures / "accuracy_vs_sparsity.png").write_bytes(b"png")
+    page.write_text("# The paper's claims\n\nthe LeNet study\n")
+    report = claims.Report(rows)
+    claims.write_vit_section(report, figures, page, seeds=2)
+    text = page.read_text()
+    assert text.startswith("# The paper's claims\n\nthe LeNet study\n\n## A vision transformer")
+    assert (tmp_path / "reproduction" / "vit_accuracy_vs_sparsity.png").exists()
+    assert (tmp_path / "reproduction" / "vit_records.json").exists()
+    claims.write_vit_section(report, figures, page, seeds=2)  # once more: replaced, not repeated
+    assert page.read_text() == text
+    claims.write_reproduction_doc(report, figures, page, seeds=3, quick=False)  # the LeNet page keeps it
+    assert page.read_text().count("## A vision transformer") == 1 and "3 seeds each" in page.read_text()
