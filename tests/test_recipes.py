@@ -11,6 +11,7 @@ import yaml
 from fake_datasets import allow_fake_cifar, write_cifar10, write_cifar100, write_fashion_mnist, write_imagenet_folder
 
 from lightning_rigl.cli import main
+from lightning_rigl.results import read_results
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL_RECIPES = sorted(RECIPES.glob("*/*.yaml"))
@@ -111,6 +112,10 @@ def test_recipe_trains_a_few_steps(
     main(["fit", "--config", str(recipe), *datasets[recipe.parent.name], *smoke_args(recipe)])
     out = capsys.readouterr().out
     assert "test accuracy: top1" in out
+    # The run's record has its FLOP columns (a transformer's too): none is left out without a word.
+    (run,) = tmp_path.glob(f"runs/{recipe.parent.name}/{recipe.stem}/*/results.json")
+    record = read_results(run.parent)
+    assert record["train_ratio"] is not None and record["forward_ratio"] is not None
     callbacks = yaml.safe_load(recipe.read_text())["trainer"]["callbacks"]
     sparse = [cb["init_args"] for cb in callbacks if cb["class_path"].startswith("lightning_rigl.")]
     if sparse and sparse[0].get("sparsity") is None:
