@@ -48,6 +48,17 @@ def versus(a: Row | None, b: Row | None, label_a: str, label_b: str) -> str:
     return f"{label_a} {accuracy(a)} {verdict} against {label_b} {accuracy(b)} ({difference:+.2f})"
 
 
+def erk_against_uniform(rows: Sequence[Row], sparsity: float, uniform: str) -> tuple[str, str]:
+    """RigL ERK against RigL ``uniform`` (the distribution's recorded name) at ``sparsity``: a line with their
+    accuracies and their inference and training FLOPs, and the verdict ("wins", "ties", "loses" or "n/a")."""
+    erk, other = find(rows, "RigL", "erk", sparsity), find(rows, "RigL", uniform, sparsity)
+    if erk is None or other is None:
+        return f"{at(sparsity)}: not run.", "n/a"
+    costs = "; ".join(f"{what} FLOPs ERK {erk.mean_std(key)[0]:.3f}x, uniform {other.mean_std(key)[0]:.3f}x"
+                      for what, key in (("inference", "forward_flops"), ("training", "train_flops")))
+    return f"{at(sparsity)}: {versus(erk, other, 'ERK', 'uniform')}; {costs}.", compare(erk, other)[0]
+
+
 def at(sparsity: float) -> str:
     return f"{100 * sparsity:g}%"
 
@@ -103,14 +114,9 @@ def claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
 
     lines, params_held = [], True
     for s in sparsities:
-        erk, uniform = find(rows, "RigL", "erk", s), find(rows, "RigL", "uniform (all layers)", s)
-        if erk is None or uniform is None:
-            lines.append(f"{at(s)}: not run.")
-            continue
-        params_held &= compare(erk, uniform)[0] == "wins"
-        flops = f"inference FLOPs ERK {erk.mean_std('forward_flops')[0]:.3f}x, uniform " \
-                f"{uniform.mean_std('forward_flops')[0]:.3f}x"
-        lines.append(f"{at(s)}: {versus(erk, uniform, 'ERK', 'uniform')}; {flops}.")
+        line, verdict = erk_against_uniform(rows, s, "uniform (all layers)")
+        lines.append(line)
+        params_held &= verdict == "wins"
     paragraphs.append(_claim(
         "ERK beats uniform at a fixed parameter count, but not at a fixed FLOP budget (report §6.1; RigL, 1x).",
         lines, ("at a fixed parameter count: " + ("held" if params_held else "did not hold")
@@ -173,15 +179,9 @@ def vit_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
 
     lines, held = [], True
     for s in sparsities:
-        erk, uniform = find(rows, "RigL", "erk", s), find(rows, "RigL", "uniform", s)
-        if erk is None or uniform is None:
-            lines.append(f"{at(s)}: not run.")
-            continue
-        held &= compare(erk, uniform)[0] == "wins"
-        lines.append(f"{at(s)}: {versus(erk, uniform, 'ERK', 'uniform')}; inference FLOPs ERK "
-                     f"{erk.mean_std('forward_flops')[0]:.3f}x, uniform {uniform.mean_std('forward_flops')[0]:.3f}x; "
-                     f"training FLOPs ERK {erk.mean_std('train_flops')[0]:.3f}x, uniform "
-                     f"{uniform.mean_std('train_flops')[0]:.3f}x.")
+        line, verdict = erk_against_uniform(rows, s, "uniform")
+        lines.append(line)
+        held &= verdict == "wins"
     paragraphs.append(_claim("ERK beats uniform at the same parameter count (RigL).", lines,
                              ("held" if held else "did not hold") + ". Unlike LeNet's, a ViT's FLOPs do not follow "
                              "its parameters (attention's products of two activations stay dense; the patch "
