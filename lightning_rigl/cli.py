@@ -34,7 +34,7 @@ from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import Line, Panel, plot_densities, plot_panels
 from lightning_rigl.results import RESULTS_FILE, run_results, write_results
-from lightning_rigl.resume import RequeueAtStepEnd, ResumeBetweenEpochs, join_torchrun_attempt
+from lightning_rigl.resume import RequeueAtStepEnd, ResumeBetweenEpochs, join_torchrun_attempt, slurm_job
 from lightning_rigl.summary import checkpoint_summary, fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
@@ -198,11 +198,9 @@ def relaunch_identity(environ: Mapping[str, str]) -> str | None:
     ``_<task>`` for an array task) under SLURM, whose requeued jobs keep their id; ``torchrun_<run id>`` under
     torchrun with a rendezvous id (``--standalone`` draws one per launch, kept across ``--max-restarts``);
     None otherwise."""
-    if "SLURM_NTASKS" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        array_job = environ.get("SLURM_ARRAY_JOB_ID")
-        job = f"{array_job}_{environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else environ.get("SLURM_JOB_ID")
-        if job:
-            return f"slurm_{job}"
+    job = slurm_job(environ)
+    if job:
+        return f"slurm_{job}"
     run = environ.get("TORCHELASTIC_RUN_ID")
     return f"torchrun_{run}" if run and run != "none" else None
 

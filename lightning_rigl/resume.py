@@ -9,6 +9,7 @@ import hashlib
 import os
 import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -132,11 +133,19 @@ class RequeueAtStepEnd(Callback):
         self._received = True
 
 
+def slurm_job(environ: Mapping[str, str]) -> str | None:
+    """The SLURM job (``<array job>_<task>`` for an array task) of this process's environment; None outside a
+    batch job (no ``SLURM_NTASKS``, or an interactive one, as Lightning tells them apart)."""
+    if "SLURM_NTASKS" not in environ or environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    array_job = environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array_job}_{environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else environ.get("SLURM_JOB_ID")
+
+
 def _requeue_slurm_job() -> None:
     """``scontrol requeue`` this SLURM job (or array task); a failure is a warning, as in Lightning."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
-    result = subprocess.call(["scontrol", "requeue", job])
+    job = slurm_job(os.environ)
+    result = subprocess.call(["scontrol", "requeue", str(job)])
     if result == 0:
         rank_zero_info(f"Requeued SLURM job {job}; it resumes from its checkpoint when it starts again.")
     else:
