@@ -527,8 +527,10 @@ IMAGENET_VIT = Setup(
     uniform_over_masks=True,
     notes=(*IMAGENET_NOTES[:1], *VIT_NOTES,
            "SRigL's run is RigL with a constant fan-in and neuron ablation; this recipe is plain RigL on its "
-           "schedule. Its warm-up starts from lr 9.9e-5 (ours from lr / warm-up steps), and we have not checked "
-           "which augmentations it used: the ImageNet data module crops, resizes and flips only.",
+           "schedule. Its warm-up starts from lr 9.9e-5 (ours from lr / warm-up steps), and its training images "
+           "also get RandAugment (magnitude 9) and, per batch, mixup (alpha 0.2) or cutmix (alpha 1.0) "
+           "(src/rigl_torch/datasets/_vit_imagenet.py), which the ImageNet data module does not do: it crops, "
+           "resizes and flips only, so expect a lower accuracy than SRigL's dense and sparse ViTs.",
            "Pass the ImageNet folder (train/ and val/ class folders) with --data.data_dir. Not trained here."),
 )
 
