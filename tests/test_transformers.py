@@ -14,7 +14,9 @@ from conftest import TinyViT, train
 from methods import CHANGING, METHODS
 from test_callbacks import Recorder, _assert_resume_matches
 from torch import nn
+from torch.utils.data import TensorDataset
 
+from lightning_rigl import RigL
 from lightning_rigl.flops import forward_flops, weight_flops
 from lightning_rigl.sparsity import sparsifiable_parameters
 
@@ -165,3 +167,30 @@ def test_gradient_clipping_sees_only_the_live_gradients() -> None:
     train([Spike(), rigl], model=model, steps=3, gradient_clip_val=1.0)  # before the first update, at step 3,
     assert max(model.dead) == 0.0  # which would grow the spiked position (the largest gradient there is)
     assert max(model.norms) < 1e3  # the spike of 1e6 is not in the norm the clip divides by
+
+
+def test_the_callback_counts_a_language_model_on_its_token_ids() -> None:
+    class LanguageModel(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyGPT()
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.net(ids)
+
+        def training_step(self, batch, batch_idx):
+            (ids,) = batch
+            logits = self(ids[:, :-1])
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    rigl = RigL(sparsity=0.9, update_interval=2, stop_at=1.0)
+    ids = torch.randint(0, 50, (16, 9), generator=torch.Generator().manual_seed(0))
+    train([rigl], model=LanguageModel(), data=TensorDataset(ids), batch_size=8, steps=4)
+    assert rigl.flops is not None and rigl.num_updates == 1
+    # The account is that of the batch's first sequence (9 token ids, through forward): the blocks' weights at
+    # their densities, the embeddings (lookups) nothing, the attention products dense.
+    assert rigl.flops.dense_flops == weight_flops(LanguageModel().net, torch.zeros(1, 9, dtype=torch.long)).total
+    assert 0.1 < rigl.flops.train_ratio < 0.5  # 90% sparse weights, attention products dense, one dense backward
