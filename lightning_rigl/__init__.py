@@ -12,6 +12,7 @@ from lightning_rigl.callbacks import (
     PruningFromDense,
     RigL,
     SparseTraining,
+    SRigL,
     Static,
 )
 from lightning_rigl.classifier import ImageClassifier
@@ -24,6 +25,7 @@ __all__ = [
     "SET",
     "SNFS",
     "SNIP",
+    "SRigL",
     "DynamicSparseTraining",
     "GradualMagnitudePruning",
     "ImageClassifier",

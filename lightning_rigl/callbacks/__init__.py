@@ -9,12 +9,14 @@ from lightning_rigl.callbacks.set import SET
 from lightning_rigl.callbacks.snfs import SNFS
 from lightning_rigl.callbacks.snip import SNIP
 from lightning_rigl.callbacks.sparse_training import SparseTraining
+from lightning_rigl.callbacks.srigl import SRigL
 from lightning_rigl.callbacks.static import Static
 
 __all__ = [
     "SET",
     "SNFS",
     "SNIP",
+    "SRigL",
     "DynamicSparseTraining",
     "GradualMagnitudePruning",
     "LotteryTicket",

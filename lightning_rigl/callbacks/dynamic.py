@@ -79,6 +79,7 @@ class DynamicSparseTraining(SparseTraining):
     """
 
     reads_gradients: ClassVar[bool] = True
+    supports_structure: ClassVar[bool] = True
     grows_by_gradient: ClassVar[bool] = False  # growth reads the dense gradient at update steps (RigL)
 
     def __init__(
@@ -91,6 +92,7 @@ class DynamicSparseTraining(SparseTraining):
         exclude: Sequence[str] = (),
         custom_sparsity: Mapping[str, float] | None = None,
         erk_power_scale: float = 1.0,
+        structure: str | None = None,
         update_interval: int = 100,
         drop_fraction: float = 0.3,
         drop_schedule: str = "cosine",
@@ -103,8 +105,8 @@ class DynamicSparseTraining(SparseTraining):
         seed: int = 0,
     ) -> None:
         super().__init__(sparsity, distribution, dense=dense, include=include, exclude=exclude,
-                         custom_sparsity=custom_sparsity, erk_power_scale=erk_power_scale, rewind_step=rewind_step,
-                         seed=seed)
+                         custom_sparsity=custom_sparsity, erk_power_scale=erk_power_scale, structure=structure,
+                         rewind_step=rewind_step, seed=seed)
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
             raise ConfigError(f"update_interval must be an int >= 1 (optimizer steps), got {update_interval!r}.")
         if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:
@@ -116,6 +118,9 @@ class DynamicSparseTraining(SparseTraining):
         _check_choice("grow_init", grow_init, GROW_INITS)
         _check_choice("redistribution", redistribution, REDISTRIBUTIONS)
         _check_choice("update_placement", update_placement, UPDATE_PLACEMENTS)
+        if self.structure is not None and redistribution != "none":
+            raise ConfigError(f"redistribution={redistribution!r} moves live weights between layers, which a structure "
+                              f"({self.structure}) fixes per layer. Use redistribution='none' or leave structure unset.")
         self.update_interval = update_interval
         self.drop_fraction = float(drop_fraction)
         self.drop_schedule = drop_schedule
@@ -135,6 +140,16 @@ class DynamicSparseTraining(SparseTraining):
     @abstractmethod
     def grow_scores(self, name: str, param: nn.Parameter, step: int, layer_index: int) -> Tensor:
         """Scores of the parameter's shape; the largest among positions not kept grow. Only read."""
+
+    def change_mask(self, name: str, weights: Tensor, scores: Tensor, n_drop: int, n_grow: int) -> MaskChange:
+        """Drop ``n_drop`` of the layer's live weights and grow ``n_grow`` by ``scores``, in ``masks[name]``: the
+        smallest |w| go, the largest scores not kept come (within the structure). A method with another rule
+        for which connections change (SRigL's ablation) overrides this."""
+        return drop_and_grow(self.masks[name], weights, scores, n_drop, n_grow, self.structure)
+
+    def densities_move(self) -> bool:
+        """Whether updates change layer densities (then logged at every update): under redistribution."""
+        return self.redistribution != "none"
 
     def needs_moving_average(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the callback keeps a moving average of the dense gradient (``moving_average``), updated at
@@ -229,25 +244,24 @@ class DynamicSparseTraining(SparseTraining):
         if self.redistribution != "none" and names:
             shares = [self._share(name, self._params[name], optimizer) for name in names]
             grows = grow_counts(live, drops, numel, shares)
-        counts = {name: (n_drop, n_grow) for name, n_drop, n_grow in zip(names, drops, grows)}
+        counts = {name: (n, n_drop, n_grow) for name, n, n_drop, n_grow in zip(names, live, drops, grows)}
 
         def update_layer(index: int, name: str, param: nn.Parameter) -> int:
-            n_drop, n_grow = counts.get(name, (0, 0))
+            n_live, n_drop, n_grow = counts.get(name, (0, 0, 0))
             if n_drop == n_grow == 0:
                 return 0
             weights = param.detach()
             scores = self.grow_scores(name, param, step, index)
-            change = drop_and_grow(self.masks[name], weights, scores, n_drop, n_grow)
+            change = self.change_mask(name, weights, scores, n_drop, n_grow)
             apply_change(param, change, optimizer, self._grow_values(weights, change, step, index))
+            self.densities[name] = (n_live - change.removed.numel() + change.added.numel()) / param.numel()
             return change.added.numel()
 
         changed = sum(for_each_layer(update_layer, self._params).values())
-        for name, n_all, n, n_drop, n_grow in zip(names, numel, live, drops, grows):
-            self.densities[name] = (n - n_drop + n_grow) / n_all
         self.num_updates += 1
         check_masks_agree(self.masks, trainer.global_step)
         metrics = {"sparsity/drop_fraction": fraction, "sparsity/changed": float(changed)}
-        if self.redistribution != "none":
+        if self.densities_move():
             metrics.update(self.density_metrics())
         self._log(trainer, metrics)
 

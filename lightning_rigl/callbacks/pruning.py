@@ -19,7 +19,7 @@ from lightning_rigl.sparsity.distributions import GLOBAL, global_live_total, liv
 from lightning_rigl.sparsity.masks import apply_change
 from lightning_rigl.sparsity.parallel import for_each_layer
 from lightning_rigl.sparsity.schedules import check_step_or_fraction, cubic_sparsity, is_pruning_step, resolve_step
-from lightning_rigl.sparsity.targets import resolve_dense
+from lightning_rigl.sparsity.targets import resolve_patterns
 from lightning_rigl.sparsity.updates import prune, prune_globally
 
 Scores = Callable[[str, nn.Parameter], Tensor]
@@ -57,7 +57,7 @@ class PruningFromDense(SparseTraining):
 
     def _prune_globally(self, optimizer: torch.optim.Optimizer, scores: Scores, fraction: float) -> None:
         shapes = {name: tuple(p.shape) for name, p in self._params.items()}
-        dense = resolve_dense(list(shapes), self.dense)
+        dense = resolve_patterns(list(shapes), self.dense, "dense")
         pool = [name for name in shapes if name not in dense]
         n_keep = global_live_total(shapes, self.sparsity * fraction, dense)
         if n_keep >= sum(live_count(self._params[name].numel(), self.densities[name]) for name in pool):

@@ -26,7 +26,8 @@ from lightning_rigl.sparsity.distributions import (
     live_count,
 )
 from lightning_rigl.sparsity.masks import apply_mask, global_density, mask_densities, random_masks
-from lightning_rigl.sparsity.targets import resolve_custom, resolve_dense, sparsifiable_parameters
+from lightning_rigl.sparsity.structure import Structure, parse_structure
+from lightning_rigl.sparsity.targets import resolve_custom, resolve_patterns, sparsifiable_parameters
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
@@ -72,13 +73,18 @@ class SparseTraining(Callback, ABC):
         erk_power_scale: exponent on the raw ERK score (the official flag): 1 is ERK, 0 puts every layer at the
             sparsity, values in between interpolate. Only with distribution="erk" (the official code ignores it
             under ER).
+        structure: where live weights may sit in each sparse layer: None (anywhere), "N:M" (at most N live
+            weights in every M consecutive weights of a neuron, "2:4" say) or "constant_fan_in" (every neuron
+            holds the same number of live weights; a layer's count rounds down to a whole fan-in). Held at
+            initialisation and by every mask change. Static, SET and RigL only; layers kept dense stay dense.
         rewind_step: keep a CPU copy of every parameter of the model as it is after this many optimizer steps
             (0: the initialisation) in the checkpoint, for a ``LotteryTicket`` to rewind to; None keeps none.
         seed: seeds the initial masks and every random choice; identical on all ranks.
 
     Raises:
-        ValueError: sparsity outside [0, 1), an unknown distribution, or a bad mapping (here); a pattern that
-            matches nothing, nothing to sparsify, or an infeasible request (at setup, before training).
+        ValueError: sparsity outside [0, 1), an unknown distribution, a bad mapping or structure (here); a
+            pattern that matches nothing, nothing to sparsify, or a request the distribution or the structure
+            cannot hold (at setup, before training).
         RuntimeError: manual optimization (so there is one optimizer: Lightning refuses several under
             automatic optimization), FSDP/DeepSpeed/model-parallel strategies, or a sparsified parameter the
             optimizer does not train (before the first step).
@@ -88,6 +94,7 @@ class SparseTraining(Callback, ABC):
 
     supports_global: ClassVar[bool] = False  # whether distribution="global" means something for this method
     reads_gradients: ClassVar[bool] = False  # whether mask decisions read gradients (they must be unscaled)
+    supports_structure: ClassVar[bool] = False  # whether the method can keep its masks within a ``structure``
 
     def __init__(
         self,
@@ -99,6 +106,7 @@ class SparseTraining(Callback, ABC):
         exclude: Sequence[str] = (),
         custom_sparsity: Mapping[str, float] | None = None,
         erk_power_scale: float = 1.0,
+        structure: str | None = None,
         rewind_step: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -112,6 +120,10 @@ class SparseTraining(Callback, ABC):
         self.exclude = tuple(exclude)
         self.custom_sparsity = dict(custom_sparsity or {})
         self.erk_power_scale = float(erk_power_scale)
+        self.structure: Structure | None = parse_structure(structure)
+        if self.structure is not None and not self.supports_structure:
+            raise ConfigError(f"{type(self).__name__} does not keep a structure: structure={structure!r} is for "
+                              "Static, SET, RigL and SRigL. Leave structure unset.")
         if rewind_step is not None and (isinstance(rewind_step, bool) or not isinstance(rewind_step, int)
                                         or rewind_step < 0):
             raise ConfigError(f"rewind_step must be an optimizer step >= 0 (an int) or None, got {rewind_step!r}.")
@@ -119,6 +131,7 @@ class SparseTraining(Callback, ABC):
         self.seed = int(seed)
         self.masks: dict[str, Tensor] = {}
         self.targets: dict[str, float] = {}  # per-layer densities the configuration asks for in the end
+        self.budgets: dict[str, int] = {}  # per-layer live counts of the distribution, before a structure rounds
         self.densities: dict[str, float] = {}  # per-layer densities now: the targets, unless the method moves them
         self.num_updates = 0  # mask changes made so far
         self.rewind: dict[str, Tensor] | None = None  # every parameter at rewind_step, on the CPU
@@ -152,7 +165,7 @@ class SparseTraining(Callback, ABC):
 
     def initial_masks(self) -> dict[str, Tensor]:
         """Masks at the first step of a fresh run: random positions, exactly ``live_count`` live per layer."""
-        return random_masks(self._params, self.densities, self.seed)
+        return random_masks(self._params, self.densities, self.seed, self.structure)
 
     # ------------------------------------------------------------------------------------------- hooks
 
@@ -163,7 +176,9 @@ class SparseTraining(Callback, ABC):
         _check_supported(trainer, pl_module)
         params = self._select(pl_module)
         shapes = {name: tuple(p.shape) for name, p in params.items()}
-        self.targets = self.target_densities(shapes)
+        distributed = self.target_densities(shapes)
+        self.budgets = {name: live_count(math.prod(shape), distributed[name]) for name, shape in shapes.items()}
+        self.targets = self._structured(shapes, distributed)
         if not self.masks:  # masks kept from an earlier fit carry their densities with them
             self.densities = self.start_densities()
 
@@ -252,7 +267,7 @@ class SparseTraining(Callback, ABC):
         """The per-layer densities this configuration asks for, for the selected parameters' shapes. Under
         ``distribution="global"`` the scores decide each layer's share, so the layers outside ``dense`` all
         get their mean density."""
-        dense = resolve_dense(list(shapes), self.dense)
+        dense = resolve_patterns(list(shapes), self.dense, "dense")
         if self.distribution == GLOBAL:
             pool = [name for name in shapes if name not in dense]
             mean = global_live_total(shapes, self.sparsity, dense) / sum(math.prod(shapes[n]) for n in pool)
@@ -260,6 +275,17 @@ class SparseTraining(Callback, ABC):
         custom = resolve_custom(list(shapes), self.custom_sparsity)
         return densities_for_shapes(shapes, self.sparsity, self.distribution, dense, custom_sparsity=custom,
                                     erk_power_scale=self.erk_power_scale)
+
+    def _structured(self, shapes: dict[str, tuple[int, ...]], densities: dict[str, float]) -> dict[str, float]:
+        """The densities rounded to what the structure holds (a whole fan-in); dense layers stay dense."""
+        if self.structure is None:
+            return densities
+        rounded = {}
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            budget = self.budgets[name]
+            rounded[name] = 1.0 if budget == numel else self.structure.layer_count(name, shape, budget) / numel
+        return rounded
 
     def global_density(self) -> float:
         """Fraction of live weights over all sparsified parameters."""
@@ -327,11 +353,15 @@ class SparseTraining(Callback, ABC):
         for name, param in self._params.items():
             mask = self.masks.get(name)
             expected = live_count(param.numel(), self.densities.get(name, 1.0))
-            if mask is None or mask.shape != param.shape or int(mask.sum()) != expected:
+            broken = None if mask is None or self.structure is None or expected == param.numel() else \
+                self.structure.violation(mask)
+            if mask is None or mask.shape != param.shape or int(mask.sum()) != expected or broken:
                 raise RuntimeError(
                     f"The masks in the checkpoint do not fit this configuration (parameter {name!r}: expected "
-                    f"{expected} live weights of shape {tuple(param.shape)}). Resume with the sparsity, "
-                    "distribution and layer selection the checkpoint was trained with."
+                    f"{expected} live weights of shape {tuple(param.shape)}"
+                    f"{'' if broken is None else f' within the structure {self.structure}, but {broken}'}). "
+                    "Resume with the sparsity, distribution, structure and layer selection the checkpoint was "
+                    "trained with."
                 )
         unknown = sorted(set(self.masks) - set(self._params))
         if unknown:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+from typing import ClassVar
+
 from typing_extensions import override
 
 from lightning_rigl.callbacks.sparse_training import SparseTraining
@@ -16,6 +18,8 @@ class Static(SparseTraining):
 
         trainer = pl.Trainer(max_epochs=10, callbacks=[Static(sparsity=0.9, distribution="erk")])
     """
+
+    supports_structure: ClassVar[bool] = True
 
     @override
     def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from lightning_rigl.errors import ConfigError
-from lightning_rigl.sparsity.targets import resolve_custom, resolve_dense, sparsifiable_parameters
+from lightning_rigl.sparsity.targets import resolve_custom, resolve_patterns, sparsifiable_parameters
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 GLOBAL = "global"  # one ranking across all layers (SNIP, gradual magnitude pruning): the scores set the split
@@ -297,6 +297,6 @@ def layer_densities(
     params = sparsifiable_parameters(model, include=include, exclude=exclude)
     shapes = {name: tuple(p.shape) for name, p in params.items()}
     return densities_for_shapes(
-        shapes, sparsity, distribution, resolve_dense(list(shapes), dense),
+        shapes, sparsity, distribution, resolve_patterns(list(shapes), dense, "dense"),
         custom_sparsity=resolve_custom(list(shapes), custom_sparsity or {}), erk_power_scale=erk_power_scale,
     )

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lightning_rigl.sparsity.distributions import live_count
+
+if TYPE_CHECKING:
+    from lightning_rigl.sparsity.structure import Structure
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -79,13 +83,17 @@ def random_mask(shape: torch.Size, n_live: int, gen: torch.Generator, device: to
     return mask.view(shape).to(device)
 
 
-def random_masks(params: Mapping[str, Tensor], densities: Mapping[str, float], seed: int = 0) -> dict[str, Tensor]:
-    """For each named tensor, a mask with exactly ``live_count(numel, density)`` live positions drawn at random:
-    the initial masks of a sparse callback with this ``seed`` (same layer order, same numbers). The tensors are
-    only read (shape, device)."""
-    return {name: random_mask(param.shape, live_count(param.numel(), densities[name]),
-                              generator(seed, Stream.INITIAL_MASK, 0, index), param.device)
-            for index, (name, param) in enumerate(params.items())}
+def random_masks(params: Mapping[str, Tensor], densities: Mapping[str, float], seed: int = 0,
+                 structure: Structure | None = None) -> dict[str, Tensor]:
+    """For each named tensor, a mask with exactly ``live_count(numel, density)`` live positions drawn at random
+    (within ``structure`` for the sparse layers, if given): the initial masks of a sparse callback with this
+    ``seed`` (same layer order, same numbers). The tensors are only read (shape, device)."""
+    masks = {}
+    for index, (name, param) in enumerate(params.items()):
+        n_live, gen = live_count(param.numel(), densities[name]), generator(seed, Stream.INITIAL_MASK, 0, index)
+        draw = random_mask if structure is None or n_live == param.numel() else structure.random_mask
+        masks[name] = draw(param.shape, n_live, gen, param.device)
+    return masks
 
 
 @dataclass

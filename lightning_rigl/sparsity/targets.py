@@ -92,13 +92,13 @@ def sparsifiable_parameters(
     return {name: all_params[name] for name in chosen}
 
 
-def resolve_dense(names: Sequence[str], patterns: Sequence[str]) -> set[str]:
-    """Names among ``names`` matched by the ``dense`` glob patterns.
+def resolve_patterns(names: Sequence[str], patterns: Sequence[str], option: str) -> set[str]:
+    """Names among ``names`` matched by the glob patterns of ``option`` (``dense``, say).
 
     Raises:
         ValueError: a pattern matches none of the sparsified parameters.
     """
-    _check_patterns(names, patterns, "dense")
+    _check_patterns(names, patterns, option)
     return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
 
 

@@ -14,11 +14,15 @@ import functools
 import itertools
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lightning_rigl.sparsity.masks import MaskChange
+
+if TYPE_CHECKING:
+    from lightning_rigl.sparsity.structure import Structure
 
 # Below this many scores a plain torch.topk is fastest; above, its cost per score grows several-fold.
 _DIRECT_TOP_K = 1 << 14
@@ -121,9 +125,11 @@ def _full_top_k(scores: Tensor, k: int, largest: bool, exclude: Tensor | None) -
 
 
 @torch.no_grad()
-def drop_and_grow(mask: Tensor, weights: Tensor, grow_scores: Tensor, n_drop: int, n_grow: int) -> MaskChange:
+def drop_and_grow(mask: Tensor, weights: Tensor, grow_scores: Tensor, n_drop: int, n_grow: int,
+                  structure: Structure | None = None) -> MaskChange:
     """Drop the ``n_drop`` live connections of smallest |weight|, then grow the ``n_grow`` positions with the
-    largest ``grow_scores`` among those not kept. Updates ``mask`` in place.
+    largest ``grow_scores`` among those not kept (within ``structure``, if given: dropping never breaks one).
+    Updates ``mask`` in place.
 
     A connection dropped and grown again in the same update counts as neither removed nor added: it keeps
     its weight, as in the official implementation. The layer's live count changes by ``n_grow - n_drop``.
@@ -144,7 +150,10 @@ def drop_and_grow(mask: Tensor, weights: Tensor, grow_scores: Tensor, n_drop: in
         raise ValueError(f"n_grow={n_grow} must be within [0, {free}] (the positions not kept).")
     dropped = live.take(top_k_indices(weights.reshape(-1).take(live).abs(), n_drop, largest=False))
     flat.index_fill_(0, dropped, False)
-    grown = top_k_indices(grow_scores.reshape(-1), n_grow, exclude=flat)  # kept connections are not grown again
+    if structure is None:
+        grown = top_k_indices(grow_scores.reshape(-1), n_grow, exclude=flat)  # kept connections are not grown again
+    else:
+        grown = structure.grow(mask, grow_scores, n_grow)
     flat.index_fill_(0, grown, True)
     just_dropped = torch.zeros_like(flat).index_fill_(0, dropped, True)  # much cheaper than torch.isin's sort
     regrown = just_dropped.take(grown)
