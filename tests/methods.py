@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from lightning_rigl import SET, SNFS, SNIP, GradualMagnitudePruning, LotteryTicket, RigL, Static
+from lightning_rigl import SET, SNFS, SNIP, GradualMagnitudePruning, LotteryTicket, RigL, SRigL, Static
 
 DYNAMIC = {"update_interval": 3, "drop_fraction": 0.5, "stop_at": 1.0}
 
@@ -34,6 +34,9 @@ METHODS: dict[str, Callable[..., pl.Callback]] = {  # keyword arguments are pass
     "snfs": lambda **kw: SNFS(sparsity=0.8, **DYNAMIC, **kw),
     "rigl_sg": lambda **kw: RigL(sparsity=0.8, redistribution="gradient", **DYNAMIC, **kw),
     "rigl_sm": lambda **kw: RigL(sparsity=0.8, redistribution="momentum", **DYNAMIC, **kw),
+    "rigl_2_4": lambda **kw: RigL(sparsity=0.8, distribution="uniform", structure="2:4", **DYNAMIC, **kw),
+    # A threshold high enough that the tiny model ablates neurons (and brings some back) within a few updates.
+    "srigl": lambda **kw: SRigL(sparsity=0.8, min_salient_fraction=0.9, **DYNAMIC, **kw),
     "rigl_skip_step": lambda **kw: RigL(sparsity=0.8, update_placement="skip_step", start_at=0, **DYNAMIC, **kw),
     "snip": lambda **kw: SNIP(sparsity=0.8, **kw),
     "snip_global": lambda **kw: SNIP(sparsity=0.8, distribution="global", **kw),

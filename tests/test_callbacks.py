@@ -17,11 +17,22 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import FSDPStrategy
 
-from lightning_rigl import SET, SNFS, SNIP, DynamicSparseTraining, GradualMagnitudePruning, RigL, SparseTraining, Static
+from lightning_rigl import (
+    SET,
+    SNFS,
+    SNIP,
+    DynamicSparseTraining,
+    GradualMagnitudePruning,
+    RigL,
+    SparseTraining,
+    SRigL,
+    Static,
+)
 from lightning_rigl.callbacks.sparse_training import _check_supported
-from lightning_rigl.sparsity import GLOBAL, MaskChange, live_count
+from lightning_rigl.sparsity import GLOBAL, MaskChange, densities_for_shapes, live_count
 from lightning_rigl.sparsity.masks import param_state_tensors
 from lightning_rigl.sparsity.schedules import cubic_sparsity, is_pruning_step
+from lightning_rigl.sparsity.structure import NM
 
 DYNAMIC_CLASSES = {"rigl": RigL, "set": SET}
 
@@ -77,6 +88,9 @@ def assert_budget(sparse: SparseTraining, step: int) -> None:
         ramp = cubic_sparsity(done[-1], 1.0, sparse.start_step, sparse.stop_step) if done else 0.0
     elif isinstance(sparse, SNIP) and sparse.num_updates == 0:  # postponed: still dense
         ramp = 0.0
+    if sparse.structure is not None:
+        _assert_structure(sparse, numel, live, step)
+        return
     total = sum(numel.values())
     if sparse.distribution == GLOBAL:  # the whole selection keeps N - floor(ramp·S·N), each layer at least one
         assert sum(live.values()) == total - math.floor(ramp * sparse.sparsity * total), f"step {step}"
@@ -96,6 +110,32 @@ def assert_budget(sparse: SparseTraining, step: int) -> None:
         assert budget <= sum(live.values()) <= budget + len(numel), f"step {step}: total against the sparsity"
 
 
+def _assert_structure(sparse: SparseTraining, numel: dict[str, int], live: dict[str, int], step: int) -> None:
+    """Structured masks, read here from the masks: N:M groups hold at most N; under a constant fan-in every
+    neuron holds k = floor(L / active neurons) or nothing, for the distribution's budget L, and only SRigL
+    ablates (never in its last layer, never so many that k passes the dense fan-in)."""
+    shapes = {name: tuple(mask.shape) for name, mask in sparse.masks.items()}
+    budget = {name: live_count(numel[name], d) for name, d in
+              densities_for_shapes(shapes, sparse.sparsity, sparse.distribution).items()}
+    for name, mask in sparse.masks.items():
+        rows = mask.reshape(mask.shape[0], -1)
+        if budget[name] == numel[name]:
+            assert rows.all(), f"step {step}: {name} is kept dense"
+            continue
+        if isinstance(sparse.structure, NM):
+            n, m = sparse.structure.n, sparse.structure.m
+            padded = torch.nn.functional.pad(rows, (0, -rows.shape[1] % m))
+            assert padded.reshape(rows.shape[0], -1, m).sum(2).max() <= n, f"step {step}: {name} breaks {n}:{m}"
+            assert live[name] == budget[name], f"step {step}: {name}"
+            continue
+        fan_ins = rows.sum(1)
+        active = int((fan_ins > 0).sum())
+        if not isinstance(sparse, SRigL) or name == list(sparse.masks)[-1]:
+            assert active == rows.shape[0], f"step {step}: {name} lost a neuron"
+        assert active > budget[name] // rows.shape[1], f"step {step}: {name} ablated too many neurons"
+        assert set(fan_ins.tolist()) <= {0, budget[name] // active}, f"step {step}: {name} fan-ins {fan_ins}"
+
+
 def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
     return sum(int((a[n] != b[n]).sum()) for n in a)
 
@@ -105,10 +145,16 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
 def test_dead_weights_stay_zero_and_counts_stay_exact(method, optimizer):
     sparse = METHODS[method]()
     recorder = Recorder(sparse)
+    torch.manual_seed(0)  # the same weights whatever ran before
     train([sparse, recorder], model=TinyNet(optimizer=optimizer), steps=13)
     history = [recorder.initial, *recorder.masks]
     changes = [_changed(a, b) for a, b in zip(history, history[1:])]
     assert any(changes) == (method in CHANGING)
+    if method == "srigl":  # the run must exercise ablation, and a neuron's return
+        ablated = [{(n, int(r)) for n, m in masks.items() for r in (m.reshape(m.shape[0], -1).sum(1) == 0).nonzero()}
+                   for masks in history]
+        assert any(ablated), "no neuron was ablated"
+        assert any(a - b for a, b in zip(ablated, ablated[1:])), "no ablated neuron came back"
 
 
 @pytest.mark.parametrize("method", ["rigl", "set"])

@@ -59,7 +59,7 @@ class Structure(ABC):
 
     def grow(self, mask: Tensor, scores: Tensor, n_grow: int) -> Tensor:
         """Flat indices of ``n_grow`` positions to grow in ``mask`` (which is only read) within the structure,
-        the largest ``scores`` first: exact, ties to the lower position."""
+        the largest ``scores`` first (``grow_in_groups``)."""
         columns, limit = self.group_limit(tuple(mask.shape), int(mask.sum()) + n_grow)
         return grow_in_groups(mask, scores, n_grow, columns, limit)
 
@@ -161,7 +161,7 @@ def grow_in_groups(mask: Tensor, scores: Tensor, n_grow: int, columns: int, limi
     taking no more from any group of ``columns`` consecutive columns of a row than fills it to ``limit``.
 
     Exact: within a group the best free positions are the only ones that can be chosen (ties to the lower
-    column), and the best ``n_grow`` of those across groups win (``top_k_indices``: ties to the lower position).
+    column), and the best ``n_grow`` of those across groups win (ties as ``top_k_indices`` breaks them).
     Choosing greedily this way is optimal under per-group limits.
 
     Args:
