@@ -456,6 +456,7 @@ _METHOD_LOOKS = {
     "RigL": Look("#1f4fa3", "o"),
     "RigL-SG": Look("#5b9bd5", "^"),
     "RigL-SM": Look("#0b2656", "v"),
+    "SRigL": Look("#0f9b9b", "p"),
     "SET": Look("#ef8a17", "s"),
     "Static": Look("#2e9e44", "D"),
     "SNFS": Look("#8e4fc0", "P"),

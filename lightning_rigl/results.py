@@ -17,10 +17,11 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_rigl.callbacks import DynamicSparseTraining, LotteryTicket, SparseTraining
+from lightning_rigl.callbacks import DynamicSparseTraining, LotteryTicket, SparseTraining, SRigL
 from lightning_rigl.callbacks.sparse_training import FORWARD_RATIO, SIZE_BYTES, TRAIN_RATIO
 from lightning_rigl.flops import forward_flops, model_size_bytes
 from lightning_rigl.models import create_model
+from lightning_rigl.sparsity.structure import neurons_without_weights
 
 RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
@@ -75,6 +76,8 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         seed=callback.seed,
         densities=callback.achieved_densities(),
     )
+    if callback.structure is not None:
+        record.update(structure=str(callback.structure), ablated_neurons=neurons_without_weights(callback.masks))
     if callback.flops is None:  # FLOPs could not be counted (the callback warned): only the size is known
         record.update(train_ratio=None, forward_ratio=None, size_bytes=model_size_bytes(model, callback.densities))
     else:
@@ -136,8 +139,13 @@ def _distribution(callback: SparseTraining) -> tuple[str, float | None]:
 
 def method_label(callback: SparseTraining) -> str:
     """The callback's class name, with the paper's suffix when it redistributes otherwise than its default:
-    RigL with ``redistribution="momentum"`` is "RigL-SM", with "gradient" "RigL-SG"."""
+    RigL with ``redistribution="momentum"`` is "RigL-SM", with "gradient" "RigL-SG"; a structure the class does
+    not keep by default follows the name ("RigL 2:4"); SRigL without ablation is "SRigL (no ablation)"."""
     name = type(callback).__name__
+    if callback.structure is not None and not isinstance(callback, SRigL):
+        name = f"{name} {callback.structure}"
+    if isinstance(callback, SRigL) and callback.min_salient_fraction == 0:
+        return f"{name} (no ablation)"
     if not isinstance(callback, DynamicSparseTraining):
         return name
     # The nearest class that declares the option (a subclass may take **kwargs).

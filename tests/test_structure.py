@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 from conftest import TinyNet, train
+from pytorch_lightning.loggers import CSVLogger
 from test_callbacks import Recorder
 
 from lightning_rigl import SET, SNFS, SNIP, GradualMagnitudePruning, RigL, SRigL, Static
+from lightning_rigl.callbacks.srigl import ABLATED_NEURONS
 from lightning_rigl.errors import ConfigError
+from lightning_rigl.results import method_label
 from lightning_rigl.sparsity.ablation import constant_fan_in_update, neurons_to_keep, salient_per_neuron
 from lightning_rigl.sparsity.structure import NM, ConstantFanIn, parse_structure
 from lightning_rigl.sparsity.updates import drop_and_grow
@@ -160,6 +165,18 @@ def test_srigl_defaults_follow_the_official_configuration():
     assert isinstance(srigl.structure, ConstantFanIn) and srigl.redistribution == "none"
     train([srigl], steps=1)
     assert srigl._ablating == {"features.0.weight", "features.3.weight", "classifier.1.weight"}  # not the last
+
+
+def test_srigl_logs_and_records_its_ablated_neurons(tmp_path):
+    srigl = SRigL(sparsity=0.9, min_salient_fraction=0.95, update_interval=2, drop_fraction=0.5, stop_at=1.0)
+    train([srigl], steps=5, logger=CSVLogger(tmp_path, name="run"))
+    with open(next(tmp_path.rglob("metrics.csv"))) as file:
+        logged = [float(r[ABLATED_NEURONS]) for r in csv.DictReader(file) if r[ABLATED_NEURONS]]
+    by_hand = sum(int((m.reshape(m.shape[0], -1).sum(1) == 0).sum()) for m in srigl.masks.values())
+    assert len(logged) == 3 and logged[0] == 0 and logged[-1] == by_hand > 0  # at the start, then each update
+    assert method_label(srigl) == "SRigL"
+    assert method_label(SRigL(sparsity=0.9, min_salient_fraction=0)) == "SRigL (no ablation)"
+    assert method_label(RigL(sparsity=0.9, structure="2:4")) == "RigL 2:4"
 
 
 def test_resuming_with_a_structure_the_masks_do_not_hold_is_refused(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,11 @@ class ConstantFanIn(Structure):
         if values.numel() <= 1:
             return None
         return f"its live neurons hold different fan-ins ({values.tolist()[:5]}...)"
+
+
+def neurons_without_weights(masks: Mapping[str, Tensor]) -> int:
+    """Neurons (rows) with no live weight, over every mask: SRigL's ablated neurons."""
+    return sum(int((mask.reshape(rows_and_fan_in(mask.shape)).sum(1) == 0).sum()) for mask in masks.values())
 
 
 def parse_structure(value: str | None) -> Structure | None:
