@@ -14,9 +14,12 @@ from torch import Tensor, nn
 from lightning_rigl import ImageClassifier
 from lightning_rigl.cli import main
 from lightning_rigl.export import (
+    CondensedConv2d,
+    CondensedLinear,
     SparseConv2d,
     SparseFileError,
     SparseLinear,
+    condense,
     load_sparse,
     read_masks,
     read_metadata,
@@ -26,19 +29,26 @@ from lightning_rigl.export import (
 from lightning_rigl.export.file import MAGIC, nonzero_masks
 from lightning_rigl.flops import model_size_bytes
 from lightning_rigl.models import create_model, list_models
-from lightning_rigl.sparsity import layer_densities, random_masks
+from lightning_rigl.sparsity import layer_densities, live_count, random_masks
+from lightning_rigl.sparsity.structure import ConstantFanIn, Structure
 
 INPUTS = {"lenet300_100": (1, 28, 28), "small_cnn": (1, 28, 28), "wrn22_2": (3, 32, 32),
           "resnet50_cifar": (3, 32, 32), "resnet50": (3, 64, 64), "mobilenet_v1": (3, 64, 64),
           "vit_tiny": (1, 28, 28), "vit_b_16": (3, 224, 224)}
 
 
-def sparse_model(arch: str, sparsity: float = 0.9, seed: int = 0) -> tuple[nn.Module, dict[str, Tensor]]:
-    """A registry model with random ERK masks applied, non-default BatchNorm statistics and its masks."""
+def sparse_model(arch: str, sparsity: float = 0.9, seed: int = 0,
+                 structure: Structure | None = None) -> tuple[nn.Module, dict[str, Tensor]]:
+    """A registry model with random ERK masks (within ``structure``) applied, non-default BatchNorm statistics
+    and its masks."""
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=10)
+    params = {name: model.get_parameter(name) for name in layer_densities(model, sparsity, "erk")}
     densities = layer_densities(model, sparsity, "erk")
-    masks = random_masks({name: model.get_parameter(name) for name in densities}, densities, seed)
+    if structure is not None:
+        densities = {name: d if d == 1 else structure.layer_count(name, params[name].shape, live_count(
+            params[name].numel(), d)) / params[name].numel() for name, d in densities.items()}
+    masks = random_masks(params, densities, seed, structure)
     with torch.no_grad():
         for name, mask in masks.items():
             model.get_parameter(name).mul_(mask)
@@ -147,7 +157,8 @@ def test_the_inference_copy_gives_the_models_outputs(arch: str, mode: str) -> No
     if mode == "sparse":
         assert all(choice.converted for choice in convertible)
     else:
-        assert all(choice.converted == (choice.sparse_ms < choice.dense_ms) for choice in convertible)
+        assert all(set(choice.times_ms) == {"dense", "csr"} for choice in convertible)
+        assert all(choice.kernel == min(choice.times_ms, key=choice.times_ms.get) for choice in convertible)
     with torch.no_grad():
         for batch in (1, 3, 8):
             x = torch.randn(batch, *INPUTS[arch])
@@ -155,19 +166,55 @@ def test_the_inference_copy_gives_the_models_outputs(arch: str, mode: str) -> No
     assert not any(isinstance(module, (SparseLinear, SparseConv2d)) for module in model.modules()), "model changed"
 
 
+@pytest.mark.parametrize("arch", ["lenet300_100", "resnet50_cifar", "vit_tiny"])
+@pytest.mark.parametrize("mode", ["auto", "sparse"])
+def test_constant_fan_in_layers_run_condensed_and_give_the_models_outputs(arch: str, mode: str) -> None:
+    model, masks = sparse_model(arch, sparsity=0.9, structure=ConstantFanIn())
+    example = torch.randn(2, *INPUTS[arch])
+    inference = sparse_inference(model, masks, example_input=example, mode=mode, repeats=1)
+    convertible = [choice for choice in inference.sparse_layers
+                   if choice.kind in {"linear", "conv", "conv1x1"} and choice.density < 1]
+    assert convertible
+    if mode == "sparse":
+        assert all(choice.kernel == "condensed" for choice in convertible)
+        assert any(isinstance(module, (CondensedLinear, CondensedConv2d)) for module in inference.modules())
+    else:
+        assert all(set(choice.times_ms) == {"dense", "csr", "condensed"} for choice in convertible)
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = torch.randn(batch, *INPUTS[arch])
+            torch.testing.assert_close(inference(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_condensed_form_of_a_hand_made_layer_with_an_ablated_neuron() -> None:
+    linear = nn.Linear(4, 3)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[0.0, 2.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 7.0, 0.0]]))
+    mask = linear.weight != 0
+    indices, values = condense(linear.weight, mask)
+    assert indices.tolist() == [[1, 3], [0, 1], [0, 2]] and values.tolist() == [[2, 3], [0, 0], [5, 7]]
+    x = torch.tensor([[1.0, 10.0, 100.0, 1000.0]])
+    expected = torch.tensor([[3020.0, 0.0, 705.0]]) + linear.bias.detach()
+    torch.testing.assert_close(CondensedLinear(linear, mask)(x), expected)
+    with pytest.raises(ValueError, match="constant fan-in"):
+        condense(linear.weight, mask | torch.tensor([True, False, False, False]))
+
+
 def test_strided_and_padded_convolutions_match_their_dense_version() -> None:
     torch.manual_seed(0)
     for conv in (nn.Conv2d(6, 8, 1, stride=2), nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
                  nn.Conv2d(6, 8, (3, 5), padding=(1, 2), dilation=(1, 2)), nn.Conv2d(6, 8, 1, bias=True)):
-        mask = torch.rand_like(conv.weight) < 0.3
-        with torch.no_grad():
-            conv.weight.mul_(mask)
-        model = nn.Sequential(conv)
-        inference = sparse_inference(model, {"0.weight": mask}, mode="sparse")
-        assert inference.sparse_layers[0].converted
-        x = torch.randn(2, 6, 11, 13)
-        with torch.no_grad():
-            torch.testing.assert_close(inference(x), model(x), rtol=1e-4, atol=1e-5)
+        for mask, kernel in [(torch.rand_like(conv.weight) < 0.3, "csr"),
+                             (ConstantFanIn().random_mask(conv.weight.shape, 8 * 5, torch.Generator(), "cpu"),
+                              "condensed")]:
+            with torch.no_grad():
+                conv.weight.mul_(mask)
+            model = nn.Sequential(conv)
+            inference = sparse_inference(model, {"0.weight": mask}, mode="sparse")
+            assert inference.sparse_layers[0].kernel == kernel
+            x = torch.randn(2, 6, 11, 13)
+            with torch.no_grad():
+                torch.testing.assert_close(inference(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_depthwise_convolutions_stay_dense_and_bad_arguments_are_refused() -> None:
@@ -284,7 +331,7 @@ def test_sparse_layers_return_row_major_outputs_and_convert_a_root_layer() -> No
         linear.weight[0] = 0
     for layer, x in ((conv, torch.randn(2, 3, 5, 5)), (linear, torch.randn(4, 5))):
         inference = sparse_inference(layer, mode="sparse")  # the default masks name the root's "weight"
-        assert isinstance(inference, (SparseConv2d, SparseLinear))
+        assert isinstance(inference, (CondensedConv2d, CondensedLinear))  # one neuron ablated, the others full
         with torch.no_grad():
             out = inference(x)
             assert out.is_contiguous()

@@ -2,13 +2,24 @@
 kernels (``sparse_inference``)."""
 
 from lightning_rigl.export.file import SparseFileError, load_sparse, read_masks, read_metadata, save_sparse
-from lightning_rigl.export.inference import LayerChoice, SparseConv2d, SparseLinear, sparse_inference
+from lightning_rigl.export.inference import (
+    CondensedConv2d,
+    CondensedLinear,
+    LayerChoice,
+    SparseConv2d,
+    SparseLinear,
+    condense,
+    sparse_inference,
+)
 
 __all__ = [
+    "CondensedConv2d",
+    "CondensedLinear",
     "LayerChoice",
     "SparseConv2d",
     "SparseFileError",
     "SparseLinear",
+    "condense",
     "load_sparse",
     "read_masks",
     "read_metadata",

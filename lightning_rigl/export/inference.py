@@ -1,9 +1,14 @@
-"""Inference with sparse kernels: linear layers and convolutions computed as CSR matrix products.
+"""Inference with sparse kernels: linear layers and convolutions computed from their live weights only.
 
-A dense layer multiplies every weight; a sparse one only the live ones, through ``torch.sparse.mm`` on a CSR
-weight (MKL's sparse BLAS on the CPU, cuSPARSE on CUDA). Whether that is faster depends on the layer, the
-sparsity, the batch and the machine, so ``mode="auto"`` measures each layer both ways on a real input and
-keeps the faster.
+A dense layer multiplies every weight; a sparse one only the live ones, in one of two forms:
+
+- CSR: ``torch.sparse.mm`` on a CSR weight (MKL's sparse BLAS on the CPU, cuSPARSE on CUDA), for any mask;
+- condensed, for a constant fan-in (SRigL): each neuron's k input positions and k values, two dense
+  (out, k) tensors, computed as a gather of the inputs and a weighted sum (``F.embedding_bag``), with no
+  per-row bookkeeping at all.
+
+Which is faster depends on the layer, the sparsity, the batch and the machine, so ``mode="auto"`` measures
+each layer every way on a real input and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -22,10 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rigl.export.file import nonzero_masks
+from lightning_rigl.sparsity.structure import ConstantFanIn
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "sparse"]
+
+
+KERNELS = ("dense", "csr", "condensed")
 
 
 @dataclass(frozen=True)
@@ -38,24 +47,28 @@ class LayerChoice:
             projection" (a weight an attention module reads itself) or the module's class name (the last three
             never converted).
         density: fraction of live weights.
-        dense_ms: median time of the dense layer on the example input (milliseconds); None when not timed.
-        sparse_ms: the same for the sparse layer.
-        converted: whether the inference copy computes this layer with the sparse kernel.
-        why_not: when not converted, the reason.
+        kernel: how the inference copy computes the layer: "dense", "csr" or "condensed".
+        times_ms: median time of each kernel tried on the example input (milliseconds); empty when not timed.
+        why_not: when the layer stays dense, the reason.
     """
 
     name: str
     kind: str
     density: float
-    dense_ms: float | None
-    sparse_ms: float | None
-    converted: bool
+    kernel: str
+    times_ms: Mapping[str, float]
     why_not: str = ""
 
     @property
+    def converted(self) -> bool:
+        """Whether the copy computes this layer with a sparse kernel."""
+        return self.kernel != "dense"
+
+    @property
     def gain(self) -> float | None:
-        """Dense time over sparse time: above 1, the sparse kernel is faster."""
-        return None if self.dense_ms is None or not self.sparse_ms else self.dense_ms / self.sparse_ms
+        """Dense time over the chosen kernel's time: above 1, the conversion made the layer faster."""
+        chosen = self.times_ms.get(self.kernel)
+        return None if "dense" not in self.times_ms or not chosen else self.times_ms["dense"] / chosen
 
 
 class SparseLinear(nn.Module):
@@ -76,25 +89,27 @@ class SparseLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-class SparseConv2d(nn.Module):
-    """A 2-d convolution as CSR matrix products, one per example: a 1×1 convolution directly on the example's
-    channels (strided by slicing), a k×k one on the example's im2col unfolding.
+class _ConvByExample(nn.Module):
+    """A 2-d convolution as one matrix product per example: a 1×1 convolution directly on the example's channels
+    (strided by slicing), a k×k one on the example's im2col unfolding. A subclass states the product.
 
     One product per example rather than one over the whole batch: an example's columns stay in cache while
     the sparse rows read them, no transposes are needed, and the unfolding of a k×k convolution never holds
     the whole batch (at batch 64 on ResNet-50, 2-4× faster than one product over the batch's columns).
     """
 
-    def __init__(self, conv: nn.Conv2d, mask: Tensor) -> None:
+    def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        weight = _csr(conv.weight.reshape(conv.out_channels, -1), mask.reshape(conv.out_channels, -1))
-        self.register_buffer("weight", weight, persistent=False)
         bias = None if conv.bias is None else conv.bias.detach().clone().view(-1, 1, 1)
         self.register_buffer("bias", bias, persistent=False)
         self.out_channels = conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
         self.pointwise = _pointwise(conv)
+
+    def product(self, columns: Tensor) -> Tensor:
+        """The weight (out, C·kh·kw) times one example's columns (C·kh·kw, positions): (out, positions)."""
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = (
@@ -110,14 +125,85 @@ class SparseConv2d(nn.Module):
                 columns = x[index].reshape(x.shape[1], -1)  # (C, H·W)
             else:
                 columns = F.unfold(x[index:index + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
-            product = torch.sparse.mm(self.weight, columns).view(self.out_channels, height, width)
+            product = self.product(columns).view(self.out_channels, height, width)
             out[index] = product if self.bias is None else product + self.bias
         return out
 
 
+class SparseConv2d(_ConvByExample):
+    """A 2-d convolution whose weight, read as (out, C·kh·kw), is a CSR matrix."""
+
+    def __init__(self, conv: nn.Conv2d, mask: Tensor) -> None:
+        super().__init__(conv)
+        weight = _csr(conv.weight.reshape(conv.out_channels, -1), mask.reshape(conv.out_channels, -1))
+        self.register_buffer("weight", weight, persistent=False)
+
+    def product(self, columns: Tensor) -> Tensor:
+        return torch.sparse.mm(self.weight, columns)
+
+
+class CondensedConv2d(_ConvByExample):
+    """A 2-d convolution of constant fan-in stored condensed (see ``CondensedLinear``): output channel o sums
+    ``values[o]`` times the rows ``indices[o]`` of the example's columns."""
+
+    def __init__(self, conv: nn.Conv2d, mask: Tensor) -> None:
+        super().__init__(conv)
+        indices, values = condense(conv.weight, mask)
+        self.register_buffer("indices", indices, persistent=False)
+        self.register_buffer("values", values, persistent=False)
+
+    def product(self, columns: Tensor) -> Tensor:
+        return F.embedding_bag(self.indices, columns.contiguous(), mode="sum", per_sample_weights=self.values)
+
+
+class CondensedLinear(nn.Module):
+    """A linear layer of constant fan-in stored condensed: neuron o reads inputs ``indices[o]`` with weights
+    ``values[o]`` (k each); a neuron without live weights (ablated) gives its bias.
+
+    y[:, o] = Σⱼ values[o, j] · x[:, indices[o, j]] + b[o], computed by ``F.embedding_bag`` over the input's
+    columns: one gather and weighted sum per neuron, k multiply-adds per neuron and example.
+    """
+
+    def __init__(self, linear: nn.Linear, mask: Tensor) -> None:
+        super().__init__()
+        indices, values = condense(linear.weight, mask)
+        self.register_buffer("indices", indices, persistent=False)
+        self.register_buffer("values", values, persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
+        self.out_features = linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        columns = x.reshape(-1, x.shape[-1]).t().contiguous()  # (in, batch): one row per input feature
+        out = F.embedding_bag(self.indices, columns, mode="sum", per_sample_weights=self.values).t().contiguous()
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def condense(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """A constant fan-in weight's condensed form: (indices, values), each (out, k), k the live weights of every
+    neuron that has any (columns of the weight read as (out, fan_in), in increasing order); an ablated neuron
+    gets k zero values at column 0.
+
+    Raises:
+        ValueError: the neurons hold different numbers of live weights.
+    """
+    rows = mask.reshape(mask.shape[0], -1)
+    fan_ins = rows.sum(1)
+    k = int(fan_ins.max())
+    if bool(((fan_ins != k) & (fan_ins != 0)).any()):
+        raise ValueError("condense needs a constant fan-in: every neuron with live weights must hold as many.")
+    padded = rows.clone()
+    padded[fan_ins == 0, :k] = True  # an ablated neuron reads k zero weights
+    indices = padded.nonzero()[:, 1].view(rows.shape[0], k)
+    values = torch.where(rows, weight.detach().reshape(rows.shape), 0).gather(1, indices)
+    return indices, values
+
+
 def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None, example_input: Tensor | None = None,
                      mode: Mode = "auto", repeats: int = 7) -> nn.Module:
-    """An inference copy of ``model`` (eval mode, no gradients needed) whose sparse layers compute with CSR kernels.
+    """An inference copy of ``model`` (eval mode, no gradients needed) whose sparse layers compute with sparse
+    kernels: CSR, or condensed where the mask has a constant fan-in.
 
     Linear layers and 2-d convolutions (ungrouped, padding given as numbers and ``padding_mode="zeros"``, batched
     input) are converted; others (depthwise convolutions, the projections ``nn.MultiheadAttention`` reads
@@ -134,9 +220,9 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
             non-zero positions.
         example_input: a batch like those the copy will see (same batch size, same device); needed by
             ``mode="auto"``, which times each layer on the inputs this batch gives it.
-        mode: "auto" keeps, per layer, the faster of the dense and the sparse version (so conversion never
-            makes a layer slower on this input); "sparse" converts every layer it can.
-        repeats: timed runs per layer and version under "auto" (the median is kept), after two warm-up runs.
+        mode: "auto" keeps, per layer, the fastest of the dense layer and its sparse versions (so conversion never
+            makes a layer slower on this input); "sparse" converts every layer it can, condensed where it can.
+        repeats: timed runs per layer and kernel under "auto" (the median is kept), after two warm-up runs.
 
     Raises:
         ValueError: an unknown mode, "auto" without ``example_input``, ``repeats`` < 1, or a mask that names no
@@ -151,25 +237,28 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
     inference = copy.deepcopy(model).eval()
     candidates = _candidates(inference, nonzero_masks(inference) if masks is None else masks)
-    versions = {name: _sparse_version(candidate) for name, candidate in candidates.items()}
-    convertible = [name for name, (_, sparse, _) in versions.items() if sparse is not None]
+    versions = {name: _sparse_versions(candidate) for name, candidate in candidates.items()}
+    convertible = [name for name, (_, kernels, _) in versions.items() if kernels]
     inputs = _layer_inputs(inference, convertible, example_input) if mode == "auto" else {}
     choices = []
     for name, candidate in candidates.items():
         density = float(candidate.mask.float().mean())
-        kind, sparse, why_not = versions[name]
-        dense_ms = sparse_ms = None
-        if sparse is not None and mode == "auto":
-            if name in inputs:
-                dense_ms = _median_ms(lambda: candidate.module(inputs[name]), repeats)
-                sparse_ms = _median_ms(lambda: sparse(inputs[name]), repeats)
-                why_not = "" if sparse_ms < dense_ms else "the dense layer was faster"
-            else:
-                why_not = "the example input does not reach it"
-        converted = sparse is not None and not why_not
-        if converted:
-            inference = _replace(inference, name, sparse)
-        choices.append(LayerChoice(name, kind, density, dense_ms, sparse_ms, converted, why_not))
+        kind, kernels, why_not = versions[name]
+        times: dict[str, float] = {}
+        kernel = "dense"
+        if kernels and mode == "sparse":
+            kernel = "condensed" if "condensed" in kernels else "csr"
+        elif kernels and name not in inputs:
+            why_not = "the example input does not reach it"
+        elif kernels:
+            kernels = {"dense": candidate.module, **kernels}
+            times = {key: _median_ms(lambda module=module: module(inputs[name]), repeats)
+                     for key, module in kernels.items()}
+            kernel = min(times, key=times.__getitem__)
+            why_not = "the dense layer was faster" if kernel == "dense" else ""
+        if kernel != "dense":
+            inference = _replace(inference, name, kernels[kernel])
+        choices.append(LayerChoice(name, kind, density, kernel, times, why_not))
     inference.sparse_layers = choices
     log.info("sparse_inference: %d of %d layers converted", sum(c.converted for c in choices), len(choices))
     return inference
@@ -210,26 +299,31 @@ def _candidates(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, _Can
     return candidates
 
 
-def _sparse_version(candidate: _Candidate) -> tuple[str, nn.Module | None, str]:
-    """The layer's kind, its sparse version (None where no sparse kernel applies) and why not."""
+def _sparse_versions(candidate: _Candidate) -> tuple[str, dict[str, nn.Module], str]:
+    """The layer's kind, its sparse versions by kernel ("csr", "condensed"; none where no sparse kernel applies)
+    and why none does."""
     module, mask = candidate.module, candidate.mask
     if candidate.read_by_attention:
-        return "attention projection", None, "its attention module reads the weight itself: it stays dense"
+        return "attention projection", {}, "its attention module reads the weight itself: it stays dense"
     if candidate.attribute != "weight":
-        return type(module).__name__, None, "only the weight of Linear and Conv2d is converted"
+        return type(module).__name__, {}, "only the weight of Linear and Conv2d is converted"
     if isinstance(module, nn.Linear):
-        kind = "linear"
+        kind, csr, condensed = "linear", SparseLinear, CondensedLinear
     elif isinstance(module, nn.Conv2d):
         if module.groups != 1:
-            return "grouped conv", None, "grouped convolutions have no sparse kernel here"
-        kind = "conv1x1" if _pointwise(module) else "conv"
+            return "grouped conv", {}, "grouped convolutions have no sparse kernel here"
+        kind, csr, condensed = "conv1x1" if _pointwise(module) else "conv", SparseConv2d, CondensedConv2d
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return kind, None, "only numeric zero padding is converted"
+            return kind, {}, "only numeric zero padding is converted"
     else:
-        return type(module).__name__, None, "only Linear and Conv2d are converted"
-    if module.weight.device.type == "cpu" and module.weight.dtype not in (torch.float32, torch.float64):
-        return kind, None, f"CPU sparse kernels need float32 or float64, not {module.weight.dtype}"
-    return kind, SparseLinear(module, mask) if kind == "linear" else SparseConv2d(module, mask), ""
+        return type(module).__name__, {}, "only Linear and Conv2d are converted"
+    versions = {}
+    if module.weight.device.type != "cpu" or module.weight.dtype in (torch.float32, torch.float64):
+        versions["csr"] = csr(module, mask)
+    if not bool(mask.all()) and ConstantFanIn().violation(mask) is None:
+        versions["condensed"] = condensed(module, mask)
+    why_not = "" if versions else f"CPU sparse kernels need float32 or float64, not {module.weight.dtype}"
+    return kind, versions, why_not
 
 
 def _pointwise(conv: nn.Conv2d) -> bool:
