@@ -4,7 +4,7 @@
     lightning-rigl fit --config recipes/cifar10_wrn22_2/rigl_erk_s90.yaml [--multiplier 2]
     lightning-rigl test --config <recipe> --ckpt_path <checkpoint>
     lightning-rigl report runs/ [--output report]         # the paper-style table of finished runs
-    lightning-rigl export --ckpt_path <checkpoint> --output model.lrs [--dtype float16]   # the compact file
+    lightning-rigl export --ckpt_path <checkpoint> --output model.safetensors [--dtype float16]   # the compact file
 """
 
 from __future__ import annotations

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 from fake_datasets import write_fashion_mnist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_rigl import ImageClassifier
@@ -26,7 +28,7 @@ from lightning_rigl.export import (
     save_sparse,
     sparse_inference,
 )
-from lightning_rigl.export.file import MAGIC, nonzero_masks
+from lightning_rigl.export.file import FORMAT_VERSION, nonzero_masks
 from lightning_rigl.flops import model_size_bytes
 from lightning_rigl.models import create_model, list_models
 from lightning_rigl.sparsity import layer_densities, live_count, random_masks
@@ -67,7 +69,7 @@ def buffer_bytes(model: nn.Module) -> int:
 @pytest.mark.parametrize("arch", [name for name in list_models() if name != "vit_b_16"])  # vit_tiny: its class
 def test_round_trip_is_exact_and_the_file_is_the_official_size(arch: str, tmp_path) -> None:
     model, masks = sparse_model(arch)
-    path = save_sparse(model, tmp_path / "model.lrs", masks)
+    path = save_sparse(model, tmp_path / "model.safetensors", masks)
     state = load_sparse(path)
     expected = model.state_dict()
     assert list(state) == list(expected)
@@ -76,20 +78,53 @@ def test_round_trip_is_exact_and_the_file_is_the_official_size(arch: str, tmp_pa
     assert {name: torch.equal(mask, masks[name]) for name, mask in read_masks(path).items()} == dict.fromkeys(
         masks, True)
     official = model_size_bytes(model, {name: float(m.float().mean()) for name, m in masks.items()})
-    assert path.stat().st_size == pytest.approx(official + buffer_bytes(model), rel=0.02)
+    header = int.from_bytes(path.read_bytes()[:8], "little")  # safetensors: the header's length, then the header
+    assert path.stat().st_size - 8 - header == pytest.approx(official + buffer_bytes(model), rel=0.005)
+    assert header <= 320 * len(model.state_dict())  # its JSON index: names, dtypes, shapes, offsets
 
     fresh = create_model(arch, num_classes=10)
     assert load_sparse(path, fresh) is fresh
     assert all(torch.equal(fresh.state_dict()[name], tensor) for name, tensor in expected.items())
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_constant_fan_in_layers_are_stored_condensed_and_round_trip_exactly(tmp_path, dtype) -> None:
+    model, masks = sparse_model("lenet300_100", structure=ConstantFanIn())
+    name = "features.2.weight"
+    with torch.no_grad():  # an ablated neuron, and a live weight that is exactly 0 (grown at zero)
+        masks[name][3] = False
+        weight = model.get_parameter(name)
+        weight[3] = 0
+        weight[0, masks[name][0].nonzero()[0, 0]] = 0.0
+    path = save_sparse(model, tmp_path / "model.safetensors", masks, dtype=dtype)
+    stored = load_file(path)  # any safetensors reader reads it
+    rows, fan_in = masks[name].shape[0], int(masks[name][0].sum())
+    assert stored[f"{name}:indices"].shape == (rows - 1, fan_in) and stored[f"{name}:indices"].dtype == torch.int16
+    assert stored[f"{name}:values"].shape == (rows - 1, fan_in) and f"{name}:mask" not in stored
+    state, expected = load_sparse(path), model.state_dict()
+    for key, tensor in expected.items():
+        assert state[key].dtype == tensor.dtype
+        if dtype is None:
+            assert torch.equal(state[key], tensor), key
+        else:
+            torch.testing.assert_close(state[key], tensor, rtol=1e-2, atol=1e-3)
+    assert all(torch.equal(mask, masks[key]) for key, mask in read_masks(path).items())
+    bitmask = save_sparse(model, tmp_path / "bitmask.safetensors", masks, dtype=dtype, condensed=False)
+    assert f"{name}:mask" in load_file(bitmask)
+    # Condensed: 2 bytes of index per live weight and a bit per neuron, instead of a bit per position.
+    sparse = {key: m for key, m in masks.items() if not m.all()}
+    condensed_extra = sum(2 * int(m.sum()) + math.ceil(m.shape[0] / 8) - math.ceil(m.numel() / 8)
+                          for m in sparse.values())
+    assert path.stat().st_size - bitmask.stat().st_size == pytest.approx(condensed_extra, abs=2000)  # headers
+
+
 def test_default_masks_are_the_non_zero_positions_and_float16_halves_the_values(tmp_path) -> None:
     model, masks = sparse_model("lenet300_100")
-    full = save_sparse(model, tmp_path / "full.lrs")
+    full = save_sparse(model, tmp_path / "full.safetensors")
     holding_zeros = [name for name, mask in masks.items() if not mask.all()]  # ERK keeps the classifier dense
     assert {name: torch.equal(mask, masks[name]) for name, mask in read_masks(full).items()} == dict.fromkeys(
         holding_zeros, True)
-    half = save_sparse(model, tmp_path / "half.lrs", masks, dtype=torch.float16)
+    half = save_sparse(model, tmp_path / "half.safetensors", masks, dtype=torch.float16)
     state = load_sparse(half)
     for name, tensor in model.state_dict().items():
         assert state[name].dtype == tensor.dtype
@@ -104,27 +139,41 @@ def test_a_mask_that_would_drop_a_weight_is_refused(tmp_path) -> None:
     wrong = masks[name].clone()
     wrong[masks[name]] = False  # a live, non-zero weight falls outside
     with pytest.raises(ValueError, match="non-zero weights outside its mask"):
-        save_sparse(model, tmp_path / "x.lrs", {name: wrong})
+        save_sparse(model, tmp_path / "x.safetensors", {name: wrong})
     with pytest.raises(ValueError, match="lacks"):
-        save_sparse(model, tmp_path / "x.lrs", {"nope.weight": wrong})
-    assert not (tmp_path / "x.lrs").exists()
+        save_sparse(model, tmp_path / "x.safetensors", {"nope.weight": wrong})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def _rewritten(data: bytes, tmp_path, **changes: str) -> bytes:
+    """The file with its safetensors metadata changed (tensors and checksum kept)."""
+    source = tmp_path / "source.safetensors"
+    source.write_bytes(data)
+    with safe_open(source, framework="pt") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+        metadata = {**file.metadata(), **changes}
+    save_file(tensors, tmp_path / "rewritten.safetensors", metadata=metadata)
+    return (tmp_path / "rewritten.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda data: data[: len(data) - 100], r"truncated"),
-        (lambda data: data[:40], r"truncated or corrupted"),
-        (lambda data: data[:-5] + bytes(b ^ 0xFF for b in data[-5:]), r"corrupted: its tensors do not match"),
-        (lambda data: b"PK\x03\x04" + data[4:], r"not a lightning-rigl sparse model file"),
-        (lambda data: struct.pack("<8sI", MAGIC, 2) + data[12:], r"format 2, written by a newer lightning-rigl"),
+        (lambda data, _: data[: len(data) - 100], r"truncated or corrupted"),
+        (lambda data, _: data[:40], r"truncated or corrupted"),
+        (lambda data, _: data[:-5] + bytes(b ^ 0xFF for b in data[-5:]), r"corrupted: its tensors do not match"),
+        (lambda data, _: b"PK\x03\x04" + data[4:], r"not a safetensors file"),
+        (lambda data, tmp: _rewritten(data, tmp, format="other"), r"not a lightning-rigl sparse model file"),
+        (lambda data, tmp: _rewritten(data, tmp, format_version=str(FORMAT_VERSION + 1)),
+         rf"format {FORMAT_VERSION + 1}, written by a newer lightning-rigl"),
     ],
-    ids=["truncated payload", "truncated header", "flipped bytes", "another file", "newer format"],
+    ids=["truncated payload", "truncated header", "flipped bytes", "another file", "another safetensors file",
+         "newer format"],
 )
 def test_a_damaged_file_is_refused_and_nothing_is_loaded(tmp_path, damage, message) -> None:
     model, masks = sparse_model("lenet300_100")
-    path = save_sparse(model, tmp_path / "model.lrs", masks)
-    path.write_bytes(damage(path.read_bytes()))
+    path = save_sparse(model, tmp_path / "model.safetensors", masks)
+    path.write_bytes(damage(path.read_bytes(), tmp_path))
     target = create_model("lenet300_100", num_classes=10)
     before = {name: tensor.clone() for name, tensor in target.state_dict().items()}
     with pytest.raises(SparseFileError, match=message):
@@ -134,7 +183,7 @@ def test_a_damaged_file_is_refused_and_nothing_is_loaded(tmp_path, damage, messa
 
 def test_another_models_file_is_refused_and_nothing_is_loaded(tmp_path) -> None:
     model, masks = sparse_model("lenet300_100")
-    path = save_sparse(model, tmp_path / "model.lrs", masks)
+    path = save_sparse(model, tmp_path / "model.safetensors", masks)
     other = create_model("lenet300_100", num_classes=7)
     before = {name: tensor.clone() for name, tensor in other.state_dict().items()}
     with pytest.raises(SparseFileError, match=r"another model.*classifier\.weight: \(10, 100\) in the file"):
@@ -143,7 +192,7 @@ def test_another_models_file_is_refused_and_nothing_is_loaded(tmp_path) -> None:
     with pytest.raises(SparseFileError, match="missing"):
         load_sparse(path, create_model("small_cnn", num_classes=10))
     with pytest.raises(SparseFileError, match="no sparse model file"):
-        load_sparse(tmp_path / "absent.lrs")
+        load_sparse(tmp_path / "absent.safetensors")
 
 
 @pytest.mark.parametrize("arch", ["lenet300_100", "small_cnn", "resnet50_cifar", "mobilenet_v1", "vit_tiny"])
@@ -245,30 +294,30 @@ def test_the_command_exports_a_tiny_runs_checkpoint(tmp_path, monkeypatch, capsy
     capsys.readouterr()
 
     for extra in ([], ["--config", str(config)]):
-        main(["export", "--ckpt_path", str(checkpoint), "--output", "model.lrs", *extra])
+        main(["export", "--ckpt_path", str(checkpoint), "--output", "model.safetensors", *extra])
         out = capsys.readouterr().out
-        network = load_sparse("model.lrs", create_model(**read_metadata("model.lrs")["model"]))
+        network = load_sparse("model.safetensors", create_model(**read_metadata("model.safetensors")["model"]))
         assert all(torch.equal(network.state_dict()[name], t) for name, t in trained.state_dict().items())
-        assert {f"net.{name}": mask for name, mask in read_masks("model.lrs").items()}.keys() == callback_masks.keys()
+        assert {f"net.{name}": mask for name, mask in read_masks("model.safetensors").items()}.keys() == callback_masks.keys()
         printed = re.search(r"compact file:\s+([\d,]+) bytes", out).group(1)
-        assert int(printed.replace(",", "")) == Path("model.lrs").stat().st_size
-        assert "wrote model.lrs (float32 values, 3 sparse layers)" in out
+        assert int(printed.replace(",", "")) == Path("model.safetensors").stat().st_size
+        assert "wrote model.safetensors (float32 values, 3 sparse layers)" in out
 
-    main(["export", "--ckpt_path", str(checkpoint), "--output", "half.lrs", "--dtype", "float16"])
-    assert Path("half.lrs").stat().st_size < Path("model.lrs").stat().st_size
+    main(["export", "--ckpt_path", str(checkpoint), "--output", "half.safetensors", "--dtype", "float16"])
+    assert Path("half.safetensors").stat().st_size < Path("model.safetensors").stat().st_size
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--ckpt_path", "missing.ckpt", "--output", "x.lrs"], r"no checkpoint at missing\.ckpt"),
-        (["--ckpt_path", "{notes}", "--output", "x.lrs"], r"not a readable PyTorch checkpoint"),
-        (["--ckpt_path", "{plain}", "--output", "x.lrs"], r"not a checkpoint of the lightning-rigl command"),
-        (["--ckpt_path", "{plain}", "--output", "x.lrs", "--dtype", "int8"], r"invalid choice: 'int8'"),
-        (["--ckpt_path", "tensor.ckpt", "--output", "x.lrs"], r"holds a Tensor, not a checkpoint's dictionary"),
-        (["--ckpt_path", "{plain}", "--output", "x.lrs", "--config", "broken.yaml"], r"broken\.yaml is not valid YAML"),
-        (["--ckpt_path", "{plain}", "--output", "x.lrs", "--config", "list.yaml"], r"model section of list\.yaml"),
-        (["--ckpt", "{plain}", "--output", "x.lrs"], r"the following arguments are required: --ckpt_path"),
+        (["--ckpt_path", "missing.ckpt", "--output", "x.safetensors"], r"no checkpoint at missing\.ckpt"),
+        (["--ckpt_path", "{notes}", "--output", "x.safetensors"], r"not a readable PyTorch checkpoint"),
+        (["--ckpt_path", "{plain}", "--output", "x.safetensors"], r"not a checkpoint of the lightning-rigl command"),
+        (["--ckpt_path", "{plain}", "--output", "x.safetensors", "--dtype", "int8"], r"invalid choice: 'int8'"),
+        (["--ckpt_path", "tensor.ckpt", "--output", "x.safetensors"], r"holds a Tensor, not a checkpoint's dictionary"),
+        (["--ckpt_path", "{plain}", "--output", "x.safetensors", "--config", "broken.yaml"], r"broken\.yaml is not valid YAML"),
+        (["--ckpt_path", "{plain}", "--output", "x.safetensors", "--config", "list.yaml"], r"model section of list\.yaml"),
+        (["--ckpt", "{plain}", "--output", "x.safetensors"], r"the following arguments are required: --ckpt_path"),
     ],
     ids=["missing", "not a checkpoint", "another checkpoint", "bad dtype", "a tensor", "broken YAML",
          "model not a mapping", "abbreviated option"],
@@ -286,7 +335,7 @@ def test_the_command_refuses_bad_input_with_exit_status_2(tmp_path, monkeypatch,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
-    assert not Path("x.lrs").exists()
+    assert not Path("x.safetensors").exists()
 
 
 def test_a_config_without_num_classes_builds_the_checkpoints_network(tmp_path, monkeypatch, capsys) -> None:
@@ -296,13 +345,13 @@ def test_a_config_without_num_classes_builds_the_checkpoints_network(tmp_path, m
     classifier = ImageClassifier(arch="lenet300_100", num_classes=7)
     torch.save({"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams)}, "run.ckpt")
     Path("config.yaml").write_text("model:\n  arch: lenet300_100\n  lr: 0.3\n")
-    main(["export", "--ckpt_path", "run.ckpt", "--output", "model.lrs", "--config", "config.yaml"])
+    main(["export", "--ckpt_path", "run.ckpt", "--output", "model.safetensors", "--config", "config.yaml"])
     assert "0 sparse layers" in capsys.readouterr().out
-    network = load_sparse("model.lrs", create_model(**read_metadata("model.lrs")["model"]))
+    network = load_sparse("model.safetensors", create_model(**read_metadata("model.safetensors")["model"]))
     assert network.classifier.out_features == 7
     Path("wrong.yaml").write_text("model:\n  arch: small_cnn\n")
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", "--ckpt_path", "run.ckpt", "--output", "x.lrs", "--config", "wrong.yaml"])
+        main(["export", "--ckpt_path", "run.ckpt", "--output", "x.safetensors", "--config", "wrong.yaml"])
     assert exit_info.value.code == 2 and "do not build the network" in capsys.readouterr().err
 
 

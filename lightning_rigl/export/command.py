@@ -28,23 +28,26 @@ def main(args: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lightning-rigl export",
         allow_abbrev=False,
-        description="Write the network of a lightning-rigl checkpoint as a compact file: a bitmask and the live "
-        "values of every sparse layer, every other tensor as it is. Load it with "
-        "lightning_rigl.export.load_sparse.",
+        description="Write the network of a lightning-rigl checkpoint as a compact safetensors file: a bitmask and "
+        "the live values of every sparse layer (a constant fan-in layer condensed: its values and their indices), "
+        "every other tensor as it is. Load it with lightning_rigl.export.load_sparse.",
     )
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `lightning-rigl fit`")
-    parser.add_argument("--output", required=True, help="the file to write, e.g. model.lrs")
+    parser.add_argument("--output", required=True, help="the file to write, e.g. model.safetensors")
     parser.add_argument("--config", action="append", default=[],
                         help="the run's config.yaml (repeatable, later files override): its model section builds "
                         "the network instead of the hyperparameters stored in the checkpoint")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="precision of the stored values (float32: an exact copy)")
+    parser.add_argument("--bitmask", action="store_true",
+                        help="store constant fan-in layers as a bitmask and values too (the official size "
+                        "accounting) instead of condensed")
     options = parser.parse_args(args)
     try:
         network, masks, model_args = load_network(Path(options.ckpt_path), [Path(c) for c in options.config])
         masks = nonzero_masks(network) if masks is None else masks  # a dense run: whatever zeros it has
         path = save_sparse(network, options.output, masks, dtype=DTYPES[options.dtype],
-                           metadata={"model": model_args})
+                           metadata={"model": model_args}, condensed=not options.bitmask)
     except (ConfigError, ValueError, OSError) as error:
         print(f"lightning-rigl export: error: {error}", file=sys.stderr)
         return 2

@@ -1,35 +1,47 @@
-"""The compact file of a sparse model: a bitmask and the live values of every sparse layer, every other tensor
-as it is.
+"""The compact file of a sparse model, in the safetensors format: no pickle, loading memory-mapped, readable by
+every tool that reads safetensors.
 
-Layout: 8 magic bytes, the format version (uint32, little-endian), the header's length (uint64), the header
-(zlib-compressed UTF-8 JSON: each tensor's name, shape, dtypes, place in the payload and, for sparse layers, live
-count; compressed because the names repeat, so that the header stays small beside a small model's tensors),
-then the payload. The header also holds the payload's length and CRC-32, so a truncated or corrupted file is
-refused before anything is loaded.
+Each tensor of the model's state_dict is stored under its own name, except the sparse layers:
+
+- ``NAME:mask`` (uint8: one bit per position, row-major, the first in the highest bit) and ``NAME:values`` (the
+  live values in row-major order): 1 bit per weight and the live values, the official size accounting;
+- a layer with a constant fan-in (SRigL), condensed: ``NAME:neurons`` (one bit per neuron, set for a neuron
+  with live weights), ``NAME:indices`` (active neurons × k, the columns of each neuron's live weights in
+  increasing order, int16 where the fan-in allows, else int32) and ``NAME:values`` (active neurons × k), which
+  load straight into a condensed kernel. Its indices cost 16 bits per live weight instead of one bit per
+  position: smaller than a bitmask above 15/16 sparsity, larger below (``condensed=False`` stores a bitmask).
+
+The safetensors metadata (strings) holds the format's name and version, the model's class, each stored
+tensor's original dtype and shape and its layout, the caller's ``metadata`` (JSON), and a CRC-32 of every
+tensor's bytes: safetensors checks its header and lengths, the checksum the values, so a truncated or
+corrupted file is refused before anything is loaded.
 """
 
 from __future__ import annotations
 
 import json
-import struct
+import math
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_rigl.errors import ConfigError
+from lightning_rigl.sparsity.structure import ConstantFanIn, rows_and_fan_in
 from lightning_rigl.sparsity.targets import sparsifiable_parameters
 
-MAGIC = b"LRIGLSPR"
-FORMAT_VERSION = 1
-_PREAMBLE = struct.Struct("<8sIQ")  # magic, format version, header length
+FORMAT = "lightning-rigl-sparse"
+FORMAT_VERSION = 2
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool)}
+BITMASK, CONDENSED, DENSE = "bitmask", "condensed", "dense"
 
 
 class SparseFileError(ValueError):
@@ -37,8 +49,9 @@ class SparseFileError(ValueError):
 
 
 def save_sparse(model: nn.Module, path: str | Path, masks: Mapping[str, Tensor] | None = None,
-                dtype: torch.dtype | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Writes ``model``'s state_dict to ``path`` in the compact format; returns the path.
+                dtype: torch.dtype | None = None, metadata: Mapping[str, Any] | None = None,
+                condensed: bool = True) -> Path:
+    """Writes ``model``'s state_dict to ``path`` in the compact safetensors format; returns the path.
 
     Args:
         model: the model; every tensor of its ``state_dict`` (parameters and buffers) is saved.
@@ -47,8 +60,10 @@ def save_sparse(model: nn.Module, path: str | Path, masks: Mapping[str, Tensor] 
             non-zero positions.
         dtype: a floating dtype (e.g. ``torch.float16``) in which to store every floating tensor; loading
             casts back to each tensor's own dtype. Default: each tensor's own dtype (an exact round trip).
-        metadata: JSON-serialisable facts to keep in the header (the command stores the model's registry
-            name and arguments); ``read_metadata`` returns them.
+        metadata: JSON-serialisable facts to keep in the file (the command stores the model's registry name
+            and arguments); ``read_metadata`` returns them.
+        condensed: store the sparse layers that have a constant fan-in condensed (values and indices), else as
+            every other sparse layer (bitmask and values).
 
     Raises:
         ValueError: a mask names no tensor of the model, has another shape, or leaves a non-zero weight outside
@@ -61,30 +76,36 @@ def save_sparse(model: nn.Module, path: str | Path, masks: Mapping[str, Tensor] 
         masks = nonzero_masks(model)
     masks = {name: mask.detach().cpu().bool() for name, mask in masks.items()}
     _check_masks(state, masks)
-    entries, blobs, offset = [], [], 0
+    tensors: dict[str, Tensor] = {}
+    layout: dict[str, dict[str, Any]] = {}
     for name, tensor in state.items():
         stored = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        entry: dict[str, Any] = {"name": name, "shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),
-                                 "stored": _dtype_name(stored)}
-        if name in masks:
-            mask = masks[name]
-            bits = _pack_bits(mask)
-            values = _to_bytes(tensor[mask].to(stored))
-            entry.update(live=int(mask.sum()), mask_bytes=len(bits))
-            parts = [bits, values]
+        entry = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype), "layout": DENSE}
+        mask = masks.get(name)
+        if mask is None:
+            tensors[name] = tensor.to(stored)
+        elif condensed and tensor.dim() >= 2 and not bool(mask.all()) and ConstantFanIn().violation(mask) is None:
+            entry["layout"] = CONDENSED
+            rows = mask.reshape(rows_and_fan_in(mask.shape))
+            active = rows.any(1)
+            columns = rows[active].nonzero()[:, 1].view(int(active.sum()), -1)
+            index_dtype = torch.int16 if rows.shape[1] <= torch.iinfo(torch.int16).max + 1 else torch.int32
+            tensors[f"{name}:neurons"] = _pack_bits(active)
+            tensors[f"{name}:indices"] = columns.to(index_dtype)
+            tensors[f"{name}:values"] = tensor.reshape(rows.shape)[active].gather(1, columns).to(stored)
         else:
-            parts = [_to_bytes(tensor.to(stored))]
-        entry.update(offset=offset, bytes=sum(len(part) for part in parts))
-        offset += entry["bytes"]
-        entries.append(entry)
-        blobs.extend(parts)
-    payload = b"".join(blobs)
-    header = zlib.compress(json.dumps({"tensors": entries, "payload_bytes": len(payload), "crc32": zlib.crc32(payload),
-                                       "model": type(model).__name__, "metadata": dict(metadata or {})},
-                                      separators=(",", ":")).encode(), level=9)
+            entry["layout"] = BITMASK
+            tensors[f"{name}:mask"] = _pack_bits(mask)
+            tensors[f"{name}:values"] = tensor[mask].to(stored)
+        layout[name] = entry
+    tensors = {key: value.contiguous().clone() for key, value in tensors.items()}  # no shared storage
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "model": type(model).__name__,
+              "layout": json.dumps(layout, separators=(",", ":")),
+              "metadata": json.dumps(dict(metadata or {}), separators=(",", ":")),
+              "crc32": str(_checksum(tensors))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header)) + header + payload)
+    save_file(tensors, path, metadata=header)
     return path
 
 
@@ -96,21 +117,25 @@ def load_sparse(path: str | Path, model: nn.Module | None = None) -> dict[str, T
         SparseFileError: not a lightning-rigl sparse file, a newer format, a truncated or corrupted file, or (with
             ``model``) tensors whose names or shapes differ from the model's; nothing is loaded then.
     """
-    header, payload = _read(Path(path))
+    header, tensors = _read(Path(path))
     if model is not None:
         _check_fits(header, model, path)
     state = {}
-    for entry in header["tensors"]:
-        stored, dtype = _DTYPES[entry["stored"]], _DTYPES[entry["dtype"]]
-        shape = torch.Size(entry["shape"])
-        blob = payload[entry["offset"]:entry["offset"] + entry["bytes"]]
-        if "live" in entry:
-            mask = _unpack_bits(blob[:entry["mask_bytes"]], shape)
-            tensor = torch.zeros(shape, dtype=dtype)
-            tensor[mask] = _from_bytes(blob[entry["mask_bytes"]:], stored).to(dtype)
+    for name, entry in header["layout"].items():
+        shape, dtype = torch.Size(entry["shape"]), _DTYPES[entry["dtype"]]
+        if entry["layout"] == DENSE:
+            state[name] = tensors[name].to(dtype)
+            continue
+        tensor = torch.zeros(shape, dtype=dtype)
+        if entry["layout"] == BITMASK:
+            tensor[_unpack_bits(tensors[f"{name}:mask"], shape)] = tensors[f"{name}:values"].to(dtype)
         else:
-            tensor = _from_bytes(blob, stored).to(dtype).reshape(shape)
-        state[entry["name"]] = tensor
+            rows = tensor.view(rows_and_fan_in(shape))
+            active = _unpack_bits(tensors[f"{name}:neurons"], torch.Size([shape[0]]))
+            block = torch.zeros(int(active.sum()), rows.shape[1], dtype=dtype)
+            block.scatter_(1, tensors[f"{name}:indices"].long(), tensors[f"{name}:values"].to(dtype))
+            rows[active] = block
+        state[name] = tensor
     if model is None:
         return state
     model.load_state_dict(state, strict=True)
@@ -119,10 +144,19 @@ def load_sparse(path: str | Path, model: nn.Module | None = None) -> dict[str, T
 
 def read_masks(path: str | Path) -> dict[str, Tensor]:
     """The masks of the sparse layers stored in a file written by ``save_sparse`` (name -> bool tensor)."""
-    header, payload = _read(Path(path))
-    return {entry["name"]: _unpack_bits(payload[entry["offset"]:entry["offset"] + entry["mask_bytes"]],
-                                        torch.Size(entry["shape"]))
-            for entry in header["tensors"] if "live" in entry}
+    header, tensors = _read(Path(path))
+    masks = {}
+    for name, entry in header["layout"].items():
+        shape = torch.Size(entry["shape"])
+        if entry["layout"] == BITMASK:
+            masks[name] = _unpack_bits(tensors[f"{name}:mask"], shape)
+        elif entry["layout"] == CONDENSED:
+            mask = torch.zeros(rows_and_fan_in(shape), dtype=torch.bool)
+            active = _unpack_bits(tensors[f"{name}:neurons"], torch.Size([shape[0]]))
+            mask[active] = torch.zeros(int(active.sum()), mask.shape[1], dtype=torch.bool).scatter_(
+                1, tensors[f"{name}:indices"].long(), True)
+            masks[name] = mask.view(shape)
+    return masks
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -151,34 +185,32 @@ def _check_masks(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> No
                              "the masks the model was trained with, or masks=None to keep every non-zero weight.")
 
 
-def _read(path: Path) -> tuple[dict[str, Any], bytes]:
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The file's header (layout and metadata parsed) and its tensors, checked: safetensors checks the header and
+    the lengths, the CRC-32 the values."""
     if not path.is_file():
         raise SparseFileError(f"no sparse model file at {path}.")
-    data = path.read_bytes()
-    if len(data) < _PREAMBLE.size or not data.startswith(MAGIC):
-        raise SparseFileError(f"{path} is not a lightning-rigl sparse model file (written by save_sparse or "
-                              "`lightning-rigl export`).")
-    _, version, header_length = _PREAMBLE.unpack_from(data)
-    if version > FORMAT_VERSION:
-        raise SparseFileError(f"{path} has format {version}, written by a newer lightning-rigl; this version reads "
-                              f"format {FORMAT_VERSION}. Upgrade lightning-rigl.")
-    start = _PREAMBLE.size + header_length
     try:
-        header = json.loads(zlib.decompress(data[_PREAMBLE.size:start]))
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError):
-        raise SparseFileError(f"{path} is truncated or corrupted (its header does not parse).") from None
-    payload = data[start:]
-    if len(payload) != header["payload_bytes"]:
-        raise SparseFileError(f"{path} is truncated or corrupted: {len(payload)} bytes of tensors, the header says "
-                              f"{header['payload_bytes']}.")
-    if zlib.crc32(payload) != header["crc32"]:
-        raise SparseFileError(f"{path} is corrupted: its tensors do not match the header's checksum.")
-    return header, payload
+        with safe_open(path, framework="pt") as file:
+            header = file.metadata() or {}
+            if header.get("format") != FORMAT:
+                raise SparseFileError(f"{path} is not a lightning-rigl sparse model file (written by save_sparse or "
+                                      "`lightning-rigl export`).")
+            version = int(header["format_version"])
+            if version > FORMAT_VERSION:
+                raise SparseFileError(f"{path} has format {version}, written by a newer lightning-rigl; this "
+                                      f"version reads format {FORMAT_VERSION}. Upgrade lightning-rigl.")
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (no iterator)
+    except SafetensorError as error:
+        raise SparseFileError(f"{path} is not a safetensors file, or is truncated or corrupted ({error}).") from None
+    if _checksum(tensors) != int(header["crc32"]):
+        raise SparseFileError(f"{path} is corrupted: its tensors do not match the checksum in its header.")
+    return {**header, "layout": json.loads(header["layout"]), "metadata": json.loads(header["metadata"])}, tensors
 
 
 def _check_fits(header: Mapping[str, Any], model: nn.Module, path: str | Path) -> None:
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    stored = {entry["name"]: tuple(entry["shape"]) for entry in header["tensors"]}
+    stored = {name: tuple(entry["shape"]) for name, entry in header["layout"].items()}
     problems = [f"missing {name}" for name in expected if name not in stored]
     problems += [f"unexpected {name}" for name in stored if name not in expected]
     problems += [f"{name}: {stored[name]} in the file, {shape} in the model" for name, shape in expected.items()
@@ -189,28 +221,25 @@ def _check_fits(header: Mapping[str, Any], model: nn.Module, path: str | Path) -
                               + ". Load it into the model it was saved from.")
 
 
-def _pack_bits(mask: Tensor) -> bytes:
-    """One bit per position, row-major, the first position in the highest bit of the first byte."""
+def _pack_bits(mask: Tensor) -> Tensor:
+    """One bit per position, row-major, the first position in the highest bit of the first byte (uint8)."""
     flat = mask.reshape(-1).to(torch.uint8)
     flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
-    return _to_bytes((flat * _BIT_WEIGHTS).sum(1, dtype=torch.uint8))
+    return (flat * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
 
 
-def _unpack_bits(data: bytes, shape: torch.Size) -> Tensor:
-    packed = _from_bytes(data, torch.uint8)
+def _unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
     bits = (packed.unsqueeze(1) >> shifts) & 1
-    return bits.reshape(-1)[:shape.numel()].bool().reshape(shape)
+    return bits.reshape(-1)[:math.prod(shape)].bool().reshape(shape)
 
 
-def _to_bytes(tensor: Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _from_bytes(data: bytes, dtype: torch.dtype) -> Tensor:
-    if not data:
-        return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
+def _checksum(tensors: Mapping[str, Tensor]) -> int:
+    """CRC-32 of every tensor's bytes, in name order."""
+    crc = 0
+    for key in sorted(tensors):
+        crc = zlib.crc32(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    return crc
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
