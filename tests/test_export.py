@@ -18,6 +18,7 @@ from lightning_rigl.cli import main
 from lightning_rigl.export import (
     CondensedConv2d,
     CondensedLinear,
+    SemiStructuredLinear,
     SparseConv2d,
     SparseFileError,
     SparseLinear,
@@ -32,7 +33,7 @@ from lightning_rigl.export.file import FORMAT_VERSION, nonzero_masks
 from lightning_rigl.flops import model_size_bytes
 from lightning_rigl.models import create_model, list_models
 from lightning_rigl.sparsity import layer_densities, live_count, random_masks
-from lightning_rigl.sparsity.structure import ConstantFanIn, Structure
+from lightning_rigl.sparsity.structure import NM, ConstantFanIn, Structure
 
 INPUTS = {"lenet300_100": (1, 28, 28), "small_cnn": (1, 28, 28), "wrn22_2": (3, 32, 32),
           "resnet50_cifar": (3, 32, 32), "resnet50": (3, 64, 64), "mobilenet_v1": (3, 64, 64),
@@ -247,6 +248,27 @@ def test_condensed_form_of_a_hand_made_layer_with_an_ablated_neuron() -> None:
     torch.testing.assert_close(CondensedLinear(linear, mask)(x), expected)
     with pytest.raises(ValueError, match="constant fan-in"):
         condense(linear.weight, mask | torch.tensor([True, False, False, False]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="2:4 sparse tensor cores need a CUDA GPU of compute capability 8.0 or more")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_two_four_linear_layers_run_on_sparse_tensor_cores(dtype) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128)).to("cuda", dtype)
+    masks = {f"{i}.weight": NM(2, 4).random_mask(model[i].weight.shape, model[i].weight.numel() // 2,
+                                                 torch.Generator().manual_seed(i), "cuda") for i in (0, 2)}
+    with torch.no_grad():
+        for i in (0, 2):
+            model[i].weight.mul_(masks[f"{i}.weight"])
+    inference = sparse_inference(model, masks, mode="sparse")
+    assert [choice.kernel for choice in inference.sparse_layers] == ["2:4", "2:4"]
+    assert isinstance(inference[0], SemiStructuredLinear)
+    x = torch.randn(64, 256, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(inference(x), model(x), rtol=2e-2, atol=2e-2)
+    timed = sparse_inference(model, masks, example_input=x, mode="auto", repeats=3)
+    assert all("2:4" in choice.times_ms for choice in timed.sparse_layers)
 
 
 def test_strided_and_padded_convolutions_match_their_dense_version() -> None:

@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rigl.export.file import nonzero_masks
-from lightning_rigl.sparsity.structure import ConstantFanIn
+from lightning_rigl.sparsity.structure import NM, ConstantFanIn
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "sparse"]
 
 
-KERNELS = ("dense", "csr", "condensed")
+KERNELS = ("dense", "csr", "condensed", "2:4")  # "2:4": a semi-structured weight (CUDA, compute capability >= 8.0)
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class LayerChoice:
             projection" (a weight an attention module reads itself) or the module's class name (the last three
             never converted).
         density: fraction of live weights.
-        kernel: how the inference copy computes the layer: "dense", "csr" or "condensed".
+        kernel: how the inference copy computes the layer: "dense", "csr", "condensed" or "2:4".
         times_ms: median time of each kernel tried on the example input (milliseconds); empty when not timed.
         why_not: when the layer stays dense, the reason.
     """
@@ -180,6 +180,29 @@ class CondensedLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+class SemiStructuredLinear(nn.Module):
+    """A linear layer whose weight holds at most 2 live weights in every 4 consecutive inputs, stored in the
+    form sparse tensor cores run (``torch.sparse.to_sparse_semi_structured``; CUDA, compute capability >= 8.0)."""
+
+    def __init__(self, linear: nn.Linear, mask: Tensor) -> None:
+        super().__init__()
+        masked = torch.where(mask, linear.weight.detach(), 0).contiguous()
+        self.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(masked), requires_grad=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def semi_structured_unavailable(weight: Tensor) -> str | None:
+    """Why a 2:4 weight cannot run on sparse tensor cores here, or None if it can."""
+    if not weight.is_cuda:
+        return "2:4 kernels run on CUDA only"
+    if torch.cuda.get_device_capability(weight.device) < (8, 0):
+        return "2:4 kernels need compute capability 8.0 or more"
+    return None
+
+
 def condense(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """A constant fan-in weight's condensed form: (indices, values), each (out, k), k the live weights of every
     neuron that has any (columns of the weight read as (out, fan_in), in increasing order); an ablated neuron
@@ -247,7 +270,7 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
         times: dict[str, float] = {}
         kernel = "dense"
         if kernels and mode == "sparse":
-            kernel = "condensed" if "condensed" in kernels else "csr"
+            kernel = next(k for k in ("2:4", "condensed", "csr") if k in kernels)
         elif kernels and name not in inputs:
             why_not = "the example input does not reach it"
         elif kernels:
@@ -317,7 +340,12 @@ def _sparse_versions(candidate: _Candidate) -> tuple[str, dict[str, nn.Module], 
             return kind, {}, "only numeric zero padding is converted"
     else:
         return type(module).__name__, {}, "only Linear and Conv2d are converted"
-    versions = {}
+    versions: dict[str, nn.Module] = {}
+    if kind == "linear" and semi_structured_unavailable(module.weight) is None and NM(2, 4).violation(mask) is None:
+        try:
+            versions["2:4"] = SemiStructuredLinear(module, mask)
+        except RuntimeError as error:  # shapes or dtypes the kernels do not take
+            log.info("sparse_inference: no 2:4 kernel for a %s layer: %s", tuple(module.weight.shape), error)
     if module.weight.device.type != "cpu" or module.weight.dtype in (torch.float32, torch.float64):
         versions["csr"] = csr(module, mask)
     if not bool(mask.all()) and ConstantFanIn().violation(mask) is None:
