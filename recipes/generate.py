@@ -33,6 +33,7 @@ METHOD_CLASSES = {
     "static": "lightning_rigl.Static",
     "set": "lightning_rigl.SET",
     "rigl": "lightning_rigl.RigL",
+    "srigl": "lightning_rigl.SRigL",
     "rigl_sg": "lightning_rigl.RigL",
     "rigl_sm": "lightning_rigl.RigL",
     "snfs": "lightning_rigl.SNFS",
@@ -40,12 +41,13 @@ METHOD_CLASSES = {
     "lottery": "lightning_rigl.LotteryTicket",
     "snip": "lightning_rigl.SNIP",
 }
-DYNAMIC_METHODS = ("set", "rigl", "rigl_sg", "rigl_sm", "snfs")
+DYNAMIC_METHODS = ("set", "rigl", "rigl_sg", "rigl_sm", "snfs", "srigl")
 REDISTRIBUTION = {"rigl_sg": "gradient", "rigl_sm": "momentum"}
 TITLES = {"rigl": "RigL", "rigl_sg": "RigL-SG (RigL, redistribution by sparse gradient)",
           "rigl_sm": "RigL-SM (RigL, redistribution by sparse momentum)", "pruning": "Gradual magnitude pruning",
           "lottery": "Lottery ticket (the pruning run's mask, rewound to its initial weights)",
-          "snip": "SNIP (one-shot pruning by |g·w| at the first step)"}
+          "snip": "SNIP (one-shot pruning by |g·w| at the first step)",
+          "srigl": "SRigL (RigL with a constant fan-in and neuron ablation, Lasby et al. 2024)"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Setup:
         pruning: (start, stop, interval) of gradual magnitude pruning in optimizer steps of the 1x run.
         pruning_source: where that schedule comes from (written into the pruning recipes' headers).
         sparse_args: further arguments of every sparse callback (e.g. layers kept out of the masks).
+        srigl_args: further arguments of SRigL (the official code's ablation threshold for transformers).
         uniform_over_masks: "uniform" puts every masked layer at the sparsity, instead of our rule that keeps
             the first masked layer dense; for a model whose first layer is already outside the masks, or where
             a dense first layer would hold most of the weights (LeNet-300-100).
@@ -83,6 +86,7 @@ class Setup:
     pruning: tuple[int, int, int] = (0, 0, 100)
     pruning_source: str = ""
     sparse_args: dict[str, Any] = field(default_factory=dict)
+    srigl_args: dict[str, Any] = field(default_factory=dict)
     uniform_over_masks: bool = False
     global_masks_first: bool = False
     notes: tuple[str, ...] = ()
@@ -138,6 +142,8 @@ def recipe(setup: Setup, row: Row) -> dict[str, Any]:
             init_args = {"sparsity": None, "distribution": dict.fromkeys(masked_names(setup), row.sparsity)}
         if row.method in DYNAMIC_METHODS:
             init_args |= {**DYNAMIC_ARGS, "stop_at": setup.stop_at}
+        if row.method == "srigl":
+            init_args |= setup.srigl_args
         if row.method in REDISTRIBUTION:
             init_args["redistribution"] = REDISTRIBUTION[row.method]
         if row.method == "pruning":
@@ -463,6 +469,8 @@ def _fashion_rows() -> list[Row]:
     for sparsity in (0.8, 0.9, 0.95, 0.98):
         rows.append(Row("small_dense", sparsity, "erk"))
         rows += [Row(method, sparsity, "erk") for method in ("static", "set", "rigl", "snfs", "rigl_sg", "rigl_sm")]
+        if sparsity in (0.9, 0.95):
+            rows.append(Row("srigl", sparsity, "erk"))
         rows += [Row(method, sparsity, "uniform") for method in ("rigl", "rigl_sg", "rigl_sm")]
         rows += [Row("rigl", sparsity, "erk", 2), Row("static", sparsity, "erk", 2)]
         rows += [Row(method, sparsity, "global") for method in ("pruning", "lottery", "snip")]
@@ -488,6 +496,7 @@ FASHION_VIT = Setup(
     model={"optimizer": "adamw", "lr": 0.002, "betas": [0.9, 0.999], "weight_decay": 0.05, "lr_schedule": "cosine",
            "warmup_steps": 100, "label_smoothing": 0.1},
     stop_at=FASHION_VIT_STEPS * 3 // 4,
+    srigl_args={"min_salient_fraction": 0.95},  # the official ViT runs (configs/rigl/vit.yaml)
     notes=(*VIT_NOTES, "uniform keeps the first masked layer (the 4×4 patch embedding, 1,024 weights) dense.",
            "Run the whole study with benchmarks/reproduce.py --study vit, which sets the seeds and the folders."),
 )
@@ -507,6 +516,7 @@ CIFAR10_VIT = Setup(
            "betas": [0.9, 0.999], "weight_decay": 0.05, "lr_schedule": "cosine", "warmup_steps": 1760,
            "label_smoothing": 0.1},
     stop_at=52800,
+    srigl_args={"min_salient_fraction": 0.95},  # the official ViT runs (configs/rigl/vit.yaml)
     notes=(*VIT_NOTES, "Not trained here (no GPU): a starting point, not a reproduction."),
 )
 
@@ -524,6 +534,7 @@ IMAGENET_VIT = Setup(
     model={"optimizer": "adamw", "lr": 0.003, "betas": [0.9, 0.999], "weight_decay": 0.3, "lr_schedule": "cosine",
            "warmup_steps": _epochs_to_steps(16)[0], "label_smoothing": 0.11},
     stop_at=35188,
+    srigl_args={"min_salient_fraction": 0.95},  # the official ViT runs (configs/rigl/vit.yaml)
     uniform_over_masks=True,
     notes=(*IMAGENET_NOTES[:1], *VIT_NOTES,
            "SRigL's run is RigL with a constant fan-in and neuron ablation; this recipe is plain RigL on its "
@@ -536,8 +547,9 @@ IMAGENET_VIT = Setup(
 
 
 def _vit_rows(sparsities: tuple[float, ...]) -> list[Row]:
-    return [Row("dense")] + [Row(method, sparsity, distribution) for sparsity in sparsities
+    rows = [Row("dense")] + [Row(method, sparsity, distribution) for sparsity in sparsities
                              for distribution in ("erk", "uniform") for method in ("static", "set", "rigl")]
+    return rows + [Row("srigl", sparsity, "erk") for sparsity in sparsities]
 
 
 def all_recipes() -> dict[Path, str]:
@@ -551,7 +563,8 @@ def all_recipes() -> dict[Path, str]:
         (IMAGENET_MOBILENET, _imagenet_mobilenet_rows()),
         (FASHION_VIT, _vit_rows((0.9, 0.95))),
         (CIFAR10_VIT, _vit_rows((0.9,))),
-        (IMAGENET_VIT, [Row("dense"), Row("rigl", 0.9, "uniform"), Row("rigl", 0.9, "erk")]),
+        (IMAGENET_VIT, [Row("dense"), Row("rigl", 0.9, "uniform"), Row("rigl", 0.9, "erk"),
+                        Row("srigl", 0.9, "erk")]),
     ]
     return {RECIPES / setup.folder / f"{row.name}.yaml": render(setup, row) for setup, rows in tables for row in rows}
 
