@@ -154,7 +154,27 @@ def claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
                      f"{versus(set_, small, 'SET', 'Small-Dense')}.")
     paragraphs.append(_claim("Small-Dense (a narrower dense model with the same parameter count) loses to the dynamic "
                              "methods (RigL and SET, ERK).", lines, "held" if held else "did not hold"))
-    return paragraphs
+    return paragraphs + srigl_claim(rows, sparsities)
+
+
+def srigl_claim(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
+    """SRigL (constant fan-in, ablation) against RigL and Static at ERK, with its ablated neurons and its inference
+    FLOPs; no paragraph when the study has no SRigL row."""
+    lines, held = [], True
+    for s in sparsities:
+        srigl, rigl, static = (find(rows, m, "erk", s) for m in ("SRigL", "RigL", "Static"))
+        if srigl is None:
+            continue
+        ablated = srigl.mean_std("ablated_neurons")
+        flops = srigl.mean_std("forward_flops")
+        lines.append(f"{at(s)}: {versus(srigl, rigl, 'SRigL', 'RigL')}; {versus(srigl, static, 'SRigL', 'Static')}; "
+                     + ("" if ablated is None else f"{ablated[0]:.0f} neurons ablated (mean over seeds); ")
+                     + ("" if flops is None else f"inference FLOPs {flops[0]:.3f}x dense") + ".")
+        held &= compare(srigl, rigl)[0] in ("wins", "ties")
+    if not lines:
+        return []
+    return [_claim("SRigL (constant fan-in, neuron ablation) matches RigL's accuracy (Lasby et al. 2024; ERK, 1x).",
+                   lines, "held" if held else "did not hold")]
 
 
 def _claim(claim: str, lines: Sequence[str], verdict: str) -> str:
@@ -194,7 +214,7 @@ def vit_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
             rigl = find(rows, "RigL", distribution, s)
             lines.append(f"{at(s)} {distribution}: {versus(rigl, dense, 'RigL', 'dense')}.")
     paragraphs.append(_claim("How far sparse training stays from dense (RigL).", lines, "see each line"))
-    return paragraphs
+    return paragraphs + srigl_claim(rows, sparsities)
 
 
 def write_vit_section(report: Report, figures: Path, path: Path, seeds: int) -> Path:

@@ -19,7 +19,7 @@ import reproduce  # noqa: E402
 def test_the_study_runs_every_recipe_per_seed_with_tickets_after_their_pruning_runs() -> None:
     jobs = reproduce.jobs("fashion_mnist", quick=False, seeds=3)
     recipes = {job.recipe for job in jobs}
-    assert len(recipes) == 61 and len(jobs) == 3 * 61
+    assert len(recipes) == 63 and len(jobs) == 3 * 63
     first_ticket = next(i for i, job in enumerate(jobs) if job.recipe.startswith("lottery"))
     assert all(not job.recipe.startswith("lottery") for job in jobs[:first_ticket])
     assert all(job.recipe.startswith("lottery") for job in jobs[first_ticket:])
@@ -28,7 +28,7 @@ def test_the_study_runs_every_recipe_per_seed_with_tickets_after_their_pruning_r
     assert reproduce.Job("fashion_mnist", "lottery_global_s90", 1).depends_on() == reproduce.Job(
         "fashion_mnist", "pruning_global_s90", 1)
     vit = reproduce.jobs("fashion_mnist_vit", quick=False, seeds=3)
-    assert len(vit) == 3 * 13 and {job.recipe_file.parent.name for job in vit} == {"fashion_mnist_vit"}
+    assert len(vit) == 3 * 15 and {job.recipe_file.parent.name for job in vit} == {"fashion_mnist_vit"}
 
 
 def test_each_runs_config_has_its_seed_its_folder_and_its_own_ticket(tmp_path: Path) -> None:
@@ -47,11 +47,11 @@ def test_each_runs_config_has_its_seed_its_folder_and_its_own_ticket(tmp_path: P
 
 
 def row(method: str, accuracies: list[float], distribution: str | None = "erk", sparsity: float = 0.9,
-        multiplier: float = 1, train: float = 0.1, forward: float = 0.1) -> Row:
+        multiplier: float = 1, train: float = 0.1, forward: float = 0.1, **extra: float) -> Row:
     runs = [Run(Path(f"{method}{i}"), {"model": "m", "data": "d", "method": method, "distribution": distribution,
                                        "sparsity": sparsity, "achieved_sparsity": sparsity, "multiplier": multiplier,
                                        "test": {"test/acc_top1": a / 100}, "train_ratio": train,
-                                       "forward_ratio": forward, "size_bytes": 1.0, "densities": {}}, {}, [])
+                                       "forward_ratio": forward, "size_bytes": 1.0, "densities": {}, **extra}, {}, [])
             for i, a in enumerate(accuracies)]
     return Row(runs)
 
@@ -76,6 +76,17 @@ def test_the_claims_say_held_or_not_with_the_numbers() -> None:
     assert "Here: held" in paragraphs[2] and "gap to RigL 1x +2.00, to RigL 2x +1.00" in paragraphs[2]
     assert "not run" in paragraphs[3] and "not run" in paragraphs[4]
     assert "Here: held" in paragraphs[5]
+
+
+def test_the_srigl_claim_counts_ablated_neurons_and_is_left_out_without_srigl() -> None:
+    rows = [row("RigL", [90, 90.2]), row("Static", [88, 88.2]), row("SRigL", [90.1, 90.3], ablated_neurons=12)]
+    (paragraph,) = claims.srigl_claim(rows, [0.9, 0.95])
+    assert paragraph.startswith("**SRigL (constant fan-in, neuron ablation) matches RigL's accuracy")
+    assert "Here: held" in paragraph and "SRigL 90.20 ± 0.14% ties against RigL 90.10 ± 0.14% (+0.10)" in paragraph
+    assert "12 neurons ablated" in paragraph and "inference FLOPs 0.100x dense" in paragraph
+    assert "95%" not in paragraph  # no SRigL row there
+    assert claims.srigl_claim(rows[:2], [0.9]) == []
+    assert claims.claims(rows, [0.9])[-1] == paragraph and claims.vit_claims(rows, [0.9])[-1] == paragraph
 
 
 def test_the_vit_claims_and_its_section_beside_the_lenet_page(tmp_path: Path) -> None:
