@@ -168,7 +168,7 @@ def srigl_claim(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
         ablated = srigl.mean_std("ablated_neurons")
         flops = srigl.mean_std("forward_flops")
         lines.append(f"{at(s)}: {versus(srigl, rigl, 'SRigL', 'RigL')}; {versus(srigl, static, 'SRigL', 'Static')}; "
-                     + ("" if ablated is None else f"{ablated[0]:.0f} neurons ablated (mean over seeds); ")
+                     + ("" if ablated is None else f"ablated neurons {ablated[0]:.1f} (mean over seeds); ")
                      + ("" if flops is None else f"inference FLOPs {flops[0]:.3f}x dense") + ".")
         held &= compare(srigl, rigl)[0] in ("wins", "ties")
     if not lines:

@@ -83,7 +83,7 @@ def test_the_srigl_claim_counts_ablated_neurons_and_is_left_out_without_srigl() 
     (paragraph,) = claims.srigl_claim(rows, [0.9, 0.95])
     assert paragraph.startswith("**SRigL (constant fan-in, neuron ablation) matches RigL's accuracy")
     assert "Here: held" in paragraph and "SRigL 90.20 ± 0.14% ties against RigL 90.10 ± 0.14% (+0.10)" in paragraph
-    assert "12 neurons ablated" in paragraph and "inference FLOPs 0.100x dense" in paragraph
+    assert "ablated neurons 12.0" in paragraph and "inference FLOPs 0.100x dense" in paragraph
     assert "95%" not in paragraph  # no SRigL row there
     assert claims.srigl_claim(rows[:2], [0.9]) == []
     assert claims.claims(rows, [0.9])[-1] == paragraph and claims.vit_claims(rows, [0.9])[-1] == paragraph
