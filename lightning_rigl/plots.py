@@ -165,7 +165,9 @@ def draw_heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str], c
 
     n_rows, n_columns = len(row_labels), len(column_labels)
     width = min(24.0, 3.5 + 0.9 * n_columns + 0.06 * max((len(label) for label in row_labels), default=0))
-    figure, axes = plt.subplots(figsize=(width, 1.8 + 0.2 * n_rows), layout="constrained")
+    # The column labels stand upright below the cells: room for the longest, so the cells keep 0.25 in a row.
+    longest_column = max((len(label) for label in column_labels), default=0)
+    figure, axes = plt.subplots(figsize=(width, 1.8 + 0.25 * n_rows + 0.075 * longest_column), layout="constrained")
     positive = [value for row in values for value in row if value > 0 and math.isfinite(value)]
     low = min(positive, default=0.01)
     image = axes.imshow(values, norm=LogNorm(vmin=min(low, 0.99), vmax=1.0), cmap="viridis", aspect="auto",
