@@ -243,8 +243,9 @@ def test_condensed_form_of_a_hand_made_layer_with_an_ablated_neuron() -> None:
     mask = linear.weight != 0
     indices, values = condense(linear.weight, mask)
     assert indices.tolist() == [[1, 3], [0, 1], [0, 2]] and values.tolist() == [[2, 3], [0, 0], [5, 7]]
-    x = torch.tensor([[1.0, 10.0, 100.0, 1000.0]])
-    expected = torch.tensor([[3020.0, 0.0, 705.0]]) + linear.bias.detach()
+    x = torch.tensor([[1.0, 10.0, 100.0, 1000.0], [2.0, 0.0, 0.0, 1.0]])  # one example, and two: two kernels
+    expected = torch.tensor([[3020.0, 0.0, 705.0], [3.0, 0.0, 10.0]]) + linear.bias.detach()
+    torch.testing.assert_close(CondensedLinear(linear, mask)(x[:1]), expected[:1])
     torch.testing.assert_close(CondensedLinear(linear, mask)(x), expected)
     with pytest.raises(ValueError, match="constant fan-in"):
         condense(linear.weight, mask | torch.tensor([True, False, False, False]))
