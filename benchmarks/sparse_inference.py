@@ -13,10 +13,10 @@ random constant fan-in mask, dense against CSR and condensed kernels of the same
 whole networks at one sparsity: dense, unstructured ERK masks under ``mode="auto"`` (dense or CSR per layer),
 and constant fan-in ERK masks (SRigL's) under ``mode="auto"`` (dense, CSR or condensed per layer).
 
-    python benchmarks/sparse_inference.py [--models lenet300_100 mlp4096 resnet50 mobilenet_v1]
+    python benchmarks/sparse_inference.py [--models lenet300_100 mlp4096 resnet50 mobilenet_v1 ...]
         [--sparsities 0.8 0.9 0.95 0.98 0.99] [--batches 1 64] [--threads 2] [--output DIR]
     python benchmarks/sparse_inference.py --structured [--sparsities 0.8 0.9 0.95 0.99] [--batches 1 64 256]
-        [--models vit_tiny resnet50] [--network-sparsity 0.9]
+        [--models vit_tiny resnet50 vit_b_16] [--network-sparsity 0.9] [--network-batches 1 64]
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ from lightning_rigl.sparsity import layer_densities, live_count, mask_densities,
 from lightning_rigl.sparsity.structure import ConstantFanIn
 
 INPUTS = {"lenet300_100": (1, 28, 28), "mlp4096": (4096,), "resnet50": (3, 224, 224),
-          "mobilenet_v1": (3, 224, 224), "vit_tiny": (1, 28, 28)}
+          "mobilenet_v1": (3, 224, 224), "vit_tiny": (1, 28, 28), "vit_b_16": (3, 224, 224)}
+IMAGENET = ("resnet50", "mobilenet_v1", "vit_b_16")  # 1000 classes, and seconds per run at batch 64
+UNSTRUCTURED_MODELS = ["lenet300_100", "mlp4096", "resnet50", "mobilenet_v1"]
 VIT_B_MLP = ((768, 3072), (3072, 768))  # (in, out) of ViT-B/16's two MLP layers
 KINDS = ("linear", "conv1x1", "conv")
 
@@ -49,7 +51,7 @@ KINDS = ("linear", "conv1x1", "conv")
 def build(arch: str) -> nn.Module:
     if arch == "mlp4096":  # the issue's two-layer block: 4096 -> 4096 -> ReLU -> 4096
         return nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096))
-    return create_model(arch, num_classes=1000 if arch in ("resnet50", "mobilenet_v1") else 10)
+    return create_model(arch, num_classes=1000 if arch in IMAGENET else 10)
 
 
 def sparsify(model: nn.Module, sparsity: float, seed: int = 0, fan_in: bool = False) -> dict[str, torch.Tensor]:
@@ -98,8 +100,9 @@ def side_by_side(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, repeats: 
     return times["dense"], times["sparse"]
 
 
-def fan_in_layer_rows(sparsities: list[float], batches: list[int], repeats: int) -> list[dict]:
-    """One linear layer of each ViT-B/16 MLP shape with a random constant fan-in mask: dense, CSR and condensed."""
+def fan_in_layer_rows(sparsities: list[float], batches: list[int]) -> list[dict]:
+    """One linear layer of each ViT-B/16 MLP shape with a random constant fan-in mask: dense, CSR and condensed,
+    median of 201 runs at batch 1 (a fraction of a millisecond each) and of 51 above."""
     rows = []
     for n_in, n_out in VIT_B_MLP:
         for sparsity in sparsities:
@@ -112,7 +115,7 @@ def fan_in_layer_rows(sparsities: list[float], batches: list[int], repeats: int)
                 layer.weight.mul_(mask)
             kernels = {"dense": layer, "csr": SparseLinear(layer, mask), "condensed": CondensedLinear(layer, mask)}
             for batch in batches:
-                times = alternately(kernels, torch.randn(batch, n_in), repeats)
+                times = alternately(kernels, torch.randn(batch, n_in), 201 if batch == 1 else 51)
                 row = {"shape": f"{n_in}→{n_out}", "sparsity": sparsity, "fan_in": fan_in, "batch": batch, **times}
                 rows.append(row)
                 print(f"linear {row['shape']} s={sparsity} (fan-in {fan_in}) batch {batch}: dense {times['dense']:.3f}"
@@ -128,7 +131,7 @@ def fan_in_network_rows(models: list[str], sparsity: float, batches: list[int]) 
     rows = []
     for arch in models:
         for batch in batches:
-            repeats = 3 if arch in ("resnet50", "mobilenet_v1") and batch > 1 else 15
+            repeats = 3 if arch in IMAGENET and batch > 1 else 15
             x = torch.randn(batch, *INPUTS[arch])
             versions: dict[str, nn.Module] = {}
             kernels: dict[str, dict[str, int]] = {}
@@ -161,19 +164,23 @@ def file_sizes(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(INPUTS))
+    parser.add_argument("--models", nargs="+", choices=list(INPUTS), default=None,
+                        help=f"default: {' '.join(UNSTRUCTURED_MODELS)}; with --structured, vit_tiny resnet50")
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.9, 0.95, 0.98, 0.99])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--structured", action="store_true", help="constant fan-in: layers, then networks")
     parser.add_argument("--network-sparsity", type=float, default=0.9)
+    parser.add_argument("--network-batches", nargs="+", type=int, default=[1, 64],
+                        help="with --structured: the batch sizes of the whole networks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if args.structured:
         structured(args, machine)
         return
+    args.models = args.models or UNSTRUCTURED_MODELS
     print(f"# sparse inference, {machine}")
     rows = []
     for arch in args.models:
@@ -186,8 +193,7 @@ def main() -> None:
             flop_ratio = forward_flops(model, shape, densities) / forward_flops(model, shape)
             sizes = file_sizes(model, masks)
             for batch in args.batches:
-                big = arch in ("resnet50", "mobilenet_v1") and batch > 1
-                repeats = 3 if big else 15
+                repeats = 3 if arch in IMAGENET and batch > 1 else 15
                 x = torch.randn(batch, *shape)
                 inference = sparse_inference(model, masks, example_input=x, mode="auto", repeats=repeats)
                 dense_ms, sparse_ms = side_by_side(model, inference, x, repeats)
@@ -216,8 +222,9 @@ def main() -> None:
 
 def structured(args: argparse.Namespace, machine: str) -> None:
     print(f"# constant fan-in inference, {machine}")
-    layers = fan_in_layer_rows(args.sparsities, args.batches, repeats=51)
-    networks = fan_in_network_rows(args.models, args.network_sparsity, [b for b in args.batches if b <= 64])
+    layers = fan_in_layer_rows(args.sparsities, args.batches)
+    networks = fan_in_network_rows(args.models or ["vit_tiny", "resnet50"], args.network_sparsity,
+                                   args.network_batches)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     record = {"machine": machine, "layers": layers, "networks": networks}
