@@ -15,7 +15,7 @@ from conftest import SPARSE_NAMES, TinyNet, make_data, train
 from methods import CHANGING, METHODS
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import MixedPrecision
-from pytorch_lightning.strategies import FSDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from lightning_rigl import (
     SET,
@@ -542,10 +542,14 @@ def test_fraction_stop_at_needs_a_run_length():
         train([RigL(sparsity=0.9)], steps=-1, max_epochs=-1, max_time="00:00:00:01")
 
 
-def test_sharding_strategies_are_refused():
-    trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(RuntimeError, match="FSDPStrategy is not supported"):
-        _check_supported(trainer, TinyNet())
+# DeepSpeed is not installed here; the check reads class names along the MRO, so a class of that name stands in.
+@pytest.mark.parametrize("strategy", [FSDPStrategy(), type("DeepSpeedStrategy", (DDPStrategy,), {})()],
+                         ids=["fsdp1", "deepspeed"])
+def test_fsdp1_and_deepspeed_are_refused_with_what_to_use_instead(strategy):
+    name = type(strategy).__name__
+    with pytest.raises(RuntimeError, match=f"^{name} is not supported: .* Use ModelParallelStrategy"
+                                           r"\(data_parallel_size=N, tensor_parallel_size=1\) with fully_shard"):
+        _check_supported(SimpleNamespace(strategy=strategy), TinyNet())
 
 
 def test_resume_with_other_sparsity_fails(tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,9 +26,16 @@ def check_masks_agree(masks: Mapping[str, Tensor], step: int) -> None:
     Raises:
         MaskDisagreementError: on every process, naming the ranks and layers that differ.
     """
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+    if _several_processes():
+        check_digests_agree(mask_digest(masks), list(masks), step)
+
+
+def check_digests_agree(digest: Tensor, names: Sequence[str], step: int) -> None:
+    """``check_masks_agree`` on digests already taken (``mask_digest``, one row per name): under FSDP2 each
+    process holds only its rows of a mask, so what must agree is the whole mask each process decided on, digested
+    before it kept its rows."""
+    if not _several_processes():
         return
-    digest = mask_digest(masks)
     if dist.get_backend() == dist.Backend.GLOO:
         digest = digest.cpu()
     gathered = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
@@ -37,7 +44,7 @@ def check_masks_agree(masks: Mapping[str, Tensor], step: int) -> None:
     if not differing:
         return
     rows = torch.stack([(gathered[rank] != gathered[0]).any(dim=1) for rank in differing]).any(dim=0)
-    layers = [name for name, differs in zip(masks, rows.tolist()) if differs]
+    layers = [name for name, differs in zip(names, rows.tolist()) if differs]
     raise MaskDisagreementError(
         f"Masks differ between DDP processes at optimizer step {step}: rank(s) {differing} disagree with rank 0 on "
         f"{layers}. Every mask decision is identical on every rank by construction (seeded independently of the "
@@ -45,3 +52,7 @@ def check_masks_agree(masks: Mapping[str, Tensor], step: int) -> None:
         "included. If they had the same, this is a bug: please report it with your configuration. The run stops "
         "here because the replicas would otherwise train different networks."
     )
+
+
+def _several_processes() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -13,7 +13,6 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_rigl.callbacks.agreement import check_masks_agree
 from lightning_rigl.callbacks.sparse_training import SparseTraining, gradients_ready
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.criteria import dense_gradient, mean_magnitude
@@ -28,6 +27,7 @@ from lightning_rigl.sparsity.schedules import (
     is_update_step,
     resolve_step,
 )
+from lightning_rigl.sparsity.sharding import gather, local, shard_like
 from lightning_rigl.sparsity.updates import drop_and_grow
 
 GROW_INITS = ("zeros", "normal", "uniform")
@@ -151,6 +151,10 @@ class DynamicSparseTraining(SparseTraining):
         """Whether updates change layer densities (then logged at every update): under redistribution."""
         return self.redistribution != "none"
 
+    @override
+    def per_weight_state(self) -> list[dict[str, Tensor]]:
+        return super().per_weight_state() + ([] if self.moving_average is None else [self.moving_average])
+
     def needs_moving_average(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the callback keeps a moving average of the dense gradient (``moving_average``), updated at
         every optimizer step until T_end: for redistribution="momentum" when the optimizer keeps no momentum."""
@@ -166,8 +170,6 @@ class DynamicSparseTraining(SparseTraining):
             self.moving_average = None
         elif self.moving_average is None:
             self.moving_average = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self._params.items()}
-        else:  # restored from a checkpoint, on the CPU
-            self.moving_average = {name: self.moving_average[name].to(p.device) for name, p in self._params.items()}
 
     @override
     def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -194,15 +196,21 @@ class DynamicSparseTraining(SparseTraining):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = {**super().state_dict(), "pending_step": self._pending_step}
-        if self.moving_average is not None:
-            state["moving_average"] = {name: value.cpu() for name, value in self.moving_average.items()}
+        if self.moving_average is not None:  # whole, as the masks (see SparseTraining.state_dict)
+            state["moving_average"] = {name: gather(value).cpu() for name, value in self.moving_average.items()}
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
         self._pending_step = state_dict["pending_step"]
         self.moving_average = state_dict.get("moving_average")
+        super().load_state_dict(state_dict)
+
+    @override
+    def _place_restored_state(self, step: int | None) -> None:
+        if self.moving_average is not None:  # restored from a checkpoint: whole, on the CPU
+            self.moving_average = {name: shard_like(self.moving_average[name], p) for name, p in self._params.items()}
+        super()._place_restored_state(step)
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -228,8 +236,8 @@ class DynamicSparseTraining(SparseTraining):
         # An exponential moving average of the dense gradient: m ← β·m + (1 - β)·g, before g is masked.
         self.dense_gradient_read = True
         for name, param in self._params.items():
-            average = self.moving_average[name]
-            average.lerp_(dense_gradient(name, param).to(average.dtype), 1.0 - self.momentum)
+            average = local(self.moving_average[name])
+            average.lerp_(local(dense_gradient(name, param)).to(average.dtype), 1.0 - self.momentum)
 
     def _update(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, step: int) -> None:
         decay_from = 0 if self.start_at is None else self.start_step
@@ -242,7 +250,10 @@ class DynamicSparseTraining(SparseTraining):
         drops = [int(fraction * n) for n in live]
         grows = drops
         if self.redistribution != "none" and names:
-            shares = [self._share(name, self._params[name], optimizer) for name in names]
+            shares = []
+            for name in names:
+                with self.whole_layer(name) as whole:
+                    shares.append(self._share(name, whole, self._params[name], optimizer))
             grows = grow_counts(live, drops, numel, shares)
         counts = {name: (n, n_drop, n_grow) for name, n, n_drop, n_grow in zip(names, live, drops, grows)}
 
@@ -250,29 +261,32 @@ class DynamicSparseTraining(SparseTraining):
             n_live, n_drop, n_grow = counts.get(name, (0, 0, 0))
             if n_drop == n_grow == 0:
                 return 0
-            weights = param.detach()
-            scores = self.grow_scores(name, param, step, index)
-            change = self.change_mask(name, weights, scores, n_drop, n_grow)
-            apply_change(param, change, optimizer, self._grow_values(weights, change, step, index))
+            with self.whole_layer(name) as whole:
+                weights = whole.detach()
+                scores = self.grow_scores(name, whole, step, index)
+                change = self.change_mask(name, weights, scores, n_drop, n_grow)
+                values = self._grow_values(weights, change, step, index)
+            apply_change(param, change, optimizer, values)
             self.densities[name] = (n_live - change.removed.numel() + change.added.numel()) / param.numel()
             return change.added.numel()
 
         changed = sum(for_each_layer(update_layer, self._params).values())
         self.num_updates += 1
-        check_masks_agree(self.masks, trainer.global_step)
+        self.check_agreement(trainer.global_step)
         metrics = {"sparsity/drop_fraction": fraction, "sparsity/changed": float(changed)}
         if self.densities_move():
             metrics.update(self.density_metrics())
         self._log(trainer, metrics)
 
-    def _share(self, name: str, param: nn.Parameter, optimizer: torch.optim.Optimizer) -> float:
-        """The layer's redistribution statistic: mean |gradient| or |momentum| over its live weights."""
+    def _share(self, name: str, whole: Tensor, param: nn.Parameter, optimizer: torch.optim.Optimizer) -> float:
+        """The layer's redistribution statistic: mean |gradient| or |momentum| over its live weights, read inside
+        ``whole_layer`` (``whole``: the weight it yields, ``param``: the parameter the optimizer knows)."""
         if self.redistribution == "gradient":
-            return mean_magnitude(dense_gradient(name, param), self.masks[name])
+            return mean_magnitude(dense_gradient(name, whole), self.masks[name])
         if self.moving_average is not None:
             return mean_magnitude(self.moving_average[name], self.masks[name])
         momentum = optimizer.state.get(param, {}).get(_momentum_key(optimizer))
-        return 0.0 if momentum is None else mean_magnitude(momentum, self.masks[name])  # none before step 1
+        return 0.0 if momentum is None else mean_magnitude(gather(momentum), self.masks[name])  # none before step 1
 
     def _grow_values(self, weights: Tensor, change: MaskChange, step: int, layer_index: int) -> Tensor | None:
         if self.grow_init == "zeros":

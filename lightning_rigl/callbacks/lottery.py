@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_rigl.callbacks.sparse_training import SparseTraining, saved_state
 from lightning_rigl.errors import ConfigError
+from lightning_rigl.sparsity.sharding import write_local
 
 
 class LotteryTicket(SparseTraining):
@@ -56,7 +57,7 @@ class LotteryTicket(SparseTraining):
         if not self.masks:  # a fresh ticket, not a resumed one: rewind before the masks are applied
             with torch.no_grad():
                 for name, param in pl_module.named_parameters():
-                    param.copy_(self.source_rewind[name])
+                    write_local(param, self.source_rewind[name].to(param.device, param.dtype))
         super().on_fit_start(trainer, pl_module)
 
     @override

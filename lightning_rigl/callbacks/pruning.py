@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -11,7 +12,6 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_rigl.callbacks.agreement import check_masks_agree
 from lightning_rigl.callbacks.sparse_training import SparseTraining
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.criteria import magnitude
@@ -47,12 +47,14 @@ class PruningFromDense(SparseTraining):
             def prune_layer(index: int, name: str, param: nn.Parameter) -> None:
                 n_keep = live_count(param.numel(), 1.0 - (1.0 - self.targets[name]) * fraction)
                 if n_keep < live_count(param.numel(), self.densities[name]):
-                    apply_change(param, prune(self.masks[name], scores(name, param), n_keep), optimizer)
+                    with self.whole_layer(name) as whole:
+                        change = prune(self.masks[name], scores(name, whole), n_keep)
+                    apply_change(param, change, optimizer)
                     self.densities[name] = n_keep / param.numel()
 
             for_each_layer(prune_layer, self._params)
         self.num_updates += 1
-        check_masks_agree(self.masks, trainer.global_step)
+        self.check_agreement(trainer.global_step)
         self._log(trainer, {"sparsity/target": fraction * self._target_sparsity(), **self.density_metrics()})
 
     def _prune_globally(self, optimizer: torch.optim.Optimizer, scores: Scores, fraction: float) -> None:
@@ -62,8 +64,11 @@ class PruningFromDense(SparseTraining):
         n_keep = global_live_total(shapes, self.sparsity * fraction, dense)
         if n_keep >= sum(live_count(self._params[name].numel(), self.densities[name]) for name in pool):
             return
-        pool_scores = {name: scores(name, self._params[name]) for name in pool}
-        changes = prune_globally({name: self.masks[name] for name in pool}, pool_scores, n_keep)
+        # Ranked together: under FSDP2 every pooled layer is gathered whole at once (its mask and scores, transient).
+        with ExitStack() as stack:
+            wholes = {name: stack.enter_context(self.whole_layer(name)) for name in pool}
+            pool_scores = {name: scores(name, whole) for name, whole in wholes.items()}
+            changes = prune_globally({name: self.masks[name] for name in pool}, pool_scores, n_keep)
         for name, change in changes.items():
             param = self._params[name]
             apply_change(param, change, optimizer)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -14,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_rigl.callbacks.agreement import check_masks_agree
+from lightning_rigl.callbacks.agreement import check_digests_agree, check_masks_agree
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.flops import TrainingFlops, model_size_bytes
 from lightning_rigl.sparsity.distributions import (
@@ -25,11 +26,22 @@ from lightning_rigl.sparsity.distributions import (
     global_live_total,
     live_count,
 )
-from lightning_rigl.sparsity.masks import apply_mask, global_density, mask_densities, random_masks
+from lightning_rigl.sparsity.masks import apply_mask, global_density, mask_densities, mask_digest, random_masks
+from lightning_rigl.sparsity.sharding import (
+    gather,
+    is_sharded,
+    live_totals,
+    local,
+    shard_like,
+    unsupported_sharding,
+    write_local,
+)
 from lightning_rigl.sparsity.structure import Structure, parse_structure
 from lightning_rigl.sparsity.targets import resolve_custom, resolve_patterns, sparsifiable_parameters
 
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+# Strategies that shard or wrap parameters in ways the callbacks cannot mask; ModelParallelStrategy with
+# fully_shard (FSDP2) is supported.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
 # The key of every lightning-rigl callback's state in a checkpoint: stable across renames and shared by all
 # methods, so that a LotteryTicket (or a resumed run) finds the masks whatever class wrote them.
@@ -59,6 +71,10 @@ class SparseTraining(Callback, ABC):
     optimizer step, on the accumulated, all-reduced, unscaled gradients, before the gradients are masked),
     and optionally ``start_densities`` (dense-start methods) or ``initial_masks``.
 
+    Under FSDP2 (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``) each mask is a DTensor
+    sharded like its parameter, as is every per-weight state of a method (``per_weight_state``); a method reads
+    a layer whole inside ``whole_layer`` and decides exactly as one process would.
+
     Args:
         sparsity: target fraction of zeros over all sparsified weights, 0 <= S < 1. Leave unset (None) when
             ``distribution`` is a mapping.
@@ -79,6 +95,7 @@ class SparseTraining(Callback, ABC):
             initialisation and by every mask change. Static, SET and RigL only; layers kept dense stay dense.
         rewind_step: keep a CPU copy of every parameter of the model as it is after this many optimizer steps
             (0: the initialisation) in the checkpoint, for a ``LotteryTicket`` to rewind to; None keeps none.
+            Under FSDP2 each process keeps its shard of each parameter, on the parameter's device.
         seed: seeds the initial masks and every random choice; identical on all ranks.
 
     Raises:
@@ -86,8 +103,8 @@ class SparseTraining(Callback, ABC):
             pattern that matches nothing, nothing to sparsify, or a request the distribution or the structure
             cannot hold (at setup, before training).
         RuntimeError: manual optimization (so there is one optimizer: Lightning refuses several under
-            automatic optimization), FSDP/DeepSpeed/model-parallel strategies, or a sparsified parameter the
-            optimizer does not train (before the first step).
+            automatic optimization), the FSDP1 or DeepSpeed strategies, tensor parallelism, or a sparsified
+            parameter the optimizer does not train (before the first step).
         MaskDisagreementError: DDP processes hold different masks (at fit start or after a change): a bug,
             raised on every process at once instead of training replicas that drift apart.
     """
@@ -142,6 +159,9 @@ class SparseTraining(Callback, ABC):
         self._params: dict[str, nn.Parameter] = {}
         self._zero: dict[torch.device, Tensor] = {}
         self._restored_targets: dict[str, float] | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._all_params: dict[str, nn.Parameter] = {}  # every parameter of the model, during fit
+        self._decided: dict[str, Tensor] = {}  # digest rows of the whole masks decided since the last agreement check
 
     @property
     @override
@@ -164,8 +184,51 @@ class SparseTraining(Callback, ABC):
         return dict(self.targets)
 
     def initial_masks(self) -> dict[str, Tensor]:
-        """Masks at the first step of a fresh run: random positions, exactly ``live_count`` live per layer."""
+        """Masks at the first step of a fresh run, whole (the base class shards them): random positions, exactly
+        ``live_count`` live per layer."""
         return random_masks(self._params, self.densities, self.seed, self.structure)
+
+    def per_weight_state(self) -> list[dict[str, Tensor]]:
+        """The method's tensors kept per sparse weight, by parameter name, sharded like the parameter under FSDP2
+        and whole inside ``whole_layer``: the masks, and whatever a method adds (a moving average, say)."""
+        return [self.masks]
+
+    @contextmanager
+    def whole_layer(self, name: str) -> Iterator[Tensor]:
+        """The layer as a single process holds it, for a decision: yields its whole weight (a detached tensor
+        whose ``.grad`` is the whole gradient) while ``masks[name]`` and every ``per_weight_state`` entry hold
+        whole tensors; afterwards each process writes its rows of them back into its shards. Without sharding it
+        yields the parameter itself and gathers nothing. Under FSDP2 every process gathers the layer (a
+        collective), so every process must enter it for the same layers in the same order; the transient memory
+        is the layer's weight, gradient and per-weight state, whole."""
+        param = self._params[name]
+        if not is_sharded(param):
+            yield param
+            return
+        states = [state for state in self.per_weight_state() if name in state]
+        shards = [state[name] for state in states]
+        whole = gather(param.detach())
+        whole.grad = None if param.grad is None else gather(param.grad)
+        for state in states:
+            state[name] = gather(state[name])
+        try:
+            yield whole
+            self._decided[name] = mask_digest({name: self.masks[name]})[0]
+            for state, shard in zip(states, shards):
+                write_local(shard, state[name])
+        finally:
+            for state, shard in zip(states, shards):
+                state[name] = shard
+
+    def check_agreement(self, step: int) -> None:
+        """Stop every process at once if they hold different masks (see ``check_masks_agree``): the masks
+        themselves without sharding, the whole masks decided since the last check under FSDP2."""
+        if not any(is_sharded(mask) for mask in self.masks.values()):
+            check_masks_agree(self.masks, step)
+            return
+        decided, self._decided = self._decided, {}
+        if decided:
+            check_digests_agree(torch.stack(list(decided.values())), list(decided), step)
 
     # ------------------------------------------------------------------------------------------- hooks
 
@@ -188,14 +251,16 @@ class SparseTraining(Callback, ABC):
         optimizer = trainer.optimizers[0]
         self._params = self._select(pl_module)
         self._check_fit(trainer, optimizer)
-        if self.masks:
-            self._adopt_existing_masks()
-        else:
-            self.masks = self.initial_masks()
-        check_masks_agree(self.masks, trainer.global_step)
-        for name, param in self._params.items():
-            apply_mask(param, self.masks[name], optimizer)
+        self._optimizer = optimizer
         self._zero = {p.device: torch.zeros((), dtype=p.dtype, device=p.device) for p in self._params.values()}
+        self._all_params = dict(pl_module.named_parameters())
+        if self.masks:
+            self._place_restored_state(trainer.global_step)
+        else:
+            whole = self.initial_masks()
+            self._decided = {name: row for name, row in zip(whole, mask_digest(whole))} if whole else {}
+            self.masks = {name: shard_like(mask, self._params[name]) for name, mask in whole.items()}
+            self._apply_masks(trainer.global_step)
         rank_zero_info(
             f"{type(self).__name__}: {len(self.masks)} sparse layers, global density {self.global_density():.4f}"
         )
@@ -207,7 +272,7 @@ class SparseTraining(Callback, ABC):
     ) -> None:
         # Gradients here are fully accumulated, all-reduced by DDP and unscaled under 16-mixed.
         if self.rewind is None and trainer.global_step == self.rewind_step:
-            self.rewind = {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters()}
+            self.rewind = {name: _rewind_copy(p.detach(), p) for name, p in pl_module.named_parameters()}
         # The forward and backward of this step ran at the densities before any update.
         trained_forward = self.flops.forward(self.densities) if self.flops is not None else 0.0
         updates = self.num_updates
@@ -234,32 +299,38 @@ class SparseTraining(Callback, ABC):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._params = {}  # drop references to the model
+        self._params, self._all_params = {}, {}  # drop references to the model
+        self._optimizer = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # Whole tensors, also under FSDP2 (every process runs this, so gathering is safe): Lightning saves rank 0's
+        # callback state alone, and would give rank 0's shards to every process on resume.
         state = {
-            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "masks": {name: gather(mask).cpu() for name, mask in self.masks.items()},
             "densities": dict(self.densities),
             "targets": dict(self.targets),
             "num_updates": self.num_updates,
         }
         if self.rewind is not None:
-            state["rewind"] = self.rewind
+            state["rewind"] = {name: gather(value).cpu() for name, value in self.rewind.items()}
         if self.flops is not None:
             state["train_flops"] = (self.flops.spent, self.flops.dense_spent)
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Runs after setup and before the model is on its device; on_fit_start checks the masks against this
-        # configuration and moves them next to their parameters.
+        # Under DDP this runs after setup and before the model is on its device; on_fit_start checks the masks
+        # against this configuration and moves them next to their parameters. Strategies that restore after
+        # setup (ModelParallelStrategy) call it after on_fit_start: the restored state is placed here then.
         self.masks = dict(state_dict["masks"])
         self.densities = dict(state_dict["densities"])
         self._restored_targets = dict(state_dict["targets"])
         self.num_updates = state_dict["num_updates"]
         self.rewind = state_dict.get("rewind")
         self._restored_flops = state_dict.get("train_flops")
+        if self._params:
+            self._place_restored_state(None)
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -330,6 +401,10 @@ class SparseTraining(Callback, ABC):
 
     def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """What can only be checked once the optimizer and the run's length are known."""
+        for name, param in self._params.items():
+            reason = unsupported_sharding(param)
+            if reason is not None:
+                raise RuntimeError(f"{name!r} cannot be masked: {reason}.")
         _check_optimized(self._params, optimizer)
         if self.reads_gradients:
             _check_unscaled(trainer, optimizer)
@@ -341,6 +416,23 @@ class SparseTraining(Callback, ABC):
     def _select(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
         return sparsifiable_parameters(pl_module, include=self.include, exclude=self.exclude)
 
+    def _place_restored_state(self, step: int | None) -> None:
+        """Masks and state restored from a checkpoint (whole tensors), or kept from an earlier fit: checked
+        against this configuration, placed next to their parameters (sharded like them), applied; the processes
+        checked to agree at ``step`` (None: after on_fit_start, where every process read rank 0's state)."""
+        self._adopt_existing_masks()
+        if self.rewind is not None:
+            self.rewind = {name: _rewind_copy(value, self._all_params.get(name)) for name, value in self.rewind.items()}
+        self._apply_masks(step)
+
+    def _apply_masks(self, step: int | None) -> None:
+        """Zero every weight and optimizer state outside its mask; check that the processes agree (at ``step``:
+        on masks this process decided; None for restored ones, which every process read from one file)."""
+        if step is not None:
+            self.check_agreement(step)
+        for name, param in self._params.items():
+            apply_mask(param, self.masks[name], self._optimizer)
+
     def _adopt_existing_masks(self) -> None:
         """Masks restored from a checkpoint (or kept from an earlier fit): check, then place on device."""
         restored, self._restored_targets = self._restored_targets, None
@@ -350,12 +442,13 @@ class SparseTraining(Callback, ABC):
                 "distribution or dense list). Resume with the sparsity, distribution and layer selection the "
                 "checkpoint was trained with."
             )
+        counts = dict(zip(self.masks, live_totals(self.masks.values())))
         for name, param in self._params.items():
             mask = self.masks.get(name)
             expected = live_count(param.numel(), self.densities.get(name, 1.0))
             broken = None if mask is None or self.structure is None or expected == param.numel() else \
-                self.structure.violation(mask)
-            if mask is None or mask.shape != param.shape or int(mask.sum()) != expected or broken:
+                self.structure.violation(gather(mask))
+            if mask is None or mask.shape != param.shape or counts[name] != expected or broken:
                 raise RuntimeError(
                     f"The masks in the checkpoint do not fit this configuration (parameter {name!r}: expected "
                     f"{expected} live weights of shape {tuple(param.shape)}"
@@ -366,14 +459,14 @@ class SparseTraining(Callback, ABC):
         unknown = sorted(set(self.masks) - set(self._params))
         if unknown:
             raise RuntimeError(f"The checkpoint has masks for parameters this model lacks: {unknown}.")
-        self.masks = {name: self.masks[name].to(param.device, torch.bool) for name, param in self._params.items()}
+        self.masks = {name: shard_like(self.masks[name].bool(), param) for name, param in self._params.items()}
 
     def _mask_gradients(self) -> None:
         # torch.where, not a multiplication: a NaN or inf at a dead position must not survive as NaN.
         for name, param in self._params.items():
-            grad = param.grad
-            if grad is not None:
-                torch.where(self.masks[name], grad, self._zero[grad.device], out=grad)
+            if param.grad is not None:
+                grad = local(param.grad)
+                torch.where(local(self.masks[name]), grad, self._zero[grad.device], out=grad)
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         if trainer.is_global_zero:
@@ -390,9 +483,24 @@ def _check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
     strategy = type(trainer.strategy).__name__
     if any(cls.__name__ in _UNSUPPORTED_STRATEGIES for cls in type(trainer.strategy).__mro__):
         raise RuntimeError(
-            f"{strategy} is not supported yet: it shards or wraps parameters, so masks cannot be applied in "
-            "place. Use strategy='ddp' (or a single device)."
+            f"{strategy} is not supported: it flattens or partitions parameters where masks cannot follow them. "
+            "Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with fully_shard (FSDP2) "
+            "applied in configure_model, or strategy='ddp'."
         )
+    mesh = trainer.strategy.device_mesh if strategy == "ModelParallelStrategy" else None
+    if mesh is not None and mesh["tensor_parallel"].size() > 1:
+        raise RuntimeError(
+            "Tensor parallelism is not supported: masks follow fully_shard's row shards only. Use "
+            f"ModelParallelStrategy(data_parallel_size={trainer.world_size}, tensor_parallel_size=1)."
+        )
+
+
+def _rewind_copy(value: Tensor, param: Tensor | None) -> Tensor:
+    """A copy of ``value`` (a parameter's values, whole or sharded like ``param``) for the rewind state: on the CPU,
+    or sharded like a sharded parameter (each process its rows, on the parameter's device)."""
+    if param is not None and is_sharded(param):
+        return shard_like(value, param).clone()
+    return gather(value).detach().cpu().clone()
 
 
 def _first_tensor(batch: Any) -> Tensor | None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_rigl.sparsity.distributions import live_count
+from lightning_rigl.sparsity.sharding import is_sharded, live_totals, local, local_rows
 
 if TYPE_CHECKING:
     from lightning_rigl.sparsity.structure import Structure
@@ -19,13 +20,13 @@ _SEED_MASK = (1 << 63) - 1
 
 
 def mask_densities(masks: Mapping[str, Tensor]) -> dict[str, float]:
-    """Each mask's fraction of live (True) positions."""
-    return {name: float(mask.float().mean()) for name, mask in masks.items()}
+    """Each mask's fraction of live (True) positions (of the whole mask, when sharded)."""
+    return {name: count / mask.numel() for (name, mask), count in zip(masks.items(), live_totals(masks.values()))}
 
 
 def global_density(masks: Mapping[str, Tensor]) -> float:
     """The fraction of live positions over all the masks together."""
-    return sum(int(mask.sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
+    return sum(live_totals(masks.values())) / sum(mask.numel() for mask in masks.values())
 
 
 _UINT32 = 0xFFFFFFFF
@@ -88,12 +89,16 @@ def random_masks(params: Mapping[str, Tensor], densities: Mapping[str, float], s
     """For each named tensor, a mask with exactly ``live_count(numel, density)`` live positions drawn at random
     (within ``structure`` for the sparse layers, if given): the initial masks of a sparse callback with this
     ``seed`` (same layer order, same numbers). The tensors are only read (shape, device)."""
-    masks = {}
-    for index, (name, param) in enumerate(params.items()):
-        n_live, gen = live_count(param.numel(), densities[name]), generator(seed, Stream.INITIAL_MASK, 0, index)
-        draw = random_mask if structure is None or n_live == param.numel() else structure.random_mask
-        masks[name] = draw(param.shape, n_live, gen, param.device)
-    return masks
+    return {name: initial_mask(index, param, densities[name], seed, structure)
+            for index, (name, param) in enumerate(params.items())}
+
+
+def initial_mask(index: int, param: Tensor, density: float, seed: int = 0,
+                 structure: Structure | None = None) -> Tensor:
+    """The initial mask of the ``index``-th sparse layer (see ``random_masks``), whole, on the parameter's device."""
+    n_live, gen = live_count(param.numel(), density), generator(seed, Stream.INITIAL_MASK, 0, index)
+    draw = random_mask if structure is None or n_live == param.numel() else structure.random_mask
+    return draw(param.shape, n_live, gen, param.device)
 
 
 @dataclass
@@ -133,21 +138,32 @@ def apply_change(
 
     Removed connections become 0. Added connections take ``grow_values`` (one per added index; None means
     0). Every optimizer-state tensor of the parameter's shape is zeroed at both removed and added positions,
-    so a dead weight receives no update from stale momentum and a new one starts from a clean state.
+    so a dead weight receives no update from stale momentum and a new one starts from a clean state. For a
+    sharded parameter, ``change`` holds positions of the whole weight; each process writes the ones in its rows.
     """
-    _fill(param, change.removed)
-    _fill(param, change.added, None if grow_values is None else grow_values.to(param.dtype))
-    if optimizer is None:
-        return
-    touched = torch.cat([change.removed, change.added])
-    for state in param_state_tensors(optimizer, param):
+    states = [] if optimizer is None else param_state_tensors(optimizer, param)
+    removed, added = change.removed, change.added
+    if is_sharded(param):
+        start, stop = local_rows(param)
+        row = param[0].numel()
+        first, end = start * row, stop * row
+        here = (added >= first) & (added < end)
+        removed = removed[(removed >= first) & (removed < end)] - first
+        added = added[here] - first
+        grow_values = None if grow_values is None else grow_values.to(here.device)[here]
+        param, states = local(param), [local(state) for state in states]
+    _fill(param, removed)
+    _fill(param, added, None if grow_values is None else grow_values.to(param.device, param.dtype))
+    touched = torch.cat([removed, added])
+    for state in states:
         _fill(state, touched)
 
 
 @torch.no_grad()
 def apply_mask(param: Tensor, mask: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
-    """Zero ``param`` and its param-shaped optimizer state wherever ``mask`` is False, in place."""
-    param.mul_(mask)
+    """Zero ``param`` and its param-shaped optimizer state wherever ``mask`` is False, in place (each process its
+    own rows, when sharded like the mask)."""
+    local(param).mul_(local(mask))
     if optimizer is not None:
         for state in param_state_tensors(optimizer, param):
-            state.mul_(mask)
+            local(state).mul_(local(mask))

@@ -1,0 +1,174 @@
+"""Two real processes (gloo on the CPU), a small transformer sharded with ``fully_shard`` (FSDP2, Lightning's
+``ModelParallelStrategy``): every method's masks, assembled from the shards, equal the masks of the same run
+under DDP at every step, and the trained weights agree.
+
+The comparison is with DDP directly, not with a decision recomputed in one process: with two processes the
+two reductions give the same gradients to the last bit (FSDP2 averages by a reduce-scatter, DDP by an
+all-reduce of halves; a sum of two numbers and its halving are exact in either order), so any difference
+in a mask is a difference in the decision.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.multiprocessing as mp
+from conftest import TinyViT, make_data, train
+from methods import CHANGING, METHODS
+from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader
+from torchvision.models.vision_transformer import EncoderBlock
+
+from lightning_rigl import GradualMagnitudePruning, LotteryTicket, Static
+from lightning_rigl.sparsity.sharding import gather, is_sharded
+
+STEPS = 10
+STRATEGIES = ("ddp", "fsdp2")
+TIMEOUT = timedelta(seconds=60)
+RANK_DEPENDENT = "static_seeded_by_rank"
+
+
+class ShardedTinyViT(TinyViT):
+    """TinyViT that ``configure_model`` shards with ``fully_shard`` over the data-parallel mesh: each encoder
+    block, then the rest (patch embedding, head) with the root."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.classifier.modules():
+            if isinstance(module, EncoderBlock):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+class SaveWholeMasks(pl.Callback):
+    """Each rank writes the whole masks after every step (gathered from the shards under FSDP2) and the whole
+    parameters at the end."""
+
+    def __init__(self, sparse: pl.Callback, path: Path) -> None:
+        self.sparse, self.path = sparse, path
+        self.history: list[dict[str, torch.Tensor]] = []
+        self.sharded = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.sharded |= any(is_sharded(mask) for mask in self.sparse.masks.values())
+        self.history.append({n: gather(m).clone() for n, m in self.sparse.masks.items()})
+
+    def on_train_end(self, trainer, pl_module):
+        params = {n: gather(p.detach()).clone() for n, p in pl_module.named_parameters()}
+        torch.save({"masks": self.history, "params": params, "updates": self.sparse.num_updates,
+                    "densities": self.sparse.densities, "sharded": self.sharded}, self.path)
+
+
+def _methods(ticket: str) -> dict:
+    return {**METHODS, "lottery": lambda: LotteryTicket(checkpoint=ticket)}
+
+
+def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    for method, make in _methods(ticket).items():
+        for strategy in STRATEGIES:
+            torch.manual_seed(0)
+            sparse = make()
+            out = Path(folder) / method / f"{strategy}_rank{rank}.pt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            sharded = strategy == "fsdp2"
+            trainer = pl.Trainer(
+                accelerator="cpu", devices=2, max_steps=STEPS,
+                # A short timeout: a rank left waiting in a collective fails the test instead of hanging it.
+                strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT)
+                if sharded else DDPStrategy(timeout=TIMEOUT),
+                callbacks=[sparse, SaveWholeMasks(sparse, out)], num_sanity_val_steps=0,
+                logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            )
+            try:
+                trainer.fit((ShardedTinyViT if sharded else TinyViT)(),
+                            DataLoader(make_data(64), batch_size=16, shuffle=False))
+            except Exception as error:
+                torch.save({"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}, out)
+    # A seed that differs between ranks: each process draws other whole masks, and must stop at once.
+    sparse = Static(sparsity=0.8, seed=rank)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=STEPS, callbacks=[sparse],
+                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT),
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    try:
+        trainer.fit(ShardedTinyViT(), DataLoader(make_data(64), batch_size=16, shuffle=False))
+        error = None
+    except Exception as raised:
+        error = f"{type(raised).__name__}: {raised}"
+    torch.save({"error": error}, Path(folder) / f"{RANK_DEPENDENT}_rank{rank}.pt")
+    # Tensor parallelism (the mesh's second dimension) is refused before training.
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=STEPS, callbacks=[Static(sparsity=0.8)],
+                         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2, timeout=TIMEOUT),
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    try:
+        trainer.fit(TinyViT(), DataLoader(make_data(64), batch_size=16, shuffle=False))
+        error = None
+    except Exception as raised:
+        error = f"{type(raised).__name__}: {raised}"
+    torch.save({"error": error}, Path(folder) / f"tensor_parallel_rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every method trained by two processes under DDP and under FSDP2."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    ticket = folder / "vit_ticket.ckpt"
+    pruning = GradualMagnitudePruning(sparsity=0.8, update_interval=2, start_at=2, stop_at=8, rewind_step=0)
+    train([pruning], steps=10, model_factory=TinyViT).save_checkpoint(ticket)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_train_every_method_both_ways, args=(port, str(folder), str(ticket)), nprocs=2, join=True)
+    return folder
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sharded_masks_equal_the_ddp_masks_at_every_step(runs: Path, method: str) -> None:
+    saved = {(strategy, rank): torch.load(runs / method / f"{strategy}_rank{rank}.pt", weights_only=True)
+             for strategy in STRATEGIES for rank in (0, 1)}
+    for key, record in saved.items():
+        assert "error" not in record, f"{key}: {record['error']}"
+    assert saved["fsdp2", 0]["sharded"] and not saved["ddp", 0]["sharded"]
+    reference = saved["ddp", 0]
+    for key, record in saved.items():
+        assert record["updates"] == reference["updates"], key
+        assert record["densities"] == reference["densities"], key
+        assert len(record["masks"]) == STEPS
+        for step, (masks, expected) in enumerate(zip(record["masks"], reference["masks"])):
+            assert list(masks) == list(expected)
+            for name in masks:
+                assert torch.equal(masks[name], expected[name]), f"{key}, step {step}, {name}"
+        for name, value in record["params"].items():
+            torch.testing.assert_close(value, reference["params"][name], rtol=0, atol=1e-6, msg=f"{key} {name}")
+        for name, mask in record["masks"][-1].items():  # dead weights at exactly 0 after the last step
+            assert not record["params"][name][~mask].any(), f"{key}: dead weights of {name} moved"
+    if method in CHANGING and not method.startswith("snip"):  # SNIP changes at step 0 only
+        first, last = reference["masks"][0], reference["masks"][-1]
+        assert any(not torch.equal(first[name], last[name]) for name in first)
+
+
+def test_processes_that_decide_differently_stop_every_rank(runs: Path) -> None:
+    for rank in (0, 1):
+        error = torch.load(runs / f"{RANK_DEPENDENT}_rank{rank}.pt", weights_only=True)["error"]
+        assert error is not None and error.startswith(
+            "MaskDisagreementError: Masks differ between DDP processes at optimizer step 0: rank(s) [1] disagree"), error
+
+
+def test_tensor_parallelism_is_refused_before_training(runs: Path) -> None:
+    for rank in (0, 1):
+        error = torch.load(runs / f"tensor_parallel_rank{rank}.pt", weights_only=True)["error"]
+        assert error == ("RuntimeError: Tensor parallelism is not supported: masks follow fully_shard's row shards "
+                         "only. Use ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)."), error
