@@ -34,6 +34,8 @@ STEPS = 10
 STRATEGIES = ("ddp", "fsdp2")
 TIMEOUT = timedelta(seconds=60)
 RANK_DEPENDENT = "static_seeded_by_rank"
+RESUMED = ("rigl", "snfs", "srigl")  # SNFS: a moving average per weight; SRigL: a structure
+RESUME_AT = 4  # the end of the second epoch of two steps each
 
 
 class ShardedTinyViT(TinyViT):
@@ -67,6 +69,16 @@ class SaveWholeMasks(pl.Callback):
                     "densities": self.sparse.densities, "sharded": self.sharded}, self.path)
 
 
+class StopAfter(pl.Callback):
+    """Stops the run after ``step`` optimizer steps, as a preemption would (the schedules still span the run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = trainer.global_step >= self.step
+
+
 def _methods(ticket: str) -> dict:
     return {**METHODS, "lottery": lambda: LotteryTicket(checkpoint=ticket)}
 
@@ -94,6 +106,29 @@ def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str
                             DataLoader(make_data(64), batch_size=16, shuffle=False))
             except Exception as error:
                 torch.save({"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}, out)
+    # Stopped after RESUME_AT steps, saved in both of Lightning's forms, resumed to the end.
+    for method in RESUMED:
+        for form in ("sharded", "full"):
+            checkpoint = Path(folder) / method / f"{form}.ckpt"
+            for ckpt_path in (None, checkpoint):
+                torch.manual_seed(0)
+                sparse = METHODS[method]()
+                out = Path(folder) / method / f"resumed_{form}_rank{rank}.pt"
+                strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT,
+                                                 save_distributed_checkpoint=form == "sharded")
+                # Counted in epochs (the same 10 steps): Lightning resumes those exactly at the next epoch.
+                stop = [StopAfter(RESUME_AT)] if ckpt_path is None else []
+                trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=STEPS // 2, strategy=strategy,
+                                     callbacks=[sparse, SaveWholeMasks(sparse, out), *stop], num_sanity_val_steps=0,
+                                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                     enable_model_summary=False)
+                try:
+                    trainer.fit(ShardedTinyViT(), DataLoader(make_data(64), batch_size=16, shuffle=False),
+                                ckpt_path=ckpt_path)
+                    if ckpt_path is None:
+                        trainer.save_checkpoint(checkpoint)
+                except Exception as error:
+                    torch.save({"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}, out)
     # A seed that differs between ranks: each process draws other whole masks, and must stop at once.
     sparse = Static(sparsity=0.8, seed=rank)
     trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=STEPS, callbacks=[sparse],
@@ -172,3 +207,21 @@ def test_tensor_parallelism_is_refused_before_training(runs: Path) -> None:
         error = torch.load(runs / f"tensor_parallel_rank{rank}.pt", weights_only=True)["error"]
         assert error == ("RuntimeError: Tensor parallelism is not supported: masks follow fully_shard's row shards "
                          "only. Use ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)."), error
+
+
+@pytest.mark.parametrize("form", ["sharded", "full"])
+@pytest.mark.parametrize("method", RESUMED)
+def test_a_run_resumed_from_either_checkpoint_form_reproduces_the_uninterrupted_run(runs: Path, method: str,
+                                                                                    form: str) -> None:
+    for rank in (0, 1):
+        uninterrupted = torch.load(runs / method / f"fsdp2_rank{rank}.pt", weights_only=True)
+        resumed = torch.load(runs / method / f"resumed_{form}_rank{rank}.pt", weights_only=True)
+        assert "error" not in resumed, resumed.get("error")
+        assert resumed["sharded"] and resumed["updates"] == uninterrupted["updates"]
+        assert resumed["densities"] == uninterrupted["densities"]
+        assert len(resumed["masks"]) == STEPS - RESUME_AT
+        for step, masks in enumerate(resumed["masks"], start=RESUME_AT):
+            for name, mask in masks.items():
+                assert torch.equal(mask, uninterrupted["masks"][step][name]), f"rank {rank}, step {step}, {name}"
+        for name, value in resumed["params"].items():
+            assert torch.equal(value, uninterrupted["params"][name]), f"rank {rank}, {name}"
