@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from lightning_rigl.sparsity.distributions import live_count
+from lightning_rigl.sparsity.sharding import is_sharded
 
 aten = torch.ops.aten
 
@@ -66,12 +68,24 @@ class WeightFlops:
 
 class _CountByWeight(TorchDispatchMode):
     """Counts FLOPs per operation as ``torch.utils.flop_counter`` does, and gives each to the parameter among its
-    operands (found by storage, so that a view such as ``W.t()`` or a chunk of ``in_proj_weight`` counts)."""
+    operands (found by storage, so that a view such as ``W.t()`` or a chunk of ``in_proj_weight`` counts).
+
+    Parameters sharded by FSDP2 are whole only while their module runs, gathered into one buffer per group: those
+    are found by address range (``gathered``: [start, end) of a module's whole parameters, set while it runs)."""
 
     def __init__(self, owners: Mapping[int, str]) -> None:
         super().__init__()
         self.owners = owners
+        self.gathered: dict[tuple[int, int], str] = {}
         self.flops = WeightFlops(0.0, {})
+
+    def owner(self, tensor: Tensor) -> str | None:
+        """The parameter ``tensor`` reads, if any."""
+        owner = self.owners.get(tensor.untyped_storage().data_ptr())
+        if owner is None and self.gathered:
+            address = tensor.data_ptr()
+            owner = next((name for (start, end), name in self.gathered.items() if start <= address < end), None)
+        return owner
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -81,8 +95,7 @@ class _CountByWeight(TorchDispatchMode):
             flops = float(_FORMULAS[packet](*args, **kwargs, out_val=out))
             self.flops.total += flops
             operands = [args[i] for i in _OPERANDS.get(packet, range(len(args))) if i < len(args)]
-            owner = next((self.owners[t.untyped_storage().data_ptr()] for t in operands
-                          if isinstance(t, Tensor) and t.untyped_storage().data_ptr() in self.owners), None)
+            owner = next((name for name in (self.owner(t) for t in operands if isinstance(t, Tensor)) if name), None)
             if owner is not None:
                 self.flops.per_weight[owner] = self.flops.per_weight.get(owner, 0.0) + flops
         return out
@@ -103,15 +116,40 @@ def weight_flops(model: nn.Module, example: Example) -> WeightFlops:
         device = parameter.device if parameter is not None else torch.device("cpu")
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
         example = torch.zeros(1, *example, device=device, dtype=dtype)
-    owners = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters()}
+    owners = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters() if not is_sharded(p)}
+    counter = _CountByWeight(owners)
+    hooks = [hook for prefix, module in model.named_modules() if isinstance(module, FSDPModule)
+             for hook in _track_gathered(counter, prefix, module)]
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad(), _CountByWeight(owners) as counter:
+        with torch.enable_grad(), counter:
             model(example)
     finally:
         model.train(was_training)
+        for hook in hooks:
+            hook.remove()
     return counter.flops
+
+
+def _track_gathered(counter: _CountByWeight, prefix: str, module: nn.Module) -> list[Any]:
+    """Hooks on a module ``fully_shard`` manages: while it runs, the address ranges of the parameters FSDP2 has
+    gathered whole for it (those of nested managed modules are gathered by those), forgotten when it returns."""
+    names = [f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters()]
+    entered: list[dict[tuple[int, int], str]] = []
+
+    def enter(*_: Any) -> None:
+        params = (p for _, p in module.named_parameters())
+        ranges = {(p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()): name
+                  for name, p in zip(names, params) if not is_sharded(p)}
+        counter.gathered.update(ranges)
+        entered.append(ranges)
+
+    def leave(*_: Any) -> None:
+        for key in entered.pop():
+            counter.gathered.pop(key, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
 
 def forward_flops(model: nn.Module, example: Example, densities: Mapping[str, float] | None = None) -> float:

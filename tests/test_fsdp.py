@@ -51,8 +51,8 @@ class ShardedTinyViT(TinyViT):
 
 
 class SaveWholeMasks(pl.Callback):
-    """Each rank writes the whole masks after every step (gathered from the shards under FSDP2) and the whole
-    parameters at the end."""
+    """Each rank writes the whole masks after every step (gathered from the shards under FSDP2), and at the end
+    the whole parameters and the FLOP account."""
 
     def __init__(self, sparse: pl.Callback, path: Path) -> None:
         self.sparse, self.path = sparse, path
@@ -65,8 +65,11 @@ class SaveWholeMasks(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         params = {n: gather(p.detach()).clone() for n, p in pl_module.named_parameters()}
+        flops = self.sparse.flops
         torch.save({"masks": self.history, "params": params, "updates": self.sparse.num_updates,
-                    "densities": self.sparse.densities, "sharded": self.sharded}, self.path)
+                    "densities": self.sparse.densities, "sharded": self.sharded,
+                    "flops": None if flops is None else (flops.dense_flops, flops.layer_flops, flops.spent)},
+                   self.path)
 
 
 class StopAfter(pl.Callback):
@@ -181,6 +184,7 @@ def test_sharded_masks_equal_the_ddp_masks_at_every_step(runs: Path, method: str
     for key, record in saved.items():
         assert record["updates"] == reference["updates"], key
         assert record["densities"] == reference["densities"], key
+        assert record["flops"] is not None and record["flops"] == reference["flops"], key  # counted per weight too
         assert len(record["masks"]) == STEPS
         for step, (masks, expected) in enumerate(zip(record["masks"], reference["masks"])):
             assert list(masks) == list(expected)
