@@ -9,6 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -16,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.lr_schedule import LRSchedule, check_lr_schedule, lr_factor
 from lightning_rigl.models import create_model
+from lightning_rigl.models.sharding import shard_blocks
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -81,6 +83,17 @@ class ImageClassifier(pl.LightningModule):
         )
         self.val_metrics = accuracy.clone(prefix="val/")
         self.test_metrics = accuracy.clone(prefix="test/")
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``, shard the network with FSDP2 over the data-parallel mesh: one group
+        per block (``shard_blocks``), the rest with this module. Under other strategies, nothing."""
+        mesh = self.device_mesh
+        if mesh is None or isinstance(self, FSDPModule):  # not sharded, or sharded already by an earlier fit
+            return
+        if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+            mesh = mesh["data_parallel"]
+        shard_blocks(self.net, mesh)
+        fully_shard(self, mesh=mesh)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)

@@ -29,6 +29,7 @@ from lightning_rigl import (
     Static,
 )
 from lightning_rigl.callbacks.sparse_training import _check_supported
+from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity import GLOBAL, MaskChange, densities_for_shapes, live_count
 from lightning_rigl.sparsity.masks import param_state_tensors
 from lightning_rigl.sparsity.schedules import cubic_sparsity, is_pruning_step
@@ -547,7 +548,7 @@ def test_fraction_stop_at_needs_a_run_length():
                          ids=["fsdp1", "deepspeed"])
 def test_fsdp1_and_deepspeed_are_refused_with_what_to_use_instead(strategy):
     name = type(strategy).__name__
-    with pytest.raises(RuntimeError, match=f"^{name} is not supported: .* Use ModelParallelStrategy"
+    with pytest.raises(ConfigError, match=f"^{name} is not supported: .* Use ModelParallelStrategy"
                                            r"\(data_parallel_size=N, tensor_parallel_size=1\) with fully_shard"):
         _check_supported(SimpleNamespace(strategy=strategy), TinyNet())
 

@@ -209,7 +209,7 @@ def test_processes_that_decide_differently_stop_every_rank(runs: Path) -> None:
 def test_tensor_parallelism_is_refused_before_training(runs: Path) -> None:
     for rank in (0, 1):
         error = torch.load(runs / f"tensor_parallel_rank{rank}.pt", weights_only=True)["error"]
-        assert error == ("RuntimeError: Tensor parallelism is not supported: masks follow fully_shard's row shards "
+        assert error == ("ConfigError: Tensor parallelism is not supported: masks follow fully_shard's row shards "
                          "only. Use ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)."), error
 
 

@@ -102,9 +102,10 @@ class SparseTraining(Callback, ABC):
         ValueError: sparsity outside [0, 1), an unknown distribution, a bad mapping or structure (here); a
             pattern that matches nothing, nothing to sparsify, or a request the distribution or the structure
             cannot hold (at setup, before training).
+        ConfigError: the FSDP1 or DeepSpeed strategies, or tensor parallelism (at setup).
         RuntimeError: manual optimization (so there is one optimizer: Lightning refuses several under
-            automatic optimization), the FSDP1 or DeepSpeed strategies, tensor parallelism, or a sparsified
-            parameter the optimizer does not train (before the first step).
+            automatic optimization), or a sparsified parameter the optimizer does not train (before the first
+            step).
         MaskDisagreementError: DDP processes hold different masks (at fit start or after a change): a bug,
             raised on every process at once instead of training replicas that drift apart.
     """
@@ -482,14 +483,14 @@ def _check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
         )
     strategy = type(trainer.strategy).__name__
     if any(cls.__name__ in _UNSUPPORTED_STRATEGIES for cls in type(trainer.strategy).__mro__):
-        raise RuntimeError(
+        raise ConfigError(
             f"{strategy} is not supported: it flattens or partitions parameters where masks cannot follow them. "
             "Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with fully_shard (FSDP2) "
             "applied in configure_model, or strategy='ddp'."
         )
     mesh = trainer.strategy.device_mesh if strategy == "ModelParallelStrategy" else None
     if mesh is not None and mesh["tensor_parallel"].size() > 1:
-        raise RuntimeError(
+        raise ConfigError(
             "Tensor parallelism is not supported: masks follow fully_shard's row shards only. Use "
             f"ModelParallelStrategy(data_parallel_size={trainer.world_size}, tensor_parallel_size=1)."
         )
