@@ -21,7 +21,6 @@ from lightning_rigl.callbacks import DynamicSparseTraining, LotteryTicket, Spars
 from lightning_rigl.callbacks.sparse_training import FORWARD_RATIO, SIZE_BYTES, TRAIN_RATIO
 from lightning_rigl.flops import forward_flops, model_size_bytes
 from lightning_rigl.models import create_model
-from lightning_rigl.sparsity.structure import neurons_without_weights
 
 RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
@@ -77,7 +76,7 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         densities=callback.achieved_densities(),
     )
     if callback.structure is not None:
-        record.update(structure=str(callback.structure), ablated_neurons=neurons_without_weights(callback.masks))
+        record.update(structure=str(callback.structure), ablated_neurons=callback.ablated_neurons())
     if callback.flops is None:  # FLOPs could not be counted (the callback warned): only the size is known
         record.update(train_ratio=None, forward_ratio=None, size_bytes=model_size_bytes(model, callback.densities))
     else:

@@ -49,9 +49,9 @@ def _accuracy_lines(test_metrics: Mapping[str, float]) -> list[str]:
     return [f"  test accuracy: {accuracy}"] if accuracy else []
 
 
-def _density_table(masks: Mapping[str, Tensor]) -> list[str]:
+def _density_table(masks: Mapping[str, Tensor], densities: Mapping[str, float] | None = None) -> list[str]:
     lines = [f"  {'layer':<40} {'shape':<20} density"]
-    for (name, mask), density in zip(masks.items(), mask_densities(masks).values()):
+    for (name, mask), density in zip(masks.items(), (densities or mask_densities(masks)).values()):
         lines.append(f"  {name:<40} {str(tuple(mask.shape)):<20} {density:.4f}")
     return lines
 
@@ -59,11 +59,11 @@ def _density_table(masks: Mapping[str, Tensor]) -> list[str]:
 def _sparse_lines(callback: SparseTraining, total: int) -> list[str]:
     target = "a per-layer mapping" if callback.sparsity is None else f"{callback.sparsity} ({callback.distribution})"
     updates = getattr(callback, "num_updates", None)
-    dead = sum(mask.numel() - int(mask.sum()) for mask in callback.masks.values())
+    dead = sum(mask.numel() for mask in callback.masks.values()) - sum(callback.live_counts.values())
     lines = [
         f"  {type(callback).__name__}: target sparsity {target}, achieved {1 - callback.global_density():.4f} "
         f"over {len(callback.masks)} sparse layers" + ("" if updates is None else f", {updates} mask updates"),
         f"  parameters: {total - dead:,} live of {total:,}",
-        *_density_table(callback.masks),
+        *_density_table(callback.masks, callback.achieved_densities()),
     ]
     return lines

@@ -1,6 +1,6 @@
 """A callback the resume tests add to the command's run through a config file (so it must be importable by class
 path: tests/ is on sys.path under pytest, and on PYTHONPATH for torchrun): each process records digests of its
-masks and parameters after every step and writes them, with its final masks and parameters, to
+masks and parameters (whole, under FSDP2) after every step and writes them, with its final masks and parameters, to
 ``folder/rank<global rank>.pt``; optionally it stops the run after a given step, as a crash after that epoch's
 checkpoint would leave it."""
 
@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from lightning_rigl.callbacks.sparse_training import SparseTraining
+from lightning_rigl.sparsity.sharding import gather, is_sharded
 
 
 class RecordMasksPerProcess(pl.Callback):
@@ -54,10 +55,10 @@ class RecordMasksPerProcess(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         masks = hashlib.sha256()
         for name, mask in sorted(self._sparse(trainer).masks.items()):
-            masks.update(name.encode() + mask.cpu().numpy().tobytes())
+            masks.update(name.encode() + gather(mask).cpu().numpy().tobytes())
         params = hashlib.sha256()
         for name, param in pl_module.named_parameters():
-            params.update(name.encode() + param.detach().cpu().numpy().tobytes())
+            params.update(name.encode() + gather(param.detach()).cpu().numpy().tobytes())
         self.digests.append((trainer.global_step, masks.hexdigest()))
         self.param_digests.append((trainer.global_step, params.hexdigest()))
         if self.stop_after_step is not None and trainer.global_step >= self.stop_after_step:
@@ -67,8 +68,9 @@ class RecordMasksPerProcess(pl.Callback):
         sparse = self._sparse(trainer)
         self.folder.mkdir(parents=True, exist_ok=True)
         torch.save({"mask_digests": self.digests, "param_digests": self.param_digests,
-                    "masks": {name: mask.cpu() for name, mask in sparse.masks.items()},
-                    "params": {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters()},
+                    "masks": {name: gather(mask).cpu() for name, mask in sparse.masks.items()},
+                    "params": {name: gather(p.detach()).cpu().clone() for name, p in pl_module.named_parameters()},
+                    "sharded": any(is_sharded(mask) for mask in sparse.masks.values()),
                     "updates": sparse.num_updates, "global_step": trainer.global_step,
                     "checkpoint_io": type(trainer.strategy.checkpoint_io).__name__},
                    self.folder / f"rank{trainer.global_rank}.pt")

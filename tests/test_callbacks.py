@@ -68,6 +68,8 @@ class Recorder(pl.Callback):
             assert (param[~mask] == 0).all(), f"{name}: a dead weight moved at step {trainer.global_step}"
             # The callback's own record (logged, checkpointed) must describe its masks...
             assert int(mask.sum()) == live_count(param.numel(), self.sparse.densities[name]), name
+            assert self.sparse.live_counts[name] == int(mask.sum()), f"{name}: the reported live count is stale"
+            assert self.sparse.empty_rows[name] == int((~mask.reshape(mask.shape[0], -1).any(1)).sum()), name
         # ...and the masks must hold what the configuration asks for, whatever that record says.
         assert_budget(self.sparse, trainer.global_step - 1)
         self.previous = {n: m.clone() for n, m in self.sparse.masks.items()}

@@ -66,6 +66,7 @@ def test_without_matplotlib_the_plot_is_a_hint(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     rigl = RigL(sparsity=0.5)
     rigl.masks = {"fc.weight": torch.tensor([[True, False], [False, True]])}
+    rigl.live_counts = {"fc.weight": 2}
     trainer = pl.Trainer(callbacks=[rigl], logger=False)
     save_density_plots(trainer, tmp_path)
     assert "Install matplotlib" in capsys.readouterr().out and not list(tmp_path.iterdir())

@@ -67,7 +67,7 @@ class SaveWholeMasks(pl.Callback):
         params = {n: gather(p.detach()).clone() for n, p in pl_module.named_parameters()}
         flops = self.sparse.flops
         torch.save({"masks": self.history, "params": params, "updates": self.sparse.num_updates,
-                    "densities": self.sparse.densities, "sharded": self.sharded,
+                    "densities": self.sparse.densities, "sharded": self.sharded, "live": self.sparse.live_counts,
                     "flops": None if flops is None else (flops.dense_flops, flops.layer_flops, flops.spent)},
                    self.path)
 
@@ -192,6 +192,7 @@ def test_sharded_masks_equal_the_ddp_masks_at_every_step(runs: Path, method: str
                 assert torch.equal(masks[name], expected[name]), f"{key}, step {step}, {name}"
         for name, value in record["params"].items():
             torch.testing.assert_close(value, reference["params"][name], rtol=0, atol=1e-6, msg=f"{key} {name}")
+        assert record["live"] == {name: int(mask.sum()) for name, mask in record["masks"][-1].items()}, key
         for name, mask in record["masks"][-1].items():  # dead weights at exactly 0 after the last step
             assert not record["params"][name][~mask].any(), f"{key}: dead weights of {name} moved"
     if method in CHANGING and not method.startswith("snip"):  # SNIP changes at step 0 only

@@ -26,7 +26,7 @@ from lightning_rigl.sparsity.distributions import (
     global_live_total,
     live_count,
 )
-from lightning_rigl.sparsity.masks import apply_mask, global_density, mask_densities, mask_digest, random_masks
+from lightning_rigl.sparsity.masks import apply_mask, mask_digest, random_masks
 from lightning_rigl.sparsity.sharding import (
     gather,
     is_sharded,
@@ -163,6 +163,10 @@ class SparseTraining(Callback, ABC):
         self._optimizer: torch.optim.Optimizer | None = None
         self._all_params: dict[str, nn.Parameter] = {}  # every parameter of the model, during fit
         self._decided: dict[str, Tensor] = {}  # digest rows of the whole masks decided since the last agreement check
+        # Of each whole mask, noted whenever it changes: what any single process reports (logs, results) without
+        # gathering shards.
+        self.live_counts: dict[str, int] = {}  # live weights
+        self.empty_rows: dict[str, int] = {}  # neurons (rows) without a live weight
 
     @property
     @override
@@ -205,6 +209,7 @@ class SparseTraining(Callback, ABC):
         param = self._params[name]
         if not is_sharded(param):
             yield param
+            self._note(name, self.masks[name])
             return
         states = [state for state in self.per_weight_state() if name in state]
         shards = [state[name] for state in states]
@@ -214,6 +219,7 @@ class SparseTraining(Callback, ABC):
             state[name] = gather(state[name])
         try:
             yield whole
+            self._note(name, self.masks[name])
             self._decided[name] = mask_digest({name: self.masks[name]})[0]
             for state, shard in zip(states, shards):
                 write_local(shard, state[name])
@@ -260,6 +266,8 @@ class SparseTraining(Callback, ABC):
         else:
             whole = self.initial_masks()
             self._decided = {name: row for name, row in zip(whole, mask_digest(whole))} if whole else {}
+            for name, mask in whole.items():
+                self._note(name, mask)
             self.masks = {name: shard_like(mask, self._params[name]) for name, mask in whole.items()}
             self._apply_masks(trainer.global_step)
         rank_zero_info(
@@ -361,11 +369,21 @@ class SparseTraining(Callback, ABC):
 
     def global_density(self) -> float:
         """Fraction of live weights over all sparsified parameters."""
-        return global_density(self.masks)
+        return sum(self.live_counts.values()) / sum(mask.numel() for mask in self.masks.values())
 
     def achieved_densities(self) -> dict[str, float]:
         """Each sparse layer's fraction of live weights now, from its mask (``densities`` holds the targets)."""
-        return mask_densities(self.masks)
+        return {name: self.live_counts[name] / mask.numel() for name, mask in self.masks.items()}
+
+    def ablated_neurons(self) -> int:
+        """Neurons (rows of the sparse weights) without a live weight, over every layer."""
+        return sum(self.empty_rows.values())
+
+    def _note(self, name: str, whole: Tensor) -> None:
+        """Record what the layer's whole mask holds (``live_counts``, ``empty_rows``)."""
+        rows = whole.reshape(whole.shape[0], -1)
+        self.live_counts[name] = int(rows.sum())
+        self.empty_rows[name] = int((~rows.any(1)).sum())
 
     def density_metrics(self) -> dict[str, float]:
         """Global and per-layer densities, as logged."""
@@ -443,6 +461,9 @@ class SparseTraining(Callback, ABC):
                 "distribution or dense list). Resume with the sparsity, distribution and layer selection the "
                 "checkpoint was trained with."
             )
+        for name, mask in self.masks.items():
+            if not is_sharded(mask):  # restored whole (kept masks were noted when they last changed)
+                self._note(name, mask)
         counts = dict(zip(self.masks, live_totals(self.masks.values())))
         for name, param in self._params.items():
             mask = self.masks.get(name)

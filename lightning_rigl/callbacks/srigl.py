@@ -14,7 +14,7 @@ from lightning_rigl.callbacks.rigl import RigL
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.ablation import constant_fan_in_update, neurons_to_keep, salient_per_neuron
 from lightning_rigl.sparsity.masks import MaskChange
-from lightning_rigl.sparsity.structure import CONSTANT_FAN_IN, neurons_without_weights, rows_and_fan_in
+from lightning_rigl.sparsity.structure import CONSTANT_FAN_IN, rows_and_fan_in
 from lightning_rigl.sparsity.targets import resolve_patterns
 
 ABLATED_NEURONS = "sparsity/ablated_neurons"  # logged: neurons without a live weight, over every sparse layer
@@ -94,7 +94,7 @@ class SRigL(RigL):
 
     @override
     def density_metrics(self) -> dict[str, float]:
-        return {**super().density_metrics(), ABLATED_NEURONS: float(neurons_without_weights(self.masks))}
+        return {**super().density_metrics(), ABLATED_NEURONS: float(self.ablated_neurons())}
 
     @override
     def densities_move(self) -> bool:

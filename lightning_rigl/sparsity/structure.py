@@ -20,14 +20,12 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_rigl.errors import ConfigError
-from lightning_rigl.sparsity.sharding import local, sum_over_processes
 from lightning_rigl.sparsity.updates import top_k_indices
 
 CONSTANT_FAN_IN = "constant_fan_in"
@@ -132,16 +130,6 @@ class ConstantFanIn(Structure):
         if values.numel() <= 1:
             return None
         return f"its live neurons hold different fan-ins ({values.tolist()[:5]}...)"
-
-
-def neurons_without_weights(masks: Mapping[str, Tensor]) -> int:
-    """Neurons (rows) with no live weight, over every mask (each process counting its rows of sharded masks):
-    SRigL's ablated neurons."""
-    if not masks:
-        return 0
-    counts = torch.stack([(rows.reshape(rows.shape[0], math.prod(rows.shape[1:])).sum(1) == 0).sum()
-                          for rows in (local(mask) for mask in masks.values())])
-    return int(sum_over_processes(counts, masks.values()).sum())
 
 
 def parse_structure(value: str | None) -> Structure | None:
