@@ -1,6 +1,6 @@
-"""The README's torchrun command, for real: two nodes of one process each on this machine, over the loopback
-interface (gloo), running the default config (RigL, 90% ERK, LeNet-300-100) for 300 steps on a small
-Fashion-MNIST in its real file format.
+"""The README's torchrun commands, for real, replicated (DDP) and sharded (FSDP2): two nodes of one process each on
+this machine, over the loopback interface (gloo), running the default config (RigL, 90% ERK, LeNet-300-100) for
+300 steps on a small Fashion-MNIST in its real file format.
 
 Checked: both processes hold identical masks after every step; and a run stopped after its third epoch's
 checkpoint and resumed from it with `--ckpt_path` (two torchrun nodes again) ends with the same masks and
@@ -35,7 +35,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _torchrun_two_nodes(workdir: Path, data: Path, stop_after_step: int | None = None,
+STRATEGIES = {  # the README's two commands: replicated (DDP) and sharded (FSDP2)
+    "ddp": ["--trainer.strategy", "ddp"],
+    "fsdp2": ["--trainer.strategy", "ModelParallelStrategy", "--trainer.strategy.data_parallel_size", "2",
+              "--trainer.strategy.tensor_parallel_size", "1"],
+}
+
+
+def _torchrun_two_nodes(workdir: Path, data: Path, strategy: str, stop_after_step: int | None = None,
                         ckpt_path: Path | None = None) -> Path:
     """Starts the README's torchrun command twice (node ranks 0 and 1) and waits; returns the records folder."""
     workdir.mkdir()
@@ -45,7 +52,7 @@ def _torchrun_two_nodes(workdir: Path, data: Path, stop_after_step: int | None =
     command = [str(Path(sys.executable).with_name("lightning-rigl")), "fit", "--config", str(DEFAULT_CONFIG),
                "--config", str(config), "--data.data_dir", str(data), "--data.val_size", "16",
                "--data.batch_size", "8", "--trainer.max_steps", str(STEPS), "--trainer.max_epochs", "-1",
-               "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "1",
+               "--trainer.accelerator", "cpu", *STRATEGIES[strategy], "--trainer.devices", "1",
                "--trainer.num_nodes", "2", "--trainer.enable_progress_bar", "false",
                "--trainer.enable_model_summary", "false", "--test_after_fit", "false"]
     if ckpt_path is not None:
@@ -72,17 +79,21 @@ def _torchrun_two_nodes(workdir: Path, data: Path, stop_after_step: int | None =
     raise AssertionError("unreachable")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
-    root = tmp_path_factory.mktemp("torchrun")
+@pytest.fixture(scope="module", params=list(STRATEGIES))
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    strategy = request.param
+    root = tmp_path_factory.mktemp(f"torchrun_{strategy}")
     data = root / "fashion"
     write_fashion_mnist(data, n_train=816, n_test=16)
-    straight = _torchrun_two_nodes(root / "straight", data)
-    stopped = _torchrun_two_nodes(root / "stopped", data, stop_after_step=STOP)
+    straight = _torchrun_two_nodes(root / "straight", data, strategy)
+    stopped = _torchrun_two_nodes(root / "stopped", data, strategy, stop_after_step=STOP)
     (checkpoint,) = (root / "stopped").glob("runs/*/version_0/checkpoints/*.ckpt")
     assert checkpoint.name == f"epoch=2-step={STOP}.ckpt"
-    resumed = _torchrun_two_nodes(root / "resumed", data, ckpt_path=checkpoint)
-    return {"straight": load_records(straight, 2), "stopped": load_records(stopped, 2),
+    assert checkpoint.is_dir() == (strategy == "fsdp2")  # FSDP2 saves a folder of shards
+    resumed = _torchrun_two_nodes(root / "resumed", data, strategy, ckpt_path=checkpoint)
+    records = load_records(straight, 2)
+    assert all(record["sharded"] == (strategy == "fsdp2") for record in records)
+    return {"straight": records, "stopped": load_records(stopped, 2),
             "resumed": load_records(resumed, 2)}
 
 
