@@ -115,7 +115,7 @@ def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str
             checkpoint = Path(folder) / method / f"{form}.ckpt"
             for ckpt_path in (None, checkpoint):
                 torch.manual_seed(0)
-                sparse = METHODS[method]()
+                sparse = METHODS[method](rewind_step=0)  # a rewind copy in the checkpoint, for a ticket
                 out = Path(folder) / method / f"resumed_{form}_rank{rank}.pt"
                 strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT,
                                                  save_distributed_checkpoint=form == "sharded")
@@ -230,3 +230,20 @@ def test_a_run_resumed_from_either_checkpoint_form_reproduces_the_uninterrupted_
                 assert torch.equal(mask, uninterrupted["masks"][step][name]), f"rank {rank}, step {step}, {name}"
         for name, value in resumed["params"].items():
             assert torch.equal(value, uninterrupted["params"][name]), f"rank {rank}, {name}"
+
+
+@pytest.mark.parametrize("form", ["sharded", "full"])
+def test_a_ticket_reads_masks_and_rewind_copy_from_either_checkpoint_form(runs: Path, form: str) -> None:
+    checkpoint = runs / "rigl" / f"{form}.ckpt"
+    assert checkpoint.is_dir() == (form == "sharded")
+    ticket = LotteryTicket(checkpoint=str(checkpoint))
+    uninterrupted = torch.load(runs / "rigl" / "fsdp2_rank0.pt", weights_only=True)
+    for name, mask in uninterrupted["masks"][RESUME_AT - 1].items():
+        assert torch.equal(ticket.source_masks[name], mask), name
+    torch.manual_seed(0)
+    initial = dict(TinyViT().named_parameters())
+    assert set(ticket.source_rewind) == set(initial)
+    initial_masks = uninterrupted["masks"][0]  # RigL's first update comes at step 3
+    for name, value in ticket.source_rewind.items():  # taken at step 0, once the initial masks were applied
+        expected = initial[name].detach() * initial_masks[name] if name in initial_masks else initial[name].detach()
+        assert torch.equal(value, expected), name

@@ -85,9 +85,17 @@ class LotteryTicket(SparseTraining):
             )
 
 
+# In a sharded checkpoint folder (ModelParallelStrategy), the file that holds everything but the weights and
+# optimizer shards, callback states included (whole: see SparseTraining.state_dict).
+SHARDED_METADATA = "meta.pt"
+
+
 def _ticket_state(checkpoint: str | Path) -> dict[str, Any]:
-    """The lightning-rigl state of ``checkpoint``, with its masks and rewind copy."""
+    """The lightning-rigl state of ``checkpoint`` (a file, or a sharded checkpoint's folder), with its masks and
+    rewind copy."""
     path = Path(checkpoint)
+    if path.is_dir() and (path / SHARDED_METADATA).is_file():  # a sharded checkpoint: the callback state is here
+        path = path / SHARDED_METADATA
     if not path.is_file():
         raise ConfigError(f"LotteryTicket: no checkpoint at {path}.")
     state = saved_state(torch.load(path, map_location="cpu", weights_only=True))
