@@ -133,30 +133,28 @@ def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str
                 except Exception as error:
                     torch.save({"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}, out)
     # A seed that differs between ranks: each process draws other whole masks, and must stop at once.
-    sparse = Static(sparsity=0.8, seed=rank)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=STEPS, callbacks=[sparse],
-                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT),
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    try:
-        trainer.fit(ShardedTinyViT(), DataLoader(make_data(64), batch_size=16, shuffle=False))
-        error = None
-    except Exception as raised:
-        error = f"{type(raised).__name__}: {raised}"
-    torch.save({"error": error}, Path(folder) / f"{RANK_DEPENDENT}_rank{rank}.pt")
+    _record_error(Static(sparsity=0.8, seed=rank), ShardedTinyViT(), Path(folder) / f"{RANK_DEPENDENT}_rank{rank}.pt")
     # Tensor parallelism (the mesh's second dimension) is refused before training.
-    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=STEPS, callbacks=[Static(sparsity=0.8)],
-                         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2, timeout=TIMEOUT),
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    try:
-        trainer.fit(TinyViT(), DataLoader(make_data(64), batch_size=16, shuffle=False))
-        error = None
-    except Exception as raised:
-        error = f"{type(raised).__name__}: {raised}"
-    torch.save({"error": error}, Path(folder) / f"tensor_parallel_rank{rank}.pt")
+    _record_error(Static(sparsity=0.8), TinyViT(), Path(folder) / f"tensor_parallel_rank{rank}.pt",
+                  data_parallel_size=1, tensor_parallel_size=2)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _record_error(sparse: pl.Callback, model: pl.LightningModule, path: Path, data_parallel_size: int = 2,
+                  tensor_parallel_size: int = 1) -> None:
+    """Trains under ModelParallelStrategy and saves the error the run stopped with (None if it did not)."""
+    strategy = ModelParallelStrategy(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
+                                     timeout=TIMEOUT)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=STEPS, callbacks=[sparse], strategy=strategy,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    try:
+        trainer.fit(model, DataLoader(make_data(64), batch_size=16, shuffle=False))
+        error = None
+    except Exception as raised:
+        error = f"{type(raised).__name__}: {raised}"
+    torch.save({"error": error}, path)
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +201,8 @@ def test_sharded_masks_equal_the_ddp_masks_at_every_step(runs: Path, method: str
 def test_processes_that_decide_differently_stop_every_rank(runs: Path) -> None:
     for rank in (0, 1):
         error = torch.load(runs / f"{RANK_DEPENDENT}_rank{rank}.pt", weights_only=True)["error"]
-        assert error is not None and error.startswith(
-            "MaskDisagreementError: Masks differ between DDP processes at optimizer step 0: rank(s) [1] disagree"), error
+        expected = "MaskDisagreementError: Masks differ between DDP processes at optimizer step 0: rank(s) [1] disagree"
+        assert error is not None and error.startswith(expected), error
 
 
 def test_tensor_parallelism_is_refused_before_training(runs: Path) -> None:
