@@ -23,6 +23,9 @@ from fake_datasets import write_fashion_mnist
 from process_probe import load_records, probe_config
 
 from lightning_rigl.cli import DEFAULT_CONFIG
+from lightning_rigl.export import load_sparse, read_metadata
+from lightning_rigl.export.command import main as export_main
+from lightning_rigl.models import create_model
 
 TESTS = Path(__file__).resolve().parent
 STEPS, STOP = 300, 150  # 50 steps per epoch: 800 training images, 2 processes × batch 8
@@ -93,7 +96,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     resumed = _torchrun_two_nodes(root / "resumed", data, strategy, ckpt_path=checkpoint)
     records = load_records(straight, 2)
     assert all(record["sharded"] == (strategy == "fsdp2") for record in records)
-    return {"straight": records, "stopped": load_records(stopped, 2),
+    return {"strategy": strategy, "checkpoint": checkpoint, "straight": records, "stopped": load_records(stopped, 2),
             "resumed": load_records(resumed, 2)}
 
 
@@ -126,3 +129,14 @@ def test_the_resumed_run_ends_where_the_uninterrupted_one_does(runs) -> None:
         assert torch.equal(mask, resumed["masks"][name]), name
     for name, param in straight["params"].items():
         assert torch.equal(param, resumed["params"][name]), name
+
+
+def test_export_reads_the_checkpoint_in_either_form(runs, tmp_path: Path) -> None:
+    """`lightning-rigl export` from the stopped run's checkpoint (a folder of shards under FSDP2): the network it
+    writes holds the stopped run's final weights, zero outside its masks."""
+    output = tmp_path / "model.safetensors"
+    assert export_main(["--ckpt_path", str(runs["checkpoint"]), "--output", str(output)]) == 0
+    network = load_sparse(output, create_model(**read_metadata(output)["model"]))
+    stopped = runs["stopped"][0]
+    for name, value in network.named_parameters():
+        torch.testing.assert_close(value.detach(), stopped["params"][f"net.{name}"], rtol=0, atol=0, msg=name)

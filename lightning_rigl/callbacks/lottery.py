@@ -11,6 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_rigl.callbacks.sparse_training import SparseTraining, saved_state
+from lightning_rigl.checkpoints import is_sharded_checkpoint, read_checkpoint
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.sharding import write_local
 
@@ -85,20 +86,13 @@ class LotteryTicket(SparseTraining):
             )
 
 
-# In a sharded checkpoint folder (ModelParallelStrategy), the file that holds everything but the weights and
-# optimizer shards, callback states included (whole: see SparseTraining.state_dict).
-SHARDED_METADATA = "meta.pt"
-
-
 def _ticket_state(checkpoint: str | Path) -> dict[str, Any]:
     """The lightning-rigl state of ``checkpoint`` (a file, or a sharded checkpoint's folder), with its masks and
     rewind copy."""
     path = Path(checkpoint)
-    if path.is_dir() and (path / SHARDED_METADATA).is_file():  # a sharded checkpoint: the callback state is here
-        path = path / SHARDED_METADATA
-    if not path.is_file():
+    if not path.is_file() and not is_sharded_checkpoint(path):
         raise ConfigError(f"LotteryTicket: no checkpoint at {path}.")
-    state = saved_state(torch.load(path, map_location="cpu", weights_only=True))
+    state = saved_state(read_checkpoint(path, weights=False))
     if state is None:
         raise ConfigError(f"LotteryTicket: {path} holds no lightning-rigl masks; give a checkpoint of a run trained "
                           "with a lightning-rigl callback.")

@@ -14,6 +14,7 @@ import yaml
 from torch import nn
 
 from lightning_rigl.callbacks.sparse_training import saved_state
+from lightning_rigl.checkpoints import is_sharded_checkpoint, read_checkpoint
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export.file import nonzero_masks, save_sparse
@@ -71,10 +72,11 @@ def load_network(checkpoint: Path, configs: Sequence[Path]) -> tuple[nn.Module, 
         ConfigError: no such checkpoint, not a checkpoint of the command's ``ImageClassifier``, or a config
             without a model section.
     """
-    if not checkpoint.is_file():
-        raise ConfigError(f"no checkpoint at {checkpoint}: give a .ckpt file from runs/NAME/version_N/checkpoints/.")
+    if not checkpoint.is_file() and not is_sharded_checkpoint(checkpoint):
+        raise ConfigError(f"no checkpoint at {checkpoint}: give a .ckpt file (or folder of shards) from "
+                          "runs/NAME/version_N/checkpoints/.")
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = read_checkpoint(checkpoint)
     except Exception as error:  # a file torch cannot read: say so rather than show its traceback
         raise ConfigError(f"{checkpoint} is not a readable PyTorch checkpoint ({type(error).__name__}).") from None
     if not isinstance(state, dict):
