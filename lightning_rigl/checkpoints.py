@@ -22,7 +22,7 @@ def is_sharded_checkpoint(path: Path) -> bool:
 def read_checkpoint(path: Path, *, weights: bool = True) -> Any:
     """The checkpoint's dictionary, on the CPU (``weights_only`` loading). From a folder of shards: ``meta.pt``,
     with the model's ``state_dict`` assembled whole from the shards when ``weights`` (in one process, no process
-    group; the optimizer's shards are left out). Lightning's own errors propagate for files torch cannot read."""
+    group; the optimizer's shards are left out). torch's errors propagate for files it cannot read."""
     if not is_sharded_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     state = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=True)

@@ -25,9 +25,9 @@ from methods import CHANGING, METHODS
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
-from torchvision.models.vision_transformer import EncoderBlock
 
 from lightning_rigl import GradualMagnitudePruning, LotteryTicket, Static
+from lightning_rigl.models.sharding import shard_blocks
 from lightning_rigl.sparsity.sharding import gather, is_sharded
 
 STEPS = 10
@@ -39,14 +39,13 @@ RESUME_AT = 4  # the end of the second epoch of two steps each
 
 
 class ShardedTinyViT(TinyViT):
-    """TinyViT that ``configure_model`` shards with ``fully_shard`` over the data-parallel mesh: each encoder
-    block, then the rest (patch embedding, head) with the root."""
+    """TinyViT that ``configure_model`` shards with ``fully_shard`` over the data-parallel mesh, as
+    ``ImageClassifier`` does: each encoder block (``shard_blocks``), then the rest (patch embedding, head) with the
+    root."""
 
     def configure_model(self) -> None:
         mesh = self.device_mesh["data_parallel"]
-        for module in self.classifier.modules():
-            if isinstance(module, EncoderBlock):
-                fully_shard(module, mesh=mesh)
+        assert shard_blocks(self.classifier, mesh) == 1  # the one encoder block
         fully_shard(self, mesh=mesh)
 
 
@@ -245,3 +244,24 @@ def test_a_ticket_reads_masks_and_rewind_copy_from_either_checkpoint_form(runs: 
     for name, value in ticket.source_rewind.items():  # taken at step 0, once the initial masks were applied
         expected = initial[name].detach() * initial_masks[name] if name in initial_masks else initial[name].detach()
         assert torch.equal(value, expected), name
+
+
+def test_only_fully_shards_row_layout_can_be_masked(tmp_path: Path) -> None:
+    """A parameter split by columns (tensor parallelism's layout, or a custom ``shard_placement_fn``) cannot carry
+    a row-sharded mask: named, with the reason; a row shard and a plain tensor pass."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_rigl.sparsity.sharding import unsupported_sharding
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        weight = torch.zeros(4, 6)
+        assert unsupported_sharding(weight) is None
+        assert unsupported_sharding(distribute_tensor(weight, mesh, [Shard(0)])) is None
+        reason = unsupported_sharding(distribute_tensor(weight, mesh, [Shard(1)]))
+        assert reason is not None and reason.startswith("it is laid out as (Shard(dim=1),)"), reason
+    finally:
+        torch.distributed.destroy_process_group()

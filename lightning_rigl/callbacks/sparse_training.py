@@ -30,7 +30,6 @@ from lightning_rigl.sparsity.masks import apply_mask, mask_digest, random_masks
 from lightning_rigl.sparsity.sharding import (
     gather,
     is_sharded,
-    live_totals,
     local,
     shard_like,
     unsupported_sharding,
@@ -209,7 +208,7 @@ class SparseTraining(Callback, ABC):
         param = self._params[name]
         if not is_sharded(param):
             yield param
-            self._note(name, self.masks[name])
+            self._record(name, self.masks[name])
             return
         states = [state for state in self.per_weight_state() if name in state]
         shards = [state[name] for state in states]
@@ -219,8 +218,7 @@ class SparseTraining(Callback, ABC):
             state[name] = gather(state[name])
         try:
             yield whole
-            self._note(name, self.masks[name])
-            self._decided[name] = mask_digest({name: self.masks[name]})[0]
+            self._record(name, self.masks[name])
             for state, shard in zip(states, shards):
                 write_local(shard, state[name])
         finally:
@@ -265,9 +263,8 @@ class SparseTraining(Callback, ABC):
             self._place_restored_state(trainer.global_step)
         else:
             whole = self.initial_masks()
-            self._decided = {name: row for name, row in zip(whole, mask_digest(whole))} if whole else {}
             for name, mask in whole.items():
-                self._note(name, mask)
+                self._record(name, mask)
             self.masks = {name: shard_like(mask, self._params[name]) for name, mask in whole.items()}
             self._apply_masks(trainer.global_step)
         rank_zero_info(
@@ -379,11 +376,14 @@ class SparseTraining(Callback, ABC):
         """Neurons (rows of the sparse weights) without a live weight, over every layer."""
         return sum(self.empty_rows.values())
 
-    def _note(self, name: str, whole: Tensor) -> None:
-        """Record what the layer's whole mask holds (``live_counts``, ``empty_rows``)."""
+    def _record(self, name: str, whole: Tensor) -> None:
+        """Note what the layer's whole mask, just decided, holds (``live_counts``, ``empty_rows``) and, for a
+        sharded layer, its digest for the agreement check."""
         rows = whole.reshape(whole.shape[0], -1)
         self.live_counts[name] = int(rows.sum())
         self.empty_rows[name] = int((~rows.any(1)).sum())
+        if is_sharded(self._params[name]):
+            self._decided[name] = mask_digest({name: whole})[0]
 
     def density_metrics(self) -> dict[str, float]:
         """Global and per-layer densities, as logged."""
@@ -423,7 +423,7 @@ class SparseTraining(Callback, ABC):
         for name, param in self._params.items():
             reason = unsupported_sharding(param)
             if reason is not None:
-                raise RuntimeError(f"{name!r} cannot be masked: {reason}.")
+                raise ConfigError(f"{name!r} cannot be masked: {reason}.")
         _check_optimized(self._params, optimizer)
         if self.reads_gradients:
             _check_unscaled(trainer, optimizer)
@@ -462,15 +462,15 @@ class SparseTraining(Callback, ABC):
                 "checkpoint was trained with."
             )
         for name, mask in self.masks.items():
-            if not is_sharded(mask):  # restored whole (kept masks were noted when they last changed)
-                self._note(name, mask)
-        counts = dict(zip(self.masks, live_totals(self.masks.values())))
+            if not is_sharded(mask) and name in self._params:  # restored whole (kept masks were noted when made)
+                self._record(name, mask)
+        self._decided = {}  # restored masks: every process read the same file
         for name, param in self._params.items():
             mask = self.masks.get(name)
             expected = live_count(param.numel(), self.densities.get(name, 1.0))
             broken = None if mask is None or self.structure is None or expected == param.numel() else \
                 self.structure.violation(gather(mask))
-            if mask is None or mask.shape != param.shape or counts[name] != expected or broken:
+            if mask is None or mask.shape != param.shape or self.live_counts[name] != expected or broken:
                 raise RuntimeError(
                     f"The masks in the checkpoint do not fit this configuration (parameter {name!r}: expected "
                     f"{expected} live weights of shape {tuple(param.shape)}"
