@@ -16,6 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from conftest import run_processes
 from fake_datasets import write_fashion_mnist
 from pytorch_lightning.cli import LightningArgumentParser
 
@@ -192,12 +193,7 @@ def test_two_process_ddp_run_through_the_command(tmp_path: Path) -> None:
                "--data.val_size", "16", "--data.batch_size", "8", "--trainer.max_steps", "12",
                "--trainer.strategy", "ddp",
                "--trainer.devices", "2", *QUICK]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
-        # gloo's rare abort at process teardown (about 1 in 70 runs here), not this library's: one more try.
-        shutil.rmtree(tmp_path / "runs")
-        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    result = run_processes(command, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Summary") == 1
     assert "achieved 0.9000" in result.stdout and "2 mask updates" in result.stdout

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_processes
 from fake_datasets import allow_fake_cifar, write_cifar10, write_cifar100, write_fashion_mnist, write_imagenet_folder
 
 from lightning_rigl.cli import main
@@ -17,10 +18,13 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL_RECIPES = sorted(RECIPES.glob("*/*.yaml"))
 # The Fashion-MNIST studies' recipes differ between sparsities only in numbers: train those at 90%. Of ViT-B/16
 # (86M parameters at 224×224) train the RigL recipe only: the others differ from it in the sparse callback alone.
+# The sharded recipes (FSDP2) train on two processes, through the command in a process of its own.
+SHARDED_RECIPES = [p for p in ALL_RECIPES if p.stem.endswith("_fsdp2")]
 TRAINED_RECIPES = [p for p in ALL_RECIPES
                    if (p.parent.name not in ("fashion_mnist", "fashion_mnist_vit") or p.stem == "dense"
                        or "_s90" in p.stem)
-                   and (p.parent.name != "imagenet_vit_b_16" or p.stem == "rigl_uniform_s90")]
+                   and (p.parent.name != "imagenet_vit_b_16" or p.stem == "rigl_uniform_s90")
+                   and p not in SHARDED_RECIPES]
 
 # A few steps on tiny data: the recipe's model, method and schedule, with the step counts of a smoke test.
 SMOKE = ["--trainer.max_steps", "2", "--multiplier", "1", "--trainer.limit_val_batches", "1",
@@ -97,6 +101,33 @@ def test_there_is_a_recipe_per_table_row() -> None:
     assert {f"imagenet_resnet50/{r}" for r in ("static_uniform_s80", "small_dense_s80", "set_uniform_s80",
                                                 "snfs_uniform_s80", "pruning_uniform_s80", "rigl_uniform_s80",
                                                 "rigl_erk_s80")} <= names
+
+
+def test_there_is_a_sharded_recipe_for_vit_b_16_and_resnet_50() -> None:
+    assert {f"{p.parent.name}/{p.stem}" for p in SHARDED_RECIPES} == {"imagenet_vit_b_16/rigl_uniform_s90_fsdp2",
+                                                                       "imagenet_resnet50/rigl_erk_s80_fsdp2"}
+    for recipe in SHARDED_RECIPES:
+        config = yaml.safe_load(recipe.read_text())
+        one_gpu = yaml.safe_load(recipe.with_name(recipe.name.replace("_fsdp2", "")).read_text())
+        trainer, one_gpu_trainer = config["trainer"], one_gpu["trainer"]
+        assert trainer["strategy"]["init_args"] == {"data_parallel_size": trainer["devices"], "tensor_parallel_size": 1}
+        # The same global batch, and otherwise the one-GPU recipe's settings.
+        assert trainer.pop("devices") * trainer.pop("accumulate_grad_batches") == \
+            one_gpu_trainer.pop("devices") * one_gpu_trainer.pop("accumulate_grad_batches")
+        del trainer["strategy"], trainer["logger"], one_gpu_trainer["logger"]
+        assert config == one_gpu
+
+
+@pytest.mark.parametrize("recipe", SHARDED_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_sharded_recipe_trains_a_few_steps_on_two_processes(recipe: Path, datasets: dict[str, list[str]],
+                                                            tmp_path: Path) -> None:
+    command = [str(Path(sys.executable).with_name("lightning-rigl")), "fit", "--config", str(recipe),
+               *datasets[recipe.parent.name], *smoke_args(recipe), "--trainer.devices", "2",
+               "--trainer.strategy.data_parallel_size", "2", "--data.num_workers", "0"]
+    result = run_processes(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stderr + result.stdout
+    assert result.stdout.count("Summary") == 1 and "achieved 0." in result.stdout
 
 
 @pytest.mark.parametrize("recipe", TRAINED_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")

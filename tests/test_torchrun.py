@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import GLOO_TEARDOWN_ABORT
 from fake_datasets import write_fashion_mnist
 from process_probe import load_records, probe_config
 
@@ -29,7 +30,6 @@ from lightning_rigl.models import create_model
 
 TESTS = Path(__file__).resolve().parent
 STEPS, STOP = 300, 150  # 50 steps per epoch: 800 training images, 2 processes × batch 8
-GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def _free_port() -> int:
@@ -74,7 +74,7 @@ def _torchrun_two_nodes(workdir: Path, data: Path, strategy: str, stop_after_ste
         if not failed:
             return records
         if attempt == 0 and all(GLOO_TEARDOWN_ABORT in err for err in failed):
-            # gloo's rare abort at process teardown (see test_cli's two-process test): one more try.
+            # gloo's rare abort at process teardown: one more try.
             shutil.rmtree(workdir / "runs", ignore_errors=True)
             shutil.rmtree(records, ignore_errors=True)
             continue
