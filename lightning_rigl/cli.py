@@ -29,6 +29,7 @@ from typing_extensions import override
 from lightning_rigl import report
 from lightning_rigl.callbacks import SparseTraining
 from lightning_rigl.callbacks.sparse_training import LAYER_DENSITY, saved_state
+from lightning_rigl.checkpoints import is_sharded_checkpoint, read_checkpoint
 from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
@@ -152,9 +153,9 @@ class RigLCLI(LightningCLI):
 
 def checkpoint_masks(ckpt_path: str | None) -> dict[str, Tensor]:
     """The masks a lightning-rigl callback saved in a checkpoint (empty without one, or for a dense run)."""
-    if not ckpt_path or not Path(ckpt_path).is_file():
+    if not ckpt_path or not (Path(ckpt_path).is_file() or is_sharded_checkpoint(Path(ckpt_path))):
         return {}
-    state = saved_state(torch.load(ckpt_path, map_location="cpu", weights_only=True))
+    state = saved_state(read_checkpoint(Path(ckpt_path), weights=False))
     return dict(state["masks"]) if state else {}
 
 

@@ -103,6 +103,6 @@ def test_ranks_hold_identical_masks_at_every_step(runs: Path, method: str) -> No
 def test_masks_that_differ_between_ranks_stop_every_rank(runs: Path) -> None:
     for rank in (0, 1):
         error = torch.load(runs / RANK_DEPENDENT / f"rank{rank}.pt", weights_only=True)["error"]
-        expected = ("MaskDisagreementError: Masks differ between DDP processes at optimizer step 0: rank(s) [1] "
+        expected = ("MaskDisagreementError: Masks differ between processes at optimizer step 0: rank(s) [1] "
                     "disagree with rank 0 on ['features.3.weight', 'classifier.1.weight']")
         assert error.startswith(expected), error

@@ -27,6 +27,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 
 from lightning_rigl import GradualMagnitudePruning, LotteryTicket, Static
+from lightning_rigl.checkpoints import SHARDED_TENSORS, read_checkpoint
 from lightning_rigl.models.sharding import shard_blocks
 from lightning_rigl.sparsity.sharding import gather, is_sharded
 
@@ -200,7 +201,7 @@ def test_sharded_masks_equal_the_ddp_masks_at_every_step(runs: Path, method: str
 def test_processes_that_decide_differently_stop_every_rank(runs: Path) -> None:
     for rank in (0, 1):
         error = torch.load(runs / f"{RANK_DEPENDENT}_rank{rank}.pt", weights_only=True)["error"]
-        expected = "MaskDisagreementError: Masks differ between DDP processes at optimizer step 0: rank(s) [1] disagree"
+        expected = "MaskDisagreementError: Masks differ between processes at optimizer step 0: rank(s) [1] disagree"
         assert error is not None and error.startswith(expected), error
 
 
@@ -227,6 +228,25 @@ def test_a_run_resumed_from_either_checkpoint_form_reproduces_the_uninterrupted_
                 assert torch.equal(mask, uninterrupted["masks"][step][name]), f"rank {rank}, step {step}, {name}"
         for name, value in resumed["params"].items():
             assert torch.equal(value, uninterrupted["params"][name]), f"rank {rank}, {name}"
+
+
+@pytest.mark.parametrize("method", RESUMED)
+def test_a_folder_of_shards_keeps_the_callbacks_tensors_as_shards(runs: Path, method: str) -> None:
+    """No process gathers a whole mask, moving average or rewind copy to save a folder of shards: meta.pt (rank 0's
+    callback state) holds none, only their names; read back, they equal the single file's whole ones."""
+    full = torch.load(runs / method / "full.ckpt", weights_only=True)["callbacks"]["lightning_rigl"]
+    kinds = {kind for kind in ("masks", "rewind", "moving_average") if full.get(kind)}
+    assert {"masks", "rewind"} | ({"moving_average"} if method == "snfs" else set()) <= kinds
+    folder = runs / method / "sharded.ckpt"
+    saved = torch.load(folder / "meta.pt", weights_only=True)["callbacks"]["lightning_rigl"]
+    assert {kind: set(names) for kind, names in saved[SHARDED_TENSORS].items()} == \
+        {kind: set(full[kind]) for kind in kinds}
+    assert not any(saved.get(kind) for kind in kinds)
+    read = read_checkpoint(folder, weights=False)["callbacks"]["lightning_rigl"]
+    assert SHARDED_TENSORS not in read
+    for kind in kinds:
+        for name, value in full[kind].items():
+            assert torch.equal(read[kind][name], value), f"{kind} {name}"
 
 
 @pytest.mark.parametrize("form", ["sharded", "full"])

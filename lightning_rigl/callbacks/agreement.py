@@ -1,4 +1,4 @@
-"""DDP agreement: every rank must hold the same masks, and a rank that does not stops the run on every rank."""
+"""Agreement (DDP and FSDP2): every rank must hold the same masks, and a rank that does not stops the run on every rank."""
 
 from __future__ import annotations
 
@@ -46,11 +46,11 @@ def check_digests_agree(digest: Tensor, names: Sequence[str], step: int) -> None
     rows = torch.stack([(gathered[rank] != gathered[0]).any(dim=1) for rank in differing]).any(dim=0)
     layers = [name for name, differs in zip(names, rows.tolist()) if differs]
     raise MaskDisagreementError(
-        f"Masks differ between DDP processes at optimizer step {step}: rank(s) {differing} disagree with rank 0 on "
+        f"Masks differ between processes at optimizer step {step}: rank(s) {differing} disagree with rank 0 on "
         f"{layers}. Every mask decision is identical on every rank by construction (seeded independently of the "
-        "rank, read from the all-reduced gradient): give every process the same callback configuration, seed "
+        "rank, read from the reduced gradient): give every process the same callback configuration, seed "
         "included. If they had the same, this is a bug: please report it with your configuration. The run stops "
-        "here because the replicas would otherwise train different networks."
+        "here because the processes would otherwise train different networks."
     )
 
 

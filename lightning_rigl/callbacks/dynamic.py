@@ -194,11 +194,13 @@ class DynamicSparseTraining(SparseTraining):
                 _skip_optimizer_step(optimizer)
 
     @override
+    def saved_tensors(self) -> dict[str, dict[str, Tensor]]:
+        tensors = super().saved_tensors()
+        return tensors if self.moving_average is None else {**tensors, "moving_average": self.moving_average}
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        state = {**super().state_dict(), "pending_step": self._pending_step}
-        if self.moving_average is not None:  # whole, as the masks (see SparseTraining.state_dict)
-            state["moving_average"] = {name: gather(value).cpu() for name, value in self.moving_average.items()}
-        return state
+        return {**super().state_dict(), "pending_step": self._pending_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_rigl.callbacks.agreement import check_digests_agree, check_masks_agree
+from lightning_rigl.checkpoints import SHARDED_TENSORS, load_sharded_tensors, sharded_key
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.flops import TrainingFlops, model_size_bytes
 from lightning_rigl.sparsity.distributions import (
@@ -197,6 +199,11 @@ class SparseTraining(Callback, ABC):
         and whole inside ``whole_layer``: the masks, and whatever a method adds (a moving average, say)."""
         return [self.masks]
 
+    def saved_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """The tensors a checkpoint holds per weight, by kind (a key of the saved state) and parameter name: the
+        masks, the rewind copy once taken, and whatever a method adds."""
+        return {"masks": self.masks, **({} if self.rewind is None else {"rewind": self.rewind})}
+
     @contextmanager
     def whole_layer(self, name: str) -> Iterator[Tensor]:
         """The layer as a single process holds it, for a decision: yields its whole weight (a detached tensor
@@ -310,19 +317,50 @@ class SparseTraining(Callback, ABC):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # Whole tensors, also under FSDP2 (every process runs this, so gathering is safe): Lightning saves rank 0's
-        # callback state alone, and would give rank 0's shards to every process on resume.
-        state = {
-            "masks": {name: gather(mask).cpu() for name, mask in self.masks.items()},
-            "densities": dict(self.densities),
-            "targets": dict(self.targets),
-            "num_updates": self.num_updates,
-        }
-        if self.rewind is not None:
-            state["rewind"] = {name: gather(value).cpu() for name, value in self.rewind.items()}
+        # Sharded tensors (FSDP2) are left to on_save_checkpoint, which knows the checkpoint's form.
+        state = {kind: {name: value.cpu() for name, value in tensors.items() if not is_sharded(value)}
+                 for kind, tensors in self.saved_tensors().items()}
+        state |= {"densities": dict(self.densities), "targets": dict(self.targets), "num_updates": self.num_updates}
         if self.flops is not None:
             state["train_flops"] = (self.flops.spent, self.flops.dense_spent)
         return state
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning keeps rank 0's callback state alone, so sharded tensors cannot go there as shards. A folder of
+        # shards (the model's state dict holds DTensors) takes them with the model's: each process writes its rows.
+        # A single file takes them whole, gathered one tensor at a time (every process runs this hook).
+        state = saved_state(checkpoint)
+        sharded = {kind: {name: value for name, value in tensors.items() if is_sharded(value)}
+                   for kind, tensors in self.saved_tensors().items()}
+        if state is None or not any(sharded.values()):
+            return
+        if any(is_sharded(value) for value in checkpoint["state_dict"].values()):
+            state[SHARDED_TENSORS] = {kind: list(tensors) for kind, tensors in sharded.items()}
+            checkpoint["state_dict"].update({sharded_key(STATE_KEY, kind, name): value
+                                             for kind, tensors in sharded.items() for name, value in tensors.items()})
+            return
+        for kind, tensors in sharded.items():
+            for name, value in tensors.items():
+                whole = gather(value).cpu()
+                if trainer.is_global_zero:
+                    state[kind][name] = whole
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Tensors saved as shards come back as shards: each process reads its rows from the folder. Only
+        # ModelParallelStrategy writes them, and it restores after on_fit_start, when the parameters are known.
+        state = saved_state(checkpoint)
+        if state is None or SHARDED_TENSORS not in state:
+            return
+        names = state.pop(SHARDED_TENSORS)
+        missing = sorted({name for tensors in names.values() for name in tensors} - set(self._all_params))
+        if missing:
+            raise RuntimeError(f"The checkpoint {trainer.ckpt_path} holds sharded state for parameters this model "
+                               f"lacks: {missing}.")
+        like = {kind: {name: self._all_params[name] for name in tensors} for kind, tensors in names.items()}
+        for kind, tensors in load_sharded_tensors(Path(trainer.ckpt_path), STATE_KEY, like).items():
+            state.setdefault(kind, {}).update(tensors)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -462,8 +500,8 @@ class SparseTraining(Callback, ABC):
                 "checkpoint was trained with."
             )
         for name, mask in self.masks.items():
-            if not is_sharded(mask) and name in self._params:  # restored whole (kept masks were noted when made)
-                self._record(name, mask)
+            if name in self._params:
+                self._record(name, gather(mask))  # one layer whole at a time; restored as shards, or whole
         self._decided = {}  # restored masks: every process read the same file
         for name, param in self._params.items():
             mask = self.masks.get(name)
