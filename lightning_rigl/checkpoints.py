@@ -10,6 +10,7 @@ whole; a running process reads its own rows with ``load_sharded_tensors``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ def read_checkpoint(path: Path, *, weights: bool = True) -> Any:
     tensors = {key: torch.empty(stored[key].size, dtype=stored[key].properties.dtype)
                if isinstance(stored[key], TensorStorageMetadata) else None for key in wanted}
     if tensors:
-        dcp.load(tensors, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # that it loads in one process is the intent here
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(tensors, storage_reader=reader, no_dist=True)
     for key, (state, kind, name) in owners.items():
         state.setdefault(kind, {})[name] = tensors.pop(key)
     if weights:

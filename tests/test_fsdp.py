@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from lightning_rigl import GradualMagnitudePruning, LotteryTicket, Static
 from lightning_rigl.checkpoints import SHARDED_TENSORS, read_checkpoint
+from lightning_rigl.cli import checkpoint_masks
 from lightning_rigl.models.sharding import shard_blocks
 from lightning_rigl.sparsity.sharding import gather, is_sharded
 
@@ -247,6 +248,8 @@ def test_a_folder_of_shards_keeps_the_callbacks_tensors_as_shards(runs: Path, me
     for kind in kinds:
         for name, value in full[kind].items():
             assert torch.equal(read[kind][name], value), f"{kind} {name}"
+    masks = checkpoint_masks(str(folder))  # what `lightning-rigl test --ckpt_path` reports
+    assert masks.keys() == full["masks"].keys() and all(torch.equal(masks[n], full["masks"][n]) for n in masks)
 
 
 @pytest.mark.parametrize("form", ["sharded", "full"])
