@@ -288,3 +288,53 @@ def test_only_fully_shards_row_layout_can_be_masked(tmp_path: Path) -> None:
         assert reason is not None and reason.startswith("it is laid out as (Shard(dim=1),)"), reason
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _rank_across_two_processes(rank: int, port: int, folder: str) -> None:
+    """Ranks hand-made, tie-heavy scores sharded by rows over two processes; saves the (layer, position) chosen
+    here for each trial."""
+    import math
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_rigl.sparsity.distributed_top_k import order_keys, top_k_over_processes
+    from lightning_rigl.sparsity.sharding import local, local_rows
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    gen = torch.Generator().manual_seed(1)  # the same scores on both processes
+    chosen = []
+    for _ in range(12):
+        # (1, 6): a single row, all on rank 0; (7,): a 1-D layer. Integers from -2 to 2: ties everywhere.
+        scores = [torch.randint(-2, 3, shape, generator=gen).float() for shape in [(5, 3), (1, 6), (4, 2), (7,)]]
+        scores[0].view(-1)[0], scores[2].view(-1)[1] = -0.0, math.inf
+        k = int(torch.randint(1, sum(s.numel() for s in scores) + 1, (1,), generator=gen))
+        keys, positions = [], []
+        for layer in scores:
+            shard = distribute_tensor(layer, mesh, [Shard(0)])
+            first = local_rows(shard)[0] * layer[0].numel()
+            keys.append(order_keys(local(shard).reshape(-1)))
+            positions.append(torch.arange(keys[-1].numel()) + first)
+        kept = top_k_over_processes(torch.cat(keys), k, [key.numel() for key in keys], shard)
+        here = [(layer, int(p)) for layer, (p_layer, k_layer) in enumerate(zip(positions, kept.split(
+            [key.numel() for key in keys]))) for p in p_layer[k_layer]]
+        chosen.append({"scores": scores, "k": k, "chosen": here})
+    torch.save(chosen, Path(folder) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_the_top_k_across_processes_is_the_one_process_ranking(tmp_path: Path) -> None:
+    """Scores sharded by rows over two processes: together the processes choose exactly the k largest of the
+    concatenated scores, ties lowest position first (layer after layer, -0.0 equal to 0.0), without gathering."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_rank_across_two_processes, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for trial, (mine, theirs) in enumerate(zip(*ranks)):
+        ranked = sorted((-float(value), layer, position) for layer, scores in enumerate(mine["scores"])
+                        for position, value in enumerate(scores.reshape(-1).tolist()))
+        expected = {(layer, position) for _, layer, position in ranked[:mine["k"]]}
+        assert set(mine["chosen"]) | set(theirs["chosen"]) == expected, f"trial {trial}"
+        assert not set(mine["chosen"]) & set(theirs["chosen"])

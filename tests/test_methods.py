@@ -66,6 +66,33 @@ def test_prune_globally_ranks_all_layers_together_and_keeps_one_per_layer():
     assert sorted(changes["b"].removed.tolist()) == [0, 1, 2, 3]
 
 
+def global_ranking(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], n_keep: int) -> set[tuple[str, int]]:
+    """The live (layer, flat position) that global pruning keeps, by its definition in plain Python: each layer's
+    first best live score counts as infinite, then the ``n_keep`` largest over the layers in order, ties lowest
+    position first."""
+    ranked = []
+    for order, name in enumerate(masks):
+        live = masks[name].reshape(-1).nonzero().squeeze(1).tolist()
+        values = [float(scores[name].reshape(-1)[i]) for i in live]
+        best = values.index(max(values))
+        ranked += [(-math.inf if j == best else -v, order, i, name) for j, (i, v) in enumerate(zip(live, values))]
+    return {(name, i) for _, _, i, name in sorted(ranked)[:n_keep]}
+
+
+@pytest.mark.parametrize("numel", [12, 40_000])  # a direct top-k, and the sampled path of top_k_indices
+def test_prune_globally_takes_ties_lowest_position_first(numel: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        shapes = {"a": (numel // 4, 4), "b": (3, 2), "c": (numel // 3, 3)}
+        masks = {n: torch.rand(s, generator=gen) < 0.8 for n, s in shapes.items()}
+        scores = {n: torch.randint(0, 3, s, generator=gen).float() for n, s in shapes.items()}  # ties everywhere
+        n_keep = int(torch.randint(3, sum(int(m.sum()) for m in masks.values()) + 1, (1,), generator=gen))
+        expected = global_ranking(masks, scores, n_keep)
+        prune_globally(masks, scores, n_keep)
+        kept = {(n, i) for n, m in masks.items() for i in m.reshape(-1).nonzero().squeeze(1).tolist()}
+        assert kept == expected, f"trial {trial}"
+
+
 # --------------------------------------------------------------------------------------------------- SNFS
 
 

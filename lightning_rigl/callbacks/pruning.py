@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from contextlib import ExitStack
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -15,10 +15,12 @@ from typing_extensions import override
 from lightning_rigl.callbacks.sparse_training import SparseTraining
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.criteria import magnitude
+from lightning_rigl.sparsity.distributed_top_k import order_keys, top_k_over_processes
 from lightning_rigl.sparsity.distributions import GLOBAL, global_live_total, live_count
-from lightning_rigl.sparsity.masks import apply_change
+from lightning_rigl.sparsity.masks import MaskChange, apply_change
 from lightning_rigl.sparsity.parallel import for_each_layer
 from lightning_rigl.sparsity.schedules import check_step_or_fraction, cubic_sparsity, is_pruning_step, resolve_step
+from lightning_rigl.sparsity.sharding import gather, is_sharded, local, local_rows
 from lightning_rigl.sparsity.targets import resolve_patterns
 from lightning_rigl.sparsity.updates import prune, prune_globally
 
@@ -64,16 +66,41 @@ class PruningFromDense(SparseTraining):
         n_keep = global_live_total(shapes, self.sparsity * fraction, dense)
         if n_keep >= sum(live_count(self._params[name].numel(), self.densities[name]) for name in pool):
             return
-        # Ranked together: under FSDP2 every pooled layer is gathered whole at once (its mask and scores, transient).
-        with ExitStack() as stack:
-            wholes = {name: stack.enter_context(self.whole_layer(name)) for name in pool}
-            pool_scores = {name: scores(name, whole) for name, whole in wholes.items()}
-            changes = prune_globally({name: self.masks[name] for name in pool}, pool_scores, n_keep)
+        if any(is_sharded(self._params[name]) for name in pool):
+            changes = self._prune_shards_globally(pool, scores, n_keep)
+        else:
+            changes = prune_globally({name: self.masks[name] for name in pool},
+                                     {name: scores(name, self._params[name]) for name in pool}, n_keep)
+            for name in changes:
+                self._record(name, self.masks[name])
         for name, change in changes.items():
             param = self._params[name]
             apply_change(param, change, optimizer)
-            live = live_count(param.numel(), self.densities[name]) - change.removed.numel()
-            self.densities[name] = live / param.numel()
+            self.densities[name] = self.live_counts[name] / param.numel()
+
+    def _prune_shards_globally(self, pool: list[str], scores: Scores, n_keep: int) -> dict[str, MaskChange]:
+        """``prune_globally`` under FSDP2 without gathering the pool: each layer is gathered alone to score it
+        (its best connection marked to survive), each process keeps its rows' live scores, and the ranking runs
+        across the processes (``top_k_over_processes``). Changes hold whole-weight positions."""
+        keys, positions = [], []
+        for name in pool:
+            with self.whole_layer(name) as whole:
+                live = self.masks[name].view(-1).nonzero().squeeze(1)
+                values = scores(name, whole).reshape(-1).take(live).to(torch.float64)
+                values[values.argmax()] = math.inf  # each layer's best connection survives (the first, if tied)
+                start, stop = local_rows(self._params[name])
+                here = (live >= start * whole[0].numel()) & (live < stop * whole[0].numel())
+                keys.append(order_keys(values[here]))
+                positions.append(live[here])
+        kept = top_k_over_processes(torch.cat(keys), n_keep, [p.numel() for p in positions], self._params[pool[0]])
+        changes = {}
+        for name, position, survives in zip(pool, positions, kept.split([p.numel() for p in positions])):
+            removed = position[~survives]
+            first = local_rows(self._params[name])[0] * self._params[name][0].numel()
+            local(self.masks[name]).view(-1).index_fill_(0, removed - first, False)
+            self._record(name, gather(self.masks[name]))
+            changes[name] = MaskChange(removed=removed, added=removed.new_empty(0))
+        return changes
 
     def _target_sparsity(self) -> float:
         """Fraction of zeros over all sparsified weights once the targets are reached."""

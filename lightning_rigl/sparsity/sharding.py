@@ -71,16 +71,16 @@ def unsupported_sharding(tensor: Tensor) -> str | None:
     return None
 
 
-def sum_over_processes(values: Tensor, like: Iterable[Tensor]) -> Tensor:
-    """``values`` (a tensor of per-process partial sums) summed over the processes that share the first sharded
-    tensor in ``like``; unchanged when none is sharded."""
+def reduce_over_processes(values: Tensor, like: Iterable[Tensor], op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
+    """``values`` (a tensor of per-process partial results) reduced by ``op`` (a sum by default) over the
+    processes that share the first sharded tensor in ``like``; unchanged when none is sharded."""
     sharded = next((t for t in like if is_sharded(t)), None)
     if sharded is None:
         return values
     group = sharded.device_mesh.get_group()
     if dist.get_backend(group) == dist.Backend.GLOO:
         values = values.cpu()
-    dist.all_reduce(values, group=group)
+    dist.all_reduce(values, op=op, group=group)
     return values
 
 
@@ -91,4 +91,4 @@ def live_totals(masks: Iterable[Tensor]) -> list[int]:
     if not masks:
         return []
     counts = torch.stack([local(mask).sum() for mask in masks])
-    return [int(count) for count in sum_over_processes(counts.to(torch.int64), masks).tolist()]
+    return [int(count) for count in reduce_over_processes(counts.to(torch.int64), masks).tolist()]

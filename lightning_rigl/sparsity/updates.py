@@ -118,6 +118,16 @@ def _first_tied(scores: Tensor, value: Tensor, count: int, exclude: Tensor | Non
     return torch.cat(found) if count == 0 else None
 
 
+def _top_k_lowest_ties(scores: Tensor, k: int) -> Tensor:
+    """``top_k_indices`` (largest), with ties at the k-th score taken lowest position first whatever path it took:
+    the rule ``distributed_top_k`` keeps across processes, so that sharded and replicated runs choose alike."""
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    threshold = scores.take(top_k_indices(scores, k)).min()
+    above = (scores > threshold).nonzero().squeeze(1)
+    return torch.cat([above, (scores == threshold).nonzero().squeeze(1)[:k - above.numel()]])
+
+
 def _full_top_k(scores: Tensor, k: int, largest: bool, exclude: Tensor | None) -> Tensor:
     if exclude is not None:
         scores = scores.masked_fill(exclude, -math.inf if largest else math.inf)
@@ -206,8 +216,8 @@ def prune_globally(masks: Mapping[str, Tensor], scores: Mapping[str, Tensor], n_
     if not len(names) <= n_keep <= sum(sizes):
         raise ValueError(f"n_keep={n_keep} must be within [{len(names)}, {sum(sizes)}] (one per layer, all live).")
     for layer_values in values:
-        layer_values[layer_values.argmax()] = math.inf  # each layer's best connection survives
-    kept = top_k_indices(torch.cat(values), n_keep).sort().values
+        layer_values[layer_values.argmax()] = math.inf  # each layer's best connection survives (the first, if tied)
+    kept = _top_k_lowest_ties(torch.cat(values), n_keep).sort().values
     offsets = torch.tensor([0, *itertools.accumulate(sizes)], device=device)
     bounds = torch.searchsorted(kept, offsets).tolist()
     changes = {}
