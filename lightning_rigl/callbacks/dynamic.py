@@ -18,7 +18,6 @@ from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.criteria import dense_gradient, mean_magnitude
 from lightning_rigl.sparsity.distributions import Distribution, live_count
 from lightning_rigl.sparsity.masks import MaskChange, Stream, apply_change, generator
-from lightning_rigl.sparsity.parallel import for_each_layer
 from lightning_rigl.sparsity.redistribution import grow_counts
 from lightning_rigl.sparsity.schedules import (
     DROP_SCHEDULES,
@@ -259,20 +258,19 @@ class DynamicSparseTraining(SparseTraining):
             grows = grow_counts(live, drops, numel, shares)
         counts = {name: (n, n_drop, n_grow) for name, n, n_drop, n_grow in zip(names, live, drops, grows)}
 
-        def update_layer(index: int, name: str, param: nn.Parameter) -> int:
-            n_live, n_drop, n_grow = counts.get(name, (0, 0, 0))
-            if n_drop == n_grow == 0:
-                return 0
-            with self.whole_layer(name) as whole:
-                weights = whole.detach()
-                scores = self.grow_scores(name, whole, step, index)
-                change = self.change_mask(name, weights, scores, n_drop, n_grow)
-                values = self._grow_values(weights, change, step, index)
+        def update_layer(index: int, name: str, whole: Tensor) -> int:
+            n_live, n_drop, n_grow = counts[name]
+            weights = whole.detach()
+            scores = self.grow_scores(name, whole, step, index)
+            change = self.change_mask(name, weights, scores, n_drop, n_grow)
+            values = self._grow_values(weights, change, step, index)
+            param = self._params[name]
             apply_change(param, change, optimizer, values)
             self.densities[name] = (n_live - change.removed.numel() + change.added.numel()) / param.numel()
             return change.added.numel()
 
-        changed = sum(for_each_layer(update_layer, self._params).values())
+        changing = [name for name, (_, n_drop, n_grow) in counts.items() if n_drop or n_grow]
+        changed = sum(self.for_each_whole_layer(update_layer, changing).values())
         self.num_updates += 1
         self.check_agreement(trainer.global_step)
         metrics = {"sparsity/drop_fraction": fraction, "sparsity/changed": float(changed)}

@@ -18,9 +18,8 @@ from lightning_rigl.sparsity.criteria import magnitude
 from lightning_rigl.sparsity.distributed_top_k import order_keys, top_k_over_processes
 from lightning_rigl.sparsity.distributions import GLOBAL, global_live_total, live_count
 from lightning_rigl.sparsity.masks import MaskChange, apply_change
-from lightning_rigl.sparsity.parallel import for_each_layer
 from lightning_rigl.sparsity.schedules import check_step_or_fraction, cubic_sparsity, is_pruning_step, resolve_step
-from lightning_rigl.sparsity.sharding import gather, is_sharded, local, local_rows
+from lightning_rigl.sparsity.sharding import gather, is_sharded, local, local_positions
 from lightning_rigl.sparsity.targets import resolve_patterns
 from lightning_rigl.sparsity.updates import prune, prune_globally
 
@@ -46,15 +45,16 @@ class PruningFromDense(SparseTraining):
             self._prune_globally(optimizer, scores, fraction)
         else:
 
-            def prune_layer(index: int, name: str, param: nn.Parameter) -> None:
-                n_keep = live_count(param.numel(), 1.0 - (1.0 - self.targets[name]) * fraction)
-                if n_keep < live_count(param.numel(), self.densities[name]):
-                    with self.whole_layer(name) as whole:
-                        change = prune(self.masks[name], scores(name, whole), n_keep)
-                    apply_change(param, change, optimizer)
-                    self.densities[name] = n_keep / param.numel()
+            keep = {name: live_count(p.numel(), 1.0 - (1.0 - self.targets[name]) * fraction)
+                    for name, p in self._params.items()}
 
-            for_each_layer(prune_layer, self._params)
+            def prune_layer(index: int, name: str, whole: Tensor) -> None:
+                param = self._params[name]
+                apply_change(param, prune(self.masks[name], scores(name, whole), keep[name]), optimizer)
+                self.densities[name] = keep[name] / param.numel()
+
+            self.for_each_whole_layer(prune_layer, [name for name, p in self._params.items()
+                                                    if keep[name] < live_count(p.numel(), self.densities[name])])
         self.num_updates += 1
         self.check_agreement(trainer.global_step)
         self._log(trainer, {"sparsity/target": fraction * self._target_sparsity(), **self.density_metrics()})
@@ -88,15 +88,15 @@ class PruningFromDense(SparseTraining):
                 live = self.masks[name].view(-1).nonzero().squeeze(1)
                 values = scores(name, whole).reshape(-1).take(live).to(torch.float64)
                 values[values.argmax()] = math.inf  # each layer's best connection survives (the first, if tied)
-                start, stop = local_rows(self._params[name])
-                here = (live >= start * whole[0].numel()) & (live < stop * whole[0].numel())
+                first, end = local_positions(self._params[name])
+                here = (live >= first) & (live < end)
                 keys.append(order_keys(values[here]))
                 positions.append(live[here])
         kept = top_k_over_processes(torch.cat(keys), n_keep, [p.numel() for p in positions], self._params[pool[0]])
         changes = {}
         for name, position, survives in zip(pool, positions, kept.split([p.numel() for p in positions])):
             removed = position[~survives]
-            first = local_rows(self._params[name])[0] * self._params[name][0].numel()
+            first = local_positions(self._params[name])[0]
             local(self.masks[name]).view(-1).index_fill_(0, removed - first, False)
             self._record(name, gather(self.masks[name]))
             changes[name] = MaskChange(removed=removed, added=removed.new_empty(0))

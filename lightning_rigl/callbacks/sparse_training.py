@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -29,6 +29,7 @@ from lightning_rigl.sparsity.distributions import (
     live_count,
 )
 from lightning_rigl.sparsity.masks import apply_mask, mask_digest, random_masks
+from lightning_rigl.sparsity.parallel import for_each_layer
 from lightning_rigl.sparsity.sharding import (
     gather,
     is_sharded,
@@ -39,6 +40,8 @@ from lightning_rigl.sparsity.sharding import (
 )
 from lightning_rigl.sparsity.structure import Structure, parse_structure
 from lightning_rigl.sparsity.targets import resolve_custom, resolve_patterns, sparsifiable_parameters
+
+Result = TypeVar("Result")
 
 # Strategies that shard or wrap parameters in ways the callbacks cannot mask; ModelParallelStrategy with
 # fully_shard (FSDP2) is supported.
@@ -164,6 +167,8 @@ class SparseTraining(Callback, ABC):
         self._optimizer: torch.optim.Optimizer | None = None
         self._all_params: dict[str, nn.Parameter] = {}  # every parameter of the model, during fit
         self._decided: dict[str, Tensor] = {}  # digest rows of the whole masks decided since the last agreement check
+        # Layers gathered ahead by for_each_whole_layer: the whole weight, the per-weight state dicts, their shards.
+        self._gathered: dict[str, tuple[Tensor, list[dict[str, Tensor]], list[Tensor]]] = {}
         # Of each whole mask, noted whenever it changes: what any single process reports (logs, results) without
         # gathering shards.
         self.live_counts: dict[str, int] = {}  # live weights
@@ -210,19 +215,16 @@ class SparseTraining(Callback, ABC):
         whose ``.grad`` is the whole gradient) while ``masks[name]`` and every ``per_weight_state`` entry hold
         whole tensors; afterwards each process writes its rows of them back into its shards. Without sharding it
         yields the parameter itself and gathers nothing. Under FSDP2 every process gathers the layer (a
-        collective), so every process must enter it for the same layers in the same order; the transient memory
-        is the layer's weight, gradient and per-weight state, whole."""
+        collective: every process enters it for the same layers in the same order) unless ``for_each_whole_layer``
+        gathered it ahead; the transient memory is the layer's weight, gradient and per-weight state, whole."""
         param = self._params[name]
         if not is_sharded(param):
             yield param
             self._record(name, self.masks[name])
             return
-        states = [state for state in self.per_weight_state() if name in state]
-        shards = [state[name] for state in states]
-        whole = gather(param.detach())
-        whole.grad = None if param.grad is None else gather(param.grad)
-        for state in states:
-            state[name] = gather(state[name])
+        if name not in self._gathered:
+            self._gather_layer(name)
+        whole, states, shards = self._gathered.pop(name)
         try:
             yield whole
             self._record(name, self.masks[name])
@@ -231,6 +233,32 @@ class SparseTraining(Callback, ABC):
         finally:
             for state, shard in zip(states, shards):
                 state[name] = shard
+
+    def for_each_whole_layer(self, fn: Callable[[int, str, Tensor], Result], names: Iterable[str]) -> dict[str, Result]:
+        """``fn(index, name, whole)`` inside ``whole_layer`` for each of ``names`` (index: the layer's position
+        among all sparse layers), two layers at a time. Under FSDP2 this thread gathers the layers in order,
+        at most three ahead of those decided (their transient memory, at once); ``fn`` runs on a worker thread
+        and must not communicate."""
+        positions = {name: index for index, name in enumerate(self._params)}
+
+        def decide(_: int, name: str, param: Tensor) -> Result:
+            with self.whole_layer(name) as whole:
+                return fn(positions[name], name, whole)
+
+        params = {name: self._params[name] for name in names}
+        sharded = any(is_sharded(param) for param in params.values())
+        return for_each_layer(decide, params, self._gather_layer if sharded else None)
+
+    def _gather_layer(self, name: str) -> None:
+        """Gather a sharded layer for ``whole_layer`` (collectives), putting the whole per-weight state in place."""
+        param = self._params[name]
+        states = [state for state in self.per_weight_state() if name in state]
+        shards = [state[name] for state in states]
+        whole = gather(param.detach())
+        whole.grad = None if param.grad is None else gather(param.grad)
+        for state in states:
+            state[name] = gather(state[name])
+        self._gathered[name] = (whole, states, shards)
 
     def check_agreement(self, step: int) -> None:
         """Stop every process at once if they hold different masks (see ``check_masks_agree``): the masks

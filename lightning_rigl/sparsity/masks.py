@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_rigl.sparsity.distributions import live_count
-from lightning_rigl.sparsity.sharding import is_sharded, live_totals, local, local_rows
+from lightning_rigl.sparsity.sharding import is_sharded, live_totals, local, local_positions
 
 if TYPE_CHECKING:
     from lightning_rigl.sparsity.structure import Structure
@@ -144,9 +144,7 @@ def apply_change(
     states = [] if optimizer is None else param_state_tensors(optimizer, param)
     removed, added = change.removed, change.added
     if is_sharded(param):
-        start, stop = local_rows(param)
-        row = param[0].numel()
-        first, end = start * row, stop * row
+        first, end = local_positions(param)  # metadata only: indexing the DTensor would gather it
         here = (added >= first) & (added < end)
         removed = removed[(removed >= first) & (removed < end)] - first
         added = added[here] - first

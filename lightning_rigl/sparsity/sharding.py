@@ -10,6 +10,7 @@ so the same code serves a single process, DDP and FSDP2.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -52,6 +53,13 @@ def local_rows(like: Tensor) -> tuple[int, int]:
     block = -(-rows // like.device_mesh.size())  # torch.chunk's split: ceil(rows / processes) per block
     start = min(like.device_mesh.get_local_rank() * block, rows)
     return start, start + local(like).shape[0]
+
+
+def local_positions(like: Tensor) -> tuple[int, int]:
+    """The flat (row-major) positions [first, end) of the whole tensor that this process's rows of ``like`` hold."""
+    start, stop = local_rows(like)
+    row = math.prod(like.shape[1:])
+    return start * row, stop * row
 
 
 def write_local(sharded: Tensor, whole: Tensor) -> None:
