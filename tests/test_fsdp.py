@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 
-from lightning_rigl import GradualMagnitudePruning, LotteryTicket, Static
+from lightning_rigl import GradualMagnitudePruning, LotteryTicket, RigL, Static
 from lightning_rigl.checkpoints import SHARDED_TENSORS, read_checkpoint
 from lightning_rigl.cli import checkpoint_masks
 from lightning_rigl.models.sharding import shard_blocks
@@ -36,6 +37,7 @@ STEPS = 10
 STRATEGIES = ("ddp", "fsdp2")
 TIMEOUT = timedelta(seconds=60)
 RANK_DEPENDENT = "static_seeded_by_rank"
+IN_RANK_ORDER = "rigl_decided_in_rank_order"
 RESUMED = ("rigl", "snfs", "srigl")  # SNFS: a moving average per weight; SRigL: a structure
 RESUME_AT = 4  # the end of the second epoch of two steps each
 
@@ -71,6 +73,16 @@ class SaveWholeMasks(pl.Callback):
                     "densities": self.sparse.densities, "sharded": self.sharded, "live": self.sparse.live_counts,
                     "flops": None if flops is None else (flops.dense_flops, flops.layer_flops, flops.spent)},
                    self.path)
+
+
+class RigLInRankOrder(RigL):
+    """RigL whose layers finish deciding in a different order on each process: a delay on every other layer,
+    the even ones on rank 0, the odd ones on rank 1."""
+
+    def change_mask(self, name, weights, scores, n_drop, n_grow):
+        if list(self.masks).index(name) % 2 == torch.distributed.get_rank():
+            time.sleep(0.05)
+        return super().change_mask(name, weights, scores, n_drop, n_grow)
 
 
 class StopAfter(pl.Callback):
@@ -135,6 +147,9 @@ def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str
                     torch.save({"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}, out)
     # A seed that differs between ranks: each process draws other whole masks, and must stop at once.
     _record_error(Static(sparsity=0.8, seed=rank), ShardedTinyViT(), Path(folder) / f"{RANK_DEPENDENT}_rank{rank}.pt")
+    # Layers that finish deciding in another order on each process still agree.
+    _record_error(RigLInRankOrder(sparsity=0.8, update_interval=2), ShardedTinyViT(),
+                  Path(folder) / f"{IN_RANK_ORDER}_rank{rank}.pt")
     # Tensor parallelism (the mesh's second dimension) is refused before training.
     _record_error(Static(sparsity=0.8), TinyViT(), Path(folder) / f"tensor_parallel_rank{rank}.pt",
                   data_parallel_size=1, tensor_parallel_size=2)
@@ -204,6 +219,11 @@ def test_processes_that_decide_differently_stop_every_rank(runs: Path) -> None:
         error = torch.load(runs / f"{RANK_DEPENDENT}_rank{rank}.pt", weights_only=True)["error"]
         expected = "MaskDisagreementError: Masks differ between processes at optimizer step 0: rank(s) [1] disagree"
         assert error is not None and error.startswith(expected), error
+
+
+def test_layers_decided_in_another_order_on_each_process_agree(runs: Path) -> None:
+    for rank in (0, 1):
+        assert torch.load(runs / f"{IN_RANK_ORDER}_rank{rank}.pt", weights_only=True)["error"] is None
 
 
 def test_tensor_parallelism_is_refused_before_training(runs: Path) -> None:

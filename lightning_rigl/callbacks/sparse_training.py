@@ -267,8 +267,9 @@ class SparseTraining(Callback, ABC):
             check_masks_agree(self.masks, step)
             return
         decided, self._decided = self._decided, {}
-        if decided:
-            check_digests_agree(torch.stack(list(decided.values())), list(decided), step)
+        names = [name for name in self.masks if name in decided]  # layers finish in any order: compare in one
+        if names:
+            check_digests_agree(torch.stack([decided[name] for name in names]), names, step)
 
     # ------------------------------------------------------------------------------------------- hooks
 
