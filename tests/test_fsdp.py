@@ -53,6 +53,13 @@ class ShardedTinyViT(TinyViT):
         fully_shard(self, mesh=mesh)
 
 
+class BlocksOnlyTinyViT(TinyViT):
+    """TinyViT whose encoder block alone is sharded: the patch embedding and the head stay plain tensors."""
+
+    def configure_model(self) -> None:
+        shard_blocks(self.classifier, self.device_mesh["data_parallel"])
+
+
 class SaveWholeMasks(pl.Callback):
     """Each rank writes the whole masks after every step (gathered from the shards under FSDP2), and at the end
     the whole parameters and the FLOP account."""
@@ -147,12 +154,16 @@ def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str
                     torch.save({"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}, out)
     # A seed that differs between ranks: each process draws other whole masks, and must stop at once.
     _record_error(Static(sparsity=0.8, seed=rank), ShardedTinyViT(), Path(folder) / f"{RANK_DEPENDENT}_rank{rank}.pt")
+    # Global pruning ranks each process's rows: a sparsified parameter left unsharded is refused.
+    _record_error(GradualMagnitudePruning(sparsity=0.8, distribution="global"), BlocksOnlyTinyViT(),
+                  Path(folder) / f"global_partly_sharded_rank{rank}.pt")
     # Layers that finish deciding in another order on each process still agree.
     _record_error(RigLInRankOrder(sparsity=0.8, update_interval=2), ShardedTinyViT(),
                   Path(folder) / f"{IN_RANK_ORDER}_rank{rank}.pt")
     # Tensor parallelism (the mesh's second dimension) is refused before training.
     _record_error(Static(sparsity=0.8), TinyViT(), Path(folder) / f"tensor_parallel_rank{rank}.pt",
                   data_parallel_size=1, tensor_parallel_size=2)
+    _rank_across_two_processes(rank, folder)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -219,6 +230,14 @@ def test_processes_that_decide_differently_stop_every_rank(runs: Path) -> None:
         error = torch.load(runs / f"{RANK_DEPENDENT}_rank{rank}.pt", weights_only=True)["error"]
         expected = "MaskDisagreementError: Masks differ between processes at optimizer step 0: rank(s) [1] disagree"
         assert error is not None and error.startswith(expected), error
+
+
+def test_global_pruning_refuses_a_partly_sharded_model_before_training(runs: Path) -> None:
+    for rank in (0, 1):
+        error = torch.load(runs / f"global_partly_sharded_rank{rank}.pt", weights_only=True)["error"]
+        assert error is not None and error.startswith(
+            "ConfigError: distribution='global' under FSDP2 ranks each process's rows of every layer, so every "
+            "sparsified parameter must be sharded by fully_shard; these are not: ['classifier.conv_proj.weight'"), error
 
 
 def test_layers_decided_in_another_order_on_each_process_agree(runs: Path) -> None:
@@ -310,9 +329,9 @@ def test_only_fully_shards_row_layout_can_be_masked(tmp_path: Path) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _rank_across_two_processes(rank: int, port: int, folder: str) -> None:
-    """Ranks hand-made, tie-heavy scores sharded by rows over two processes; saves the (layer, position) chosen
-    here for each trial."""
+def _rank_across_two_processes(rank: int, folder: str) -> None:
+    """Ranks hand-made, tie-heavy scores sharded by rows over the two processes; saves the (layer, position)
+    chosen here for each trial."""
     import math
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -321,7 +340,6 @@ def _rank_across_two_processes(rank: int, port: int, folder: str) -> None:
     from lightning_rigl.sparsity.distributed_top_k import order_keys, top_k_over_processes
     from lightning_rigl.sparsity.sharding import local, local_rows
 
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
     gen = torch.Generator().manual_seed(1)  # the same scores on both processes
     chosen = []
@@ -340,18 +358,13 @@ def _rank_across_two_processes(rank: int, port: int, folder: str) -> None:
         here = [(layer, int(p)) for layer, (p_layer, k_layer) in enumerate(zip(positions, kept.split(
             [key.numel() for key in keys]))) for p in p_layer[k_layer]]
         chosen.append({"scores": scores, "k": k, "chosen": here})
-    torch.save(chosen, Path(folder) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    torch.save(chosen, Path(folder) / f"top_k_rank{rank}.pt")
 
 
-def test_the_top_k_across_processes_is_the_one_process_ranking(tmp_path: Path) -> None:
+def test_the_top_k_across_processes_is_the_one_process_ranking(runs: Path) -> None:
     """Scores sharded by rows over two processes: together the processes choose exactly the k largest of the
     concatenated scores, ties lowest position first (layer after layer, -0.0 equal to 0.0), without gathering."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_rank_across_two_processes, args=(port, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    ranks = [torch.load(runs / f"top_k_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     for trial, (mine, theirs) in enumerate(zip(*ranks)):
         ranked = sorted((-float(value), layer, position) for layer, scores in enumerate(mine["scores"])
                         for position, value in enumerate(scores.reshape(-1).tolist()))

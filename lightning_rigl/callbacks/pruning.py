@@ -38,6 +38,18 @@ class PruningFromDense(SparseTraining):
     def start_densities(self) -> dict[str, float]:
         return dict.fromkeys(self.targets, 1.0)
 
+    @override
+    def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        super()._check_fit(trainer, optimizer)
+        sharded = {name: is_sharded(param) for name, param in self._params.items()}
+        if self.distribution == GLOBAL and any(sharded.values()) and not all(sharded.values()):
+            raise ConfigError(
+                "distribution='global' under FSDP2 ranks each process's rows of every layer, so every sparsified "
+                "parameter must be sharded by fully_shard; these are not: "
+                f"{[name for name, is_shard in sharded.items() if not is_shard]}. Apply fully_shard to the modules "
+                "that hold them (or to the root module), or exclude them."
+            )
+
     def prune_to(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, scores: Scores, fraction: float) -> None:
         """Prune every layer to ``fraction`` of its target sparsity (1: the targets), or, under "global", the
         whole selection to ``fraction`` of the sparsity; the highest ``scores(name, param)`` survive."""

@@ -20,8 +20,8 @@ _WORKERS = 2
 def for_each_layer(fn: Callable[[int, str, Tensor], Result], params: Mapping[str, Tensor],
                    prepare: Callable[[str], None] | None = None) -> dict[str, Result]:
     """``fn(index, name, param)`` for every layer (index: its position in ``params``), the largest layers first;
-    results keyed by name in ``params``' order. With ``prepare``, ``prepare(name)`` runs first on this thread,
-    layer after layer in ``params``' order, at most ``_WORKERS + 1`` layers ahead of those ``fn`` has finished
+    results keyed by name in ``params``' order. With ``prepare``, the layers go in ``params``' order, and
+    ``prepare(name)`` runs first on this thread, layer after layer, at most ``_WORKERS + 1`` layers ahead of those ``fn`` has finished
     (so at most that many prepared at once). The first exception raised by ``fn`` propagates, once every layer
     is prepared: the other processes' collectives are not left waiting."""
     if prepare is None:
