@@ -52,6 +52,9 @@ class ShardedTinyViT(TinyViT):
         assert shard_blocks(self.classifier, mesh) == 1  # the one encoder block
         fully_shard(self, mesh=mesh)
 
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
 
 class BlocksOnlyTinyViT(TinyViT):
     """TinyViT whose encoder block alone is sharded: the patch embedding and the head stay plain tensors."""
@@ -163,9 +166,26 @@ def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str
     # Tensor parallelism (the mesh's second dimension) is refused before training.
     _record_error(Static(sparsity=0.8), TinyViT(), Path(folder) / f"tensor_parallel_rank{rank}.pt",
                   data_parallel_size=1, tensor_parallel_size=2)
+    _validate_from_folder_of_shards(rank, Path(folder))
     _rank_across_two_processes(rank, folder)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _validate_from_folder_of_shards(rank: int, folder: Path) -> None:
+    """``validate`` with the RigL run's folder of shards (Lightning restores callbacks outside fit too): saves the
+    masks the callback then holds, whole."""
+    sparse = METHODS["rigl"]()
+    trainer = pl.Trainer(accelerator="cpu", devices=2, callbacks=[sparse], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT))
+    try:
+        trainer.validate(ShardedTinyViT(), DataLoader(make_data(32), batch_size=16),
+                         ckpt_path=folder / "rigl" / "sharded.ckpt")
+        record = {"masks": {name: gather(mask).clone() for name, mask in sparse.masks.items()}}
+    except Exception as error:
+        record = {"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}
+    torch.save(record, folder / f"validated_rank{rank}.pt")
 
 
 def _record_error(sparse: pl.Callback, model: pl.LightningModule, path: Path, data_parallel_size: int = 2,
@@ -306,6 +326,15 @@ def test_a_ticket_reads_masks_and_rewind_copy_from_either_checkpoint_form(runs: 
     for name, value in ticket.source_rewind.items():  # taken at step 0, once the initial masks were applied
         expected = initial[name].detach() * initial_masks[name] if name in initial_masks else initial[name].detach()
         assert torch.equal(value, expected), name
+
+
+def test_validate_restores_the_masks_from_a_folder_of_shards(runs: Path) -> None:
+    saved = torch.load(runs / "rigl" / "fsdp2_rank0.pt", weights_only=True)["masks"][RESUME_AT - 1]
+    for rank in (0, 1):
+        record = torch.load(runs / f"validated_rank{rank}.pt", weights_only=True)
+        assert "error" not in record, record.get("error")
+        assert record["masks"].keys() == saved.keys()
+        assert all(torch.equal(record["masks"][name], mask) for name, mask in saved.items())
 
 
 def test_only_fully_shards_row_layout_can_be_masked(tmp_path: Path) -> None:

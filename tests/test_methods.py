@@ -93,6 +93,13 @@ def test_prune_globally_takes_ties_lowest_position_first(numel: int) -> None:
         assert kept == expected, f"trial {trial}"
 
 
+def test_global_pruning_refuses_nan_scores() -> None:
+    masks = {"a": torch.ones(4, dtype=torch.bool)}
+    with pytest.raises(RuntimeError, match=r"The pruning scores of 'a' hold NaN"):
+        prune_globally(masks, {"a": torch.tensor([1.0, math.nan, 0.5, 2.0])}, n_keep=2)
+    assert masks["a"].all()  # nothing pruned
+
+
 # --------------------------------------------------------------------------------------------------- SNFS
 
 

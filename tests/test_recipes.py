@@ -11,6 +11,7 @@ import yaml
 from conftest import run_processes
 from fake_datasets import allow_fake_cifar, write_cifar10, write_cifar100, write_fashion_mnist, write_imagenet_folder
 
+from lightning_rigl.checkpoints import is_sharded_checkpoint
 from lightning_rigl.cli import main
 from lightning_rigl.results import read_results
 
@@ -122,13 +123,17 @@ def test_sharded_recipe_trains_a_few_steps_on_two_processes(datasets: dict[str, 
     """ResNet-50's (its bottleneck blocks sharded one by one); the ViT's differs from it only in the model, whose
     encoder blocks tests/test_fsdp.py shards."""
     recipe = RECIPES / "imagenet_resnet50/rigl_erk_s80_fsdp2.yaml"
+    # A mask update at step 1 (RigL is the last callback), and the final checkpoint as a folder of shards.
     command = [str(Path(sys.executable).with_name("lightning-rigl")), "fit", "--config", str(recipe),
-               *datasets[recipe.parent.name], *smoke_args(recipe), "--trainer.devices", "2",
-               "--trainer.strategy.data_parallel_size", "2", "--data.num_workers", "0"]
+               *datasets[recipe.parent.name], *SMOKE, "--trainer.callbacks.init_args.update_interval", "1",
+               "--trainer.devices", "2", "--trainer.strategy.data_parallel_size", "2"]
     result = run_processes(command, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stderr + result.stdout
-    assert result.stdout.count("Summary") == 1 and "achieved 0." in result.stdout
+    assert result.stdout.count("Summary") == 1 and "achieved 0.8000 over 54 sparse layers, 1 mask update" in \
+        result.stdout
+    (checkpoint,) = tmp_path.glob("runs/imagenet_resnet50/rigl_erk_s80_fsdp2/*/checkpoints/*.ckpt")
+    assert is_sharded_checkpoint(checkpoint)
 
 
 @pytest.mark.parametrize("recipe", TRAINED_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -21,7 +21,7 @@ from lightning_rigl.sparsity.masks import MaskChange, apply_change
 from lightning_rigl.sparsity.schedules import check_step_or_fraction, cubic_sparsity, is_pruning_step, resolve_step
 from lightning_rigl.sparsity.sharding import gather, is_sharded, local, local_positions
 from lightning_rigl.sparsity.targets import resolve_patterns
-from lightning_rigl.sparsity.updates import prune, prune_globally
+from lightning_rigl.sparsity.updates import check_rankable, prune, prune_globally
 
 Scores = Callable[[str, nn.Parameter], Tensor]
 
@@ -41,8 +41,10 @@ class PruningFromDense(SparseTraining):
     @override
     def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         super()._check_fit(trainer, optimizer)
-        sharded = {name: is_sharded(param) for name, param in self._params.items()}
-        if self.distribution == GLOBAL and any(sharded.values()) and not all(sharded.values()):
+        if self.distribution != GLOBAL:
+            return
+        sharded = {name: is_sharded(self._params[name]) for name in self._global_pool()}
+        if any(sharded.values()) and not all(sharded.values()):
             raise ConfigError(
                 "distribution='global' under FSDP2 ranks each process's rows of every layer, so every sparsified "
                 "parameter must be sharded by fully_shard; these are not: "
@@ -71,11 +73,15 @@ class PruningFromDense(SparseTraining):
         self.check_agreement(trainer.global_step)
         self._log(trainer, {"sparsity/target": fraction * self._target_sparsity(), **self.density_metrics()})
 
+    def _global_pool(self) -> list[str]:
+        """The layers ``distribution="global"`` ranks together: the sparsified ones outside ``dense``."""
+        dense = resolve_patterns(list(self._params), self.dense, "dense")
+        return [name for name in self._params if name not in dense]
+
     def _prune_globally(self, optimizer: torch.optim.Optimizer, scores: Scores, fraction: float) -> None:
         shapes = {name: tuple(p.shape) for name, p in self._params.items()}
-        dense = resolve_patterns(list(shapes), self.dense, "dense")
-        pool = [name for name in shapes if name not in dense]
-        n_keep = global_live_total(shapes, self.sparsity * fraction, dense)
+        pool = self._global_pool()
+        n_keep = global_live_total(shapes, self.sparsity * fraction, set(shapes) - set(pool))
         if n_keep >= sum(live_count(self._params[name].numel(), self.densities[name]) for name in pool):
             return
         if any(is_sharded(self._params[name]) for name in pool):
@@ -99,6 +105,7 @@ class PruningFromDense(SparseTraining):
             with self.whole_layer(name) as whole:
                 live = self.masks[name].view(-1).nonzero().squeeze(1)
                 values = scores(name, whole).reshape(-1).take(live).to(torch.float64)
+                check_rankable(values, name)  # the whole layer: every process raises alike
                 values[values.argmax()] = math.inf  # each layer's best connection survives (the first, if tied)
                 first, end = local_positions(self._params[name])
                 here = (live >= first) & (live < end)

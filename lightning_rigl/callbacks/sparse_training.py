@@ -250,8 +250,11 @@ class SparseTraining(Callback, ABC):
         return for_each_layer(decide, params, self._gather_layer if sharded else None)
 
     def _gather_layer(self, name: str) -> None:
-        """Gather a sharded layer for ``whole_layer`` (collectives), putting the whole per-weight state in place."""
+        """Gather a sharded layer for ``whole_layer`` (collectives), putting the whole per-weight state in place;
+        nothing for a plain one."""
         param = self._params[name]
+        if not is_sharded(param):
+            return
         states = [state for state in self.per_weight_state() if name in state]
         shards = [state[name] for state in states]
         whole = gather(param.detach())
@@ -341,7 +344,7 @@ class SparseTraining(Callback, ABC):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._params, self._all_params = {}, {}  # drop references to the model
+        self._params, self._all_params, self._gathered = {}, {}, {}  # drop references to the model
         self._optimizer = None
 
     @override
@@ -378,16 +381,17 @@ class SparseTraining(Callback, ABC):
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Tensors saved as shards come back as shards: each process reads its rows from the folder. Only
-        # ModelParallelStrategy writes them, and it restores after on_fit_start, when the parameters are known.
+        # ModelParallelStrategy writes them, and it restores once the model is sharded.
         state = saved_state(checkpoint)
         if state is None or SHARDED_TENSORS not in state:
             return
         names = state.pop(SHARDED_TENSORS)
-        missing = sorted({name for tensors in names.values() for name in tensors} - set(self._all_params))
+        params = dict(pl_module.named_parameters())  # sharded as when saved (test and validate restore too)
+        missing = sorted({name for tensors in names.values() for name in tensors} - set(params))
         if missing:
             raise RuntimeError(f"The checkpoint {trainer.ckpt_path} holds sharded state for parameters this model "
                                f"lacks: {missing}.")
-        like = {kind: {name: self._all_params[name] for name in tensors} for kind, tensors in names.items()}
+        like = {kind: {name: params[name] for name in tensors} for kind, tensors in names.items()}
         for kind, tensors in load_sharded_tensors(Path(trainer.ckpt_path), STATE_KEY, like).items():
             state.setdefault(kind, {}).update(tensors)
 

@@ -118,6 +118,17 @@ def _first_tied(scores: Tensor, value: Tensor, count: int, exclude: Tensor | Non
     return torch.cat(found) if count == 0 else None
 
 
+def check_rankable(values: Tensor, name: str) -> None:
+    """Refuse NaN scores for a ranking (a NaN is neither above nor below any threshold).
+
+    Raises:
+        RuntimeError: ``values`` (layer ``name``'s scores) hold a NaN.
+    """
+    if bool(values.isnan().any()):
+        raise RuntimeError(f"The pruning scores of {name!r} hold NaN: its weights or gradients are NaN (the run has "
+                           "diverged). Lower the learning rate, or clip the gradients.")
+
+
 def _top_k_lowest_ties(scores: Tensor, k: int) -> Tensor:
     """``top_k_indices`` (largest), with ties at the k-th score taken lowest position first whatever path it took:
     the rule ``distributed_top_k`` keeps across processes, so that sharded and replicated runs choose alike."""
@@ -215,7 +226,8 @@ def prune_globally(masks: Mapping[str, Tensor], scores: Mapping[str, Tensor], n_
     sizes = [positions.numel() for positions in live]
     if not len(names) <= n_keep <= sum(sizes):
         raise ValueError(f"n_keep={n_keep} must be within [{len(names)}, {sum(sizes)}] (one per layer, all live).")
-    for layer_values in values:
+    for name, layer_values in zip(names, values):
+        check_rankable(layer_values, name)
         layer_values[layer_values.argmax()] = math.inf  # each layer's best connection survives (the first, if tied)
     kept = _top_k_lowest_ties(torch.cat(values), n_keep).sort().values
     offsets = torch.tensor([0, *itertools.accumulate(sizes)], device=device)
