@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
-import torch
 from typing import ClassVar
 
+import pytorch_lightning as pl
+import torch
 from typing_extensions import override
 
 from lightning_rigl.callbacks.sparse_training import SparseTraining
