@@ -1,4 +1,6 @@
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from lightning_rigl.sparsity import (
     top_k_indices,
 )
 from lightning_rigl.sparsity.masks import Stream, generator
+from lightning_rigl.sparsity.parallel import for_each_layer
 from lightning_rigl.sparsity.schedules import cubic_sparsity, is_pruning_step, resolve_step
 
 # A 4×4 layer with 6 live weights; dropping 2 removes the smallest |w| (0.1 at (0,1), -0.2 at (2,2)).
@@ -233,3 +236,28 @@ def test_mask_digest_tells_apart_masks_with_other_live_positions() -> None:
     grid = torch.rand(2, 3, 4, 5) > 0.5
     assert torch.equal(mask_digest({"w": grid}), mask_digest({"w": grid.to(memory_format=torch.channels_last)}))
     assert mask_digest({}).shape == (0, 3)
+
+
+def test_prepared_layers_run_in_order_on_the_calling_thread_at_most_three_ahead() -> None:
+    """What every process must do in the same order (gathers, under FSDP2) runs on this thread, in the layers'
+    order, and never more than three layers are prepared and not yet finished (the transient memory bound)."""
+    params = {f"layer{i}": torch.zeros(i + 1) for i in range(12)}
+    lock, prepared, finished, ahead = threading.Lock(), [], [], []
+
+    def prepare(name: str) -> None:
+        assert threading.current_thread() is threading.main_thread()
+        with lock:
+            prepared.append(name)
+            ahead.append(len(prepared) - len(finished))
+
+    def decide(index: int, name: str, param: torch.Tensor) -> int:
+        assert name in prepared  # prepared before it runs
+        time.sleep(0.005 * (1 + index % 3))  # slower than preparing, and finishing out of order
+        with lock:
+            finished.append(name)
+        return index
+
+    results = for_each_layer(decide, params, prepare)
+    assert prepared == list(params) and sorted(finished) == sorted(params)
+    assert results == {name: index for index, name in enumerate(params)}
+    assert max(ahead) <= 3

@@ -100,17 +100,18 @@ class PruningFromDense(SparseTraining):
         """``prune_globally`` under FSDP2 without gathering the pool: each layer is gathered alone to score it
         (its best connection marked to survive), each process keeps its rows' live scores, and the ranking runs
         across the processes (``top_k_over_processes``). Changes hold whole-weight positions."""
-        keys, positions = [], []
-        for name in pool:
-            with self.whole_layer(name) as whole:
-                live = self.masks[name].view(-1).nonzero().squeeze(1)
-                values = scores(name, whole).reshape(-1).take(live).to(torch.float64)
-                check_rankable(values, name)  # the whole layer: every process raises alike
-                values[values.argmax()] = math.inf  # each layer's best connection survives (the first, if tied)
-                first, end = local_positions(self._params[name])
-                here = (live >= first) & (live < end)
-                keys.append(order_keys(values[here]))
-                positions.append(live[here])
+
+        def score_layer(index: int, name: str, whole: Tensor) -> tuple[Tensor, Tensor]:
+            """This process's rows of the layer: the keys of their live scores, and their whole-weight positions."""
+            live = self.masks[name].view(-1).nonzero().squeeze(1)
+            values = scores(name, whole).reshape(-1).take(live).to(torch.float64)
+            check_rankable(values, name)  # the whole layer: every process raises alike
+            values[values.argmax()] = math.inf  # each layer's best connection survives (the first, if tied)
+            first, end = local_positions(self._params[name])
+            here = (live >= first) & (live < end)
+            return order_keys(values[here]), live[here]
+
+        keys, positions = zip(*self.for_each_whole_layer(score_layer, pool).values())
         kept = top_k_over_processes(torch.cat(keys), n_keep, [p.numel() for p in positions], self._params[pool[0]])
         changes = {}
         for name, position, survives in zip(pool, positions, kept.split([p.numel() for p in positions])):

@@ -89,16 +89,12 @@ def random_masks(params: Mapping[str, Tensor], densities: Mapping[str, float], s
     """For each named tensor, a mask with exactly ``live_count(numel, density)`` live positions drawn at random
     (within ``structure`` for the sparse layers, if given): the initial masks of a sparse callback with this
     ``seed`` (same layer order, same numbers). The tensors are only read (shape, device)."""
-    return {name: initial_mask(index, param, densities[name], seed, structure)
-            for index, (name, param) in enumerate(params.items())}
-
-
-def initial_mask(index: int, param: Tensor, density: float, seed: int = 0,
-                 structure: Structure | None = None) -> Tensor:
-    """The initial mask of the ``index``-th sparse layer (see ``random_masks``), whole, on the parameter's device."""
-    n_live, gen = live_count(param.numel(), density), generator(seed, Stream.INITIAL_MASK, 0, index)
-    draw = random_mask if structure is None or n_live == param.numel() else structure.random_mask
-    return draw(param.shape, n_live, gen, param.device)
+    masks = {}
+    for index, (name, param) in enumerate(params.items()):
+        n_live, gen = live_count(param.numel(), densities[name]), generator(seed, Stream.INITIAL_MASK, 0, index)
+        draw = random_mask if structure is None or n_live == param.numel() else structure.random_mask
+        masks[name] = draw(param.shape, n_live, gen, param.device)
+    return masks
 
 
 @dataclass
