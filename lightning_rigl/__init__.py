@@ -16,7 +16,7 @@ from lightning_rigl.callbacks import (
     Static,
 )
 from lightning_rigl.classifier import ImageClassifier
-from lightning_rigl.resume import AtomicCheckpointIO, RequeueAtStepEnd, ResumeBetweenEpochs
+from lightning_rigl.resume import AtomicCheckpointIO, ExactResume, RequeueAtStepEnd
 
 __version__ = "0.1.0"
 
@@ -27,13 +27,13 @@ __all__ = [
     "SNIP",
     "SRigL",
     "DynamicSparseTraining",
+    "ExactResume",
     "GradualMagnitudePruning",
     "ImageClassifier",
     "LotteryTicket",
     "MaskDisagreementError",
     "PruningFromDense",
     "RequeueAtStepEnd",
-    "ResumeBetweenEpochs",
     "RigL",
     "SparseTraining",
     "Static",

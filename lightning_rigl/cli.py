@@ -35,7 +35,7 @@ from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import Line, Panel, plot_densities, plot_panels
 from lightning_rigl.results import RESULTS_FILE, run_results, write_results
-from lightning_rigl.resume import RequeueAtStepEnd, ResumeBetweenEpochs, join_torchrun_attempt, slurm_job
+from lightning_rigl.resume import ExactResume, RequeueAtStepEnd, join_torchrun_attempt, slurm_job
 from lightning_rigl.summary import checkpoint_summary, fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
@@ -304,7 +304,7 @@ def main(args: Sequence[str] | None = None) -> None:
             subclass_mode_data=True,
             args=args,
             seed_everything_default=0,
-            trainer_defaults={"callbacks": [ResumeBetweenEpochs(), RequeueAtStepEnd()],
+            trainer_defaults={"callbacks": [ExactResume(), RequeueAtStepEnd()],
                               "plugins": [{"class_path": "lightning_rigl.AtomicCheckpointIO"}]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs=parser_kwargs(),

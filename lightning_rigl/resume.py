@@ -1,19 +1,21 @@
-"""Resuming runs: a step-counted run from a checkpoint saved at the end of an epoch, a SLURM job requeued from a
-checkpoint saved between two steps, checkpoints that a kill cannot leave half-written, and logs that go on
-where a restarted job left them."""
+"""Resuming runs: exactly, from any checkpoint (the batches, the random draws and the epoch boundaries of the
+uninterrupted run); a SLURM job requeued from a checkpoint saved between two steps; checkpoints that a kill cannot
+leave half-written; and logs that go on where a restarted job left them."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import os
+import random
 import signal
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -30,50 +32,163 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 
-class ResumeBetweenEpochs(Callback):
-    """Makes a step-counted run (``trainer.max_steps`` set, as in every recipe) resume from an end-of-epoch
-    checkpoint at the start of the next epoch, as the uninterrupted run went on.
+class ExactResume(Callback):
+    """Makes a run resumed from a checkpoint go on as the uninterrupted run went on: the same batches, the same
+    random draws, the same epoch boundaries, from a checkpoint taken at any step, in the middle of an epoch or at
+    its end, whether the run is counted in steps, in epochs or both. Lightning 2.6 alone misses three things:
 
-    Lightning (2.6) restores a checkpoint saved in ``on_train_epoch_end`` (where ``ModelCheckpoint`` saves) as
-    an epoch still running when the run is counted in steps: the resumed run closes an epoch early (calling
-    ``on_train_epoch_end`` again), so every later epoch boundary and every sampler epoch is shifted from the
-    uninterrupted run, which sees other batches. Runs counted in epochs resume correctly and are left alone.
-    This callback marks the checkpoint's last epoch as finished before Lightning reads its loop state, and
-    lets the next epoch start as a new one (so validation is logged at the same steps as without the
-    interruption). Other checkpoints are left as they are. Of those, a mid-epoch checkpoint resumes with the
-    epoch's remaining batches where the training loader records its position (``TrainingLoader``).
+    - **The training loader made too early.** ``trainer.estimated_stepping_batches`` (a learning-rate schedule in
+      ``configure_optimizers``, a sparse callback's ``on_fit_start``) makes the training loader and its first
+      iterator before the checkpoint's loop state is restored, whenever the run sets ``max_epochs``. Lightning then
+      neither hands the loader its position (``TrainingLoader``) nor makes the iterator again: a run resumed in the
+      middle of an epoch starts epoch 0's order from its beginning, and one resumed at an epoch's end does so too
+      where loader workers draw the order when the iterator is made. A resumed run's iterator is made again at
+      train start, with the position.
+    - **Random states.** Each process's torch (CPU and the current CUDA device), NumPy and Python ``random``
+      states at the end of the last training batch go into every checkpoint, and every training batch starts from
+      the state the previous one ended with (restored from the checkpoint for the first batch after a resume), so
+      dropout, stochastic depth and any draw of a training step resume bit for bit. Draws between batches
+      (validation, a new epoch's loader) no longer shift the training steps' stream. A run resumed on another
+      number of processes cannot restore them: it warns, and goes on from its own states.
+    - **End-of-epoch checkpoints of step-counted runs.** Lightning restores a checkpoint saved in
+      ``on_train_epoch_end`` (where ``ModelCheckpoint`` saves) as an epoch still running when ``max_steps`` is
+      set: the resumed run closes an epoch early, so every later epoch boundary and every sampler epoch is
+      shifted. The checkpoint's last epoch is marked finished before Lightning reads it, and the next epoch starts
+      as a new one (so validation is logged at the same steps as without the interruption).
 
-    ``lightning-rigl`` adds it to every run; add it to your own ``Trainer`` if you resume step-counted runs.
+    ``lightning-rigl`` adds it to every run; add it to your own ``Trainer`` (``callbacks=[ExactResume(), ...]``),
+    with the data in training order (:class:`~lightning_rigl.data.order.TrainingLoader`, augmentation through
+    :class:`~lightning_rigl.data.augment.Transformed`).
     """
 
     def __init__(self) -> None:
         self._starts_an_epoch = False
+        self._states: RandomStates | None = None  # as the last training batch ended (or restored)
+        self._in_batch = False
 
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
-        epochs, batches = fit_loop.get("epoch_progress"), fit_loop.get("epoch_loop.batch_progress")
-        if trainer.max_steps == -1 or epochs is None or batches is None:
-            return
-        saved_at_epoch_end = all(
-            counts["ready"] == counts["started"] == counts["processed"] == counts["completed"] + 1
-            for counts in (epochs["total"], epochs["current"])
-        )
-        if not (saved_at_epoch_end and batches["is_last_batch"]):
-            return
-        for counts in (epochs["total"], epochs["current"]):
-            counts["started"] = counts["processed"] = counts["completed"] = counts["ready"]
-        batches["current"] = dict.fromkeys(batches["current"], 0)
-        batches["is_last_batch"] = False
-        self._starts_an_epoch = True
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == "fit" and self.state_key not in checkpoint.get("callbacks", {}):
+            rank_zero_warn("The checkpoint holds no random states (saved without ExactResume): dropout and other "
+                           "random draws of the resumed run differ from the uninterrupted run's.")
+        if trainer.max_steps != -1:
+            self._starts_an_epoch = _finish_saved_epoch(checkpoint)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loop = trainer.fit_loop
+        if trainer.ckpt_path is not None and loop._data_fetcher is not None:
+            loop._load_combined_loader_states()  # left pending when the loader was made before the restore
+            iter(loop._data_fetcher)  # the restored epoch's iterator, from its restored position
         if self._starts_an_epoch:
             # Restarting, the epoch loop would take one turn without a batch (its "restarted on last" stage),
             # which shifts the steps validation is logged at by one.
-            trainer.fit_loop.epoch_loop.restarting = False
+            loop.epoch_loop.restarting = False
             self._starts_an_epoch = False
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._states is not None:
+            self._states.restore()
+        self._in_batch = True
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._states = RandomStates.capture()
+        self._in_batch = False
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in the middle of a batch (from its step, or a batch-end hook before this one): the states now.
+        states = self._states if self._states is not None and not self._in_batch else RandomStates.capture()
+        return {"random_states": _per_process(states.saved())}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["random_states"]
+        processes, rank = _process_count_and_rank()
+        if len(saved) != processes:
+            rank_zero_warn(f"The checkpoint holds the random states of {len(saved)} processes, this run has "
+                           f"{processes}: each process goes on from its own, so dropout and other random draws "
+                           "differ from the uninterrupted run's.")
+            self._states = None
+            return
+        self._states = RandomStates.from_saved(saved[rank])
+
+
+class RandomStates(NamedTuple):
+    """The random states a training step draws from in one process: torch's CPU generator, the current CUDA
+    device's (None where CUDA is not in use), NumPy's global generator and Python's ``random``."""
+
+    torch_cpu: torch.Tensor
+    torch_cuda: torch.Tensor | None
+    numpy: tuple[Any, ...]
+    python: tuple[Any, ...]
+
+    @classmethod
+    def capture(cls) -> RandomStates:
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda, np.random.get_state(), random.getstate())
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda is not None and torch.cuda.is_initialized():
+            torch.cuda.set_rng_state(self.torch_cuda)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
+
+    def saved(self) -> dict[str, Any]:
+        """Tensors and plain Python values only, as Lightning's ``weights_only`` loading accepts."""
+        name, keys, position, has_gauss, gauss = self.numpy
+        return {"torch_cpu": self.torch_cpu, "torch_cuda": self.torch_cuda, "python": self.python,
+                "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)}
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> RandomStates:
+        name, keys, position, has_gauss, gauss = saved["numpy"]
+        numpy = (name, keys.numpy().astype(np.uint32), position, has_gauss, gauss)
+        version, internal, gauss_next = saved["python"]
+        return cls(saved["torch_cpu"], saved["torch_cuda"], numpy, (version, tuple(internal), gauss_next))
+
+
+def _process_count_and_rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _per_process(value: Any) -> list[Any]:
+    """``value`` of every process, by global rank (every process calls this: Lightning builds a checkpoint on each
+    and writes rank 0's)."""
+    processes, _ = _process_count_and_rank()
+    if processes == 1:
+        return [value]
+    gathered: list[Any] = [None] * processes
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _finish_saved_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Marks the last epoch of a step-counted run's checkpoint saved at that epoch's end as finished (the batch
+    counts of the epoch reset, the run's kept); whether it did. Other checkpoints are left as they are."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = fit_loop.get("epoch_progress"), fit_loop.get("epoch_loop.batch_progress")
+    if epochs is None or batches is None:
+        return False
+    saved_at_epoch_end = all(
+        counts["ready"] == counts["started"] == counts["processed"] == counts["completed"] + 1
+        for counts in (epochs["total"], epochs["current"])
+    )
+    if not (saved_at_epoch_end and batches["is_last_batch"]):
+        return False
+    for counts in (epochs["total"], epochs["current"]):
+        counts["started"] = counts["processed"] = counts["completed"] = counts["ready"]
+    batches["current"] = dict.fromkeys(batches["current"], 0)
+    batches["is_last_batch"] = False
+    return True
 
 
 class RequeueAtStepEnd(Callback):

@@ -115,10 +115,11 @@ def train(
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def run_processes(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs a command that starts several processes (Lightning launches them) in ``cwd``; after gloo's teardown
-    abort, removes ``cwd/runs`` and tries once more."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_processes(command: list[str], cwd: Path, timeout: float = 300,
+                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs a command that starts several processes (Lightning launches them) in ``cwd`` (with ``env``, this
+    process's environment by default); after gloo's teardown abort, removes ``cwd/runs`` and tries once more."""
+    env = {**(os.environ if env is None else env), "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:
         shutil.rmtree(cwd / "runs", ignore_errors=True)

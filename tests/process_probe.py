@@ -1,6 +1,6 @@
 """A callback the resume tests add to the command's run through a config file (so it must be importable by class
 path: tests/ is on sys.path under pytest, and on PYTHONPATH for torchrun): each process records digests of its
-masks and parameters (whole, under FSDP2) after every step and writes them, with its final masks and parameters, to
+batches, masks and parameters (whole, under FSDP2) after every step and writes them, with its final masks and parameters, to
 ``folder/rank<global rank>.pt``; optionally it stops the run after a given step, as a crash after that epoch's
 checkpoint would leave it."""
 
@@ -20,8 +20,8 @@ from lightning_rigl.sparsity.sharding import gather, is_sharded
 
 
 class RecordMasksPerProcess(pl.Callback):
-    """Writes ``{"mask_digests" and "param_digests": [(step, sha256)], "masks", "params", "updates",
-    "global_step", "checkpoint_io"}`` per process.
+    """Writes ``{"batch_digests", "mask_digests" and "param_digests": [(step, sha256)], "masks", "params",
+    "updates", "global_step", "checkpoint_io"}`` per process.
 
     Args:
         folder: where ``rank<N>.pt`` goes.
@@ -39,6 +39,7 @@ class RecordMasksPerProcess(pl.Callback):
         self.signal_at_step, self.kill_at_step, self.kill_rank = signal_at_step, kill_at_step, kill_rank
         self.digests: list[tuple[int, str]] = []
         self.param_digests: list[tuple[int, str]] = []
+        self.batch_digests: list[tuple[int, str]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.signal_at_step:
@@ -61,6 +62,8 @@ class RecordMasksPerProcess(pl.Callback):
             params.update(name.encode() + gather(param.detach()).cpu().numpy().tobytes())
         self.digests.append((trainer.global_step, masks.hexdigest()))
         self.param_digests.append((trainer.global_step, params.hexdigest()))
+        self.batch_digests.append((trainer.global_step, hashlib.sha256(b"".join(
+            tensor.cpu().numpy().tobytes() for tensor in batch)).hexdigest()))
         if self.stop_after_step is not None and trainer.global_step >= self.stop_after_step:
             trainer.should_stop = True
 
@@ -68,6 +71,7 @@ class RecordMasksPerProcess(pl.Callback):
         sparse = self._sparse(trainer)
         self.folder.mkdir(parents=True, exist_ok=True)
         torch.save({"mask_digests": self.digests, "param_digests": self.param_digests,
+                    "batch_digests": self.batch_digests,
                     "masks": {name: gather(mask).cpu() for name, mask in sparse.masks.items()},
                     "params": {name: gather(p.detach()).cpu().clone() for name, p in pl_module.named_parameters()},
                     "sharded": any(is_sharded(mask) for mask in sparse.masks.values()),

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_rigl.data.augment import Transformed
 from lightning_rigl.data.order import TrainingLoader, training_order
 from lightning_rigl.errors import ConfigError
 
@@ -121,13 +122,14 @@ def hold_out(size: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.T
 class HoldOutDataModule(ImageDataModule):
     """A data module whose validation set, if any, is held out from the training split.
 
-    The held-out images come from ``_train_views()[1]``, the training split under the test-time transform,
-    so validation sees no augmentation.
+    Training images go through ``_train_transform`` (augmentation, as a function of the run's seed, the epoch and
+    the image's index alone: :class:`~lightning_rigl.data.augment.Transformed`), held-out images through
+    ``_eval_transform``, so validation sees no augmentation.
 
     Args:
         data_dir, batch_size, num_workers: as in :class:`ImageDataModule`.
         val_size: number of training images held out for validation, >= 0; 0 means no validation set.
-        seed: seeds the hold-out split only (the shuffling follows ``seed_everything``).
+        seed: seeds the hold-out split only (the shuffling and the augmentation follow ``seed_everything``).
 
     Raises:
         ConfigError: ``val_size`` < 0 (here), or not smaller than the training split (at setup).
@@ -140,18 +142,31 @@ class HoldOutDataModule(ImageDataModule):
         self.val_size = val_size
         self.seed = seed
 
-    def _train_views(self) -> tuple[Dataset, Dataset]:
-        """The training split twice, index for index: with the training transform and with the test-time one."""
+    def _train_split(self) -> Dataset:
+        """The training split as read, ``(input, target)`` items before any transform."""
         raise NotImplementedError
 
+    def _train_transform(self) -> Callable[[Any], Any] | None:
+        """The training inputs' transform; None: none."""
+        return None
+
+    def _eval_transform(self) -> Callable[[Any], Any] | None:
+        """The held-out and test inputs' transform; None: none."""
+        return None
+
     def _fit_sets(self) -> tuple[Dataset, Dataset | None]:
-        augmented, plain = self._train_views()
+        split = self._train_split()
         if self.val_size == 0:
-            return augmented, None
-        if self.val_size >= len(augmented):
-            raise ConfigError(
-                f"data.val_size={self.val_size} leaves no training images: the training split has "
-                f"{len(augmented)}; set data.val_size below that."
-            )
-        train_idx, val_idx = hold_out(len(augmented), self.val_size, self.seed)
-        return Subset(augmented, train_idx.tolist()), Subset(plain, val_idx.tolist())
+            return transformed(split, self._train_transform()), None
+        size = len(split)  # type: ignore[arg-type]
+        if self.val_size >= size:
+            raise ConfigError(f"data.val_size={self.val_size} leaves no training images: the training split has "
+                              f"{size}; set data.val_size below that.")
+        train_idx, val_idx = hold_out(size, self.val_size, self.seed)
+        return (transformed(Subset(split, train_idx.tolist()), self._train_transform()),
+                transformed(Subset(split, val_idx.tolist()), self._eval_transform()))
+
+
+def transformed(dataset: Dataset, transform: Callable[[Any], Any] | None) -> Dataset:
+    """``dataset`` with ``transform`` applied to its inputs (:class:`Transformed`), or as it is when None."""
+    return dataset if transform is None else Transformed(dataset, transform)

@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from lightning_rigl.data.augment import Transformed
 from lightning_rigl.data.base import HoldOutDataModule, default_download_dir, download
 from lightning_rigl.errors import ConfigError
-
-
-class Transformed(Dataset):
-    """``dataset`` with ``transform`` applied to each image, so two views can share one copy of the pixels."""
-
-    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any]) -> None:
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image, label = self.dataset[index]
-        return self.transform(image), label
 
 
 class CIFARDataModule(HoldOutDataModule):
     """A CIFAR dataset of 50,000 training and 10,000 test images of 32 × 32 RGB pixels, read by torchvision.
 
     Training images get a random 32 × 32 crop of the image padded by 4 pixels of zeros and a random horizontal
-    flip; every image is then scaled to [0, 1] and normalised per channel by the training split's mean and std.
-    Validation (held out from the training split) and test images are only normalised.
+    flip, drawn from the run's seed, the epoch and the image's index alone (so a resumed run, and a run with
+    another number of loader workers, augments each image as the uninterrupted one does); every image is then
+    scaled to [0, 1] and normalised per channel by the training split's mean and std. Validation (held out from
+    the training split) and test images are only normalised.
 
     Args:
         data_dir: the folder holding torchvision's extracted archive (``cifar-10-batches-py`` or
@@ -100,10 +86,8 @@ class CIFARDataModule(HoldOutDataModule):
                 f"{self.dataset_class.base_folder}."
             ) from error
 
-    def _train_views(self) -> tuple[Transformed, Transformed]:
-        # One copy of the 150 MB pixel array, seen through the augmenting and the plain transform.
-        train = self._load(train=True)
-        return Transformed(train, self._train_transform()), Transformed(train, self._eval_transform())
+    def _train_split(self) -> datasets.CIFAR10:
+        return self._load(train=True)
 
     def _test_set(self) -> Transformed:
         return Transformed(self._load(train=False), self._eval_transform())

@@ -117,9 +117,8 @@ class FashionMNISTDataModule(HoldOutDataModule):
         image_name, label_name = _FILES[split]
         return load_tensors(files[image_name], files[label_name])
 
-    def _train_views(self) -> tuple[TensorDataset, TensorDataset]:
-        train = self._load("train")
-        return train, train  # no augmentation: training and validation read the same tensors
+    def _train_split(self) -> TensorDataset:
+        return self._load("train")  # no augmentation: training and validation read the same tensors
 
     def _test_set(self) -> TensorDataset:
         return self._load("test")

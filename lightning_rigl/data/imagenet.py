@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torchvision import datasets, transforms
 
+from lightning_rigl.data.augment import Transformed
 from lightning_rigl.data.base import ImageDataModule
 from lightning_rigl.errors import ConfigError
 
@@ -22,8 +23,9 @@ def class_folders(path: Path) -> list[str]:
 class ImageNetDataModule(ImageDataModule):
     """ImageFolder trees ``<data_dir>/train/<class>/*.JPEG`` and ``<data_dir>/val/<class>/*.JPEG``.
 
-    Training images get a random resized crop of ``image_size`` pixels and a random horizontal flip; validation
-    images are resized to ``image_size · 256/224`` pixels on their short side and centre-cropped to
+    Training images get a random resized crop of ``image_size`` pixels and a random horizontal flip, drawn from
+    the run's seed, the epoch and the image's index alone (:class:`~lightning_rigl.data.augment.Transformed`);
+    validation images are resized to ``image_size · 256/224`` pixels on their short side and centre-cropped to
     ``image_size``. Both are normalised by ImageNet's per-channel mean and std.
 
     The ``val`` folder serves both validation and test, as in the RigL paper, which reports accuracy on the
@@ -76,7 +78,7 @@ class ImageNetDataModule(ImageDataModule):
             raise ConfigError(f"{val_dir} must hold the same class folders as {train_dir}; the flat ILSVRC-2012 "
                               "validation images must be sorted into one folder per class.")
 
-    def _folder(self, split: str, transform: transforms.Compose) -> datasets.ImageFolder:
+    def _folder(self, split: str, transform: transforms.Compose | None = None) -> datasets.ImageFolder:
         assert self.data_dir is not None  # checked in __init__
         try:
             return datasets.ImageFolder(str(self.data_dir / split), transform=transform)
@@ -99,9 +101,9 @@ class ImageNetDataModule(ImageDataModule):
             transforms.Normalize(MEAN, STD),
         ])
 
-    def _fit_sets(self) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    def _fit_sets(self) -> tuple[Transformed, datasets.ImageFolder]:
         val_set = self._test_set()  # checks the layout first
-        return self._folder("train", self._train_transform()), val_set
+        return Transformed(self._folder("train"), self._train_transform()), val_set
 
     def _test_set(self) -> datasets.ImageFolder:
         self._check_layout()

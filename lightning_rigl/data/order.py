@@ -13,6 +13,8 @@ import pytorch_lightning as pl
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_rigl.data.augment import ExampleKey, takes_example_keys
+
 if TYPE_CHECKING:
     from pytorch_lightning.loops.fit_loop import _FitLoop
 
@@ -35,10 +37,13 @@ class EpochShuffle(DistributedSampler):
         seed: the base seed, by default the one ``seed_everything`` set (``PL_GLOBAL_SEED``), as for the
             ``DistributedSampler`` Lightning would insert.
         epoch_of: the epoch (0-based) whose order iteration starts; None: the one ``set_epoch`` last gave.
+        keys: yield :class:`~lightning_rigl.data.augment.ExampleKey` items (index, epoch, seed) instead of bare
+            indices, for a dataset that augments each example as a function of them
+            (:class:`~lightning_rigl.data.augment.Transformed`).
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None,
-                 seed: int | None = None, epoch_of: Callable[[], int] | None = None) -> None:
+                 seed: int | None = None, epoch_of: Callable[[], int] | None = None, keys: bool = False) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
             num_replicas = dist.get_world_size() if distributed else 1
@@ -48,20 +53,25 @@ class EpochShuffle(DistributedSampler):
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.epoch_of = epoch_of
+        self.keys = keys
         self._resume: tuple[int, int] | None = None
 
     def resume_at(self, epoch: int, done: int) -> None:
-        """Make the next iteration, if it is of ``epoch``, start after the first ``done`` indices of this process's
-        share (those a run resumed in the middle of that epoch has trained on already)."""
+        """Make iterations of ``epoch`` start after the first ``done`` indices of this process's share (those a run
+        resumed in the middle of that epoch has trained on already); iterations of later epochs are whole."""
         self._resume = (epoch, done)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[ExampleKey]:
         if self.epoch_of is not None:
             self.set_epoch(self.epoch_of())
         indices = super().__iter__()
-        resume, self._resume = self._resume, None
-        if resume is not None and resume[0] == self.epoch:
-            return itertools.islice(indices, resume[1], None)
+        if self._resume is not None and self.epoch > self._resume[0]:
+            self._resume = None
+        if self._resume is not None and self._resume[0] == self.epoch:
+            indices = itertools.islice(indices, self._resume[1], None)
+        if self.keys:
+            epoch, seed = self.epoch, self.seed
+            return (ExampleKey(index, epoch, seed) for index in indices)
         return indices
 
 
@@ -97,12 +107,14 @@ class TrainingLoader(DataLoader):
 
 def training_order(dataset: Dataset, trainer: pl.Trainer | None) -> EpochShuffle:
     """The sampler of ``trainer``'s training loader: this process's share (as the strategy's data-parallel
-    processes split it), epochs counted by the trainer's fit loop."""
+    processes split it), epochs counted by the trainer's fit loop; keys instead of indices for a dataset that
+    takes them (:func:`~lightning_rigl.data.augment.takes_example_keys`)."""
+    keys = takes_example_keys(dataset)
     if trainer is None:
-        return EpochShuffle(dataset)
+        return EpochShuffle(dataset, keys=keys)
     share = trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
     return EpochShuffle(dataset, num_replicas=share["num_replicas"], rank=share["rank"],
-                        epoch_of=lambda: _epoch_to_draw(trainer.fit_loop))
+                        epoch_of=lambda: _epoch_to_draw(trainer.fit_loop), keys=keys)
 
 
 def _epoch_to_draw(fit_loop: _FitLoop) -> int:
