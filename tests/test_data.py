@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -17,13 +19,15 @@ from fake_datasets import (
     write_imagenet_folder,
 )
 from torch import nn
-from torch.utils.data import SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
 
 from lightning_rigl.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
+    ExampleKey,
     FashionMNISTDataModule,
     ImageNetDataModule,
+    Transformed,
 )
 from lightning_rigl.data import fashion_mnist as fashion_mnist_module
 from lightning_rigl.data.order import EpochShuffle
@@ -260,16 +264,49 @@ def test_cifar_augments_training_images_only(
     dm.setup("fit")
     plain = cifar_normalised(train_images, module.mean, module.std)
 
-    val_idx = dm.val_set.indices
+    val_idx = dm.val_set.dataset.indices
     val_images, val_labels = everything(dm.val_dataloader())
     torch.testing.assert_close(val_images, plain[val_idx])  # held out with the test-time transform
     assert torch.equal(val_labels, train_labels[val_idx])
 
-    torch.manual_seed(0)
-    train_idx = dm.train_set.indices[0]
-    draws = [dm.train_set[0][0] for _ in range(8)]
+    train_idx = dm.train_set.dataset.indices[0]
+    draws = [dm.train_set[ExampleKey(0, epoch, 0)][0] for epoch in range(8)]
     assert all(draw.shape == (3, 32, 32) for draw in draws)
     assert any(not torch.allclose(draw, plain[train_idx]) for draw in draws), "crop and flip never applied"
+
+
+def _draws(image: torch.Tensor) -> tuple[float, float, float, float]:
+    """A transform that draws from each global generator a transform may use, and reads the image."""
+    return torch.rand(()).item(), random.random(), float(np.random.rand()), image.sum().item()
+
+
+def _global_states() -> tuple:
+    return torch.get_rng_state().tolist(), random.getstate(), np.random.get_state()[1].tolist()
+
+
+def test_an_example_is_augmented_as_a_function_of_the_seed_the_epoch_and_its_index_alone() -> None:
+    images = torch.arange(5.0).view(5, 1)
+    dataset = Transformed(TensorDataset(images, torch.zeros(5)), _draws)
+    key = ExampleKey(index=3, epoch=1, seed=7)
+    before = _global_states()
+    first = dataset[key][0]
+    assert _global_states() == before  # training's draws are left as they were
+    torch.rand(4), random.random(), np.random.rand()  # whatever the global states hold
+    assert dataset[key][0] == first and first[3] == 3.0
+    for other in (key._replace(epoch=2), key._replace(seed=8), key._replace(index=2)):
+        draws = dataset[other][0][:3]
+        assert all(a != b for a, b in zip(draws, first[:3])), other  # torch, random and NumPy each reseeded
+    assert dataset[3][0][3] == 3.0  # a plain index (evaluation): the transform as it is
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_workers_augment_as_the_main_process_does(num_workers: int) -> None:
+    dataset = Transformed(TensorDataset(torch.arange(12.0).view(12, 1), torch.zeros(12)), _draws)
+    order = EpochShuffle(dataset, seed=5, epoch_of=lambda: 1, keys=True)
+    expected = [dataset[key][0] for key in order]
+    loader = DataLoader(dataset, batch_size=4, sampler=order, num_workers=num_workers)
+    served = [tuple(row) for images, _ in loader for row in torch.stack(images, dim=1).tolist()]
+    assert served == expected  # floats collate to float64: exact
 
 
 @pytest.mark.parametrize(("module", "write", "num_classes"), CIFAR)

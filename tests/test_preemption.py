@@ -1,7 +1,8 @@
-"""Surviving preemption, as a cluster does it to the command: a SLURM job warned with SIGUSR1 in the middle of an
-epoch, requeued and killed, then started again by the same command; two torchrun processes, one killed with
-SIGKILL in the middle of an epoch and the group restarted; a checkpoint killed while being written. Each ends
-where the uninterrupted run ends: the same masks and parameters, bit for bit."""
+"""Surviving preemption, as a cluster does it to the command, with the default config counted in epochs as users run
+it: a SLURM job warned with SIGUSR1 in the middle of epoch 0 and again in the middle of epoch 1, requeued and killed
+each time, then started again by the same command; the same with max_steps set on top of max_epochs; two torchrun
+processes, one killed with SIGKILL in the middle of an epoch and the group restarted; a checkpoint killed while
+being written. Each ends where the uninterrupted run ends: the same masks and parameters, bit for bit."""
 
 from __future__ import annotations
 
@@ -24,14 +25,16 @@ TESTS = Path(__file__).resolve().parent
 COMMAND = str(Path(sys.executable).with_name("lightning-rigl"))
 RIGL = {"class_path": "lightning_rigl.RigL",
         "init_args": {"sparsity": 0.9, "update_interval": 4, "drop_fraction": 0.3, "stop_at": 0.75}}
-STEPS = 30
 RUN_NAME = "preempted"
+EPOCHS = ["--trainer.max_epochs", "3"]  # the default config's unit: 30 steps of 10-step epochs
+EPOCHS_AND_STEPS = ["--trainer.max_epochs", "10", "--trainer.max_steps", "30"]  # the same 30 steps, and schedule
 
 
-def _arguments(workdir: Path, data: Path, batch_size: int, configs: list[Path]) -> list[str]:
+def _arguments(workdir: Path, data: Path, batch_size: int, configs: list[Path], counted: list[str] = EPOCHS,
+               ) -> list[str]:
     return ["fit", "--config", str(DEFAULT_CONFIG), *[a for c in configs for a in ("--config", str(c))],
             "--data.data_dir", str(data), "--data.val_size", "16", "--data.batch_size", str(batch_size),
-            "--trainer.max_steps", str(STEPS), "--trainer.max_epochs", "-1", "--trainer.accelerator", "cpu",
+            *counted, "--trainer.accelerator", "cpu",
             "--trainer.logger.init_args.save_dir", str(workdir / "runs"),
             "--trainer.logger.init_args.name", RUN_NAME, "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--test_after_fit", "false"]
@@ -67,13 +70,26 @@ def _slurm(job: str, scontrol_log: Path) -> dict[str, str]:
             "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
-def _slurm_job(workdir: Path, data: Path, job: str, records: str, **probe: int) -> subprocess.CompletedProcess:
+def _slurm_job(workdir: Path, data: Path, job: str, records: str, counted: list[str] = EPOCHS,
+               **probe: int) -> subprocess.CompletedProcess:
     """The command as the job's batch script runs it: 16 images a batch, 10 steps an epoch."""
     workdir.mkdir(exist_ok=True)
     config = probe_config(workdir, workdir / records, [RIGL], **probe)
     env = _environment(**_slurm(job, workdir / "scontrol.log"))
-    return subprocess.run([COMMAND, *_arguments(workdir, data, 16, [config])], cwd=workdir, env=env,
+    return subprocess.run([COMMAND, *_arguments(workdir, data, 16, [config], counted)], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def _requeued_job(workdir: Path, data: Path, job: str, signals: list[tuple[int, int]],
+                  counted: list[str] = EPOCHS) -> None:
+    """A job warned (SIGUSR1 as the batch of the first step of each pair starts) and killed (SIGKILL at the second)
+    once per pair, each time started again by the same command, which at last runs to the end."""
+    for start, (signal_at, kill_at) in enumerate(signals):
+        preempted = _slurm_job(workdir, data, job, f"start{start}", counted, signal_at_step=signal_at,
+                               kill_at_step=kill_at)
+        assert preempted.returncode == -signal.SIGKILL, preempted.stderr[-3000:]
+    last = _slurm_job(workdir, data, job, "last", counted)
+    assert last.returncode == 0, last.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -81,43 +97,48 @@ def slurm_runs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> dict[str
     root = tmp_path_factory.mktemp("slurm")
     straight = _slurm_job(root / "straight", data, "101", "records")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    # SIGUSR1 as step 13's batch starts (epoch 1 of 10-step epochs); the time limit's kill at step 16.
-    preempted = _slurm_job(root / "requeued", data, "202", "first", signal_at_step=13, kill_at_step=16)
-    assert preempted.returncode == -signal.SIGKILL, preempted.stderr[-3000:]
-    restarted = _slurm_job(root / "requeued", data, "202", "second")
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
-    return {"straight": root / "straight", "requeued": root / "requeued"}
+    # 10-step epochs: warned at step 5 (epoch 0), checkpoint at 6, killed at 8; started again from step 6, warned
+    # at step 13 (epoch 1), checkpoint at 14, killed at 16; started again from step 14, to the end.
+    _requeued_job(root / "requeued", data, "202", [(5, 8), (13, 16)])
+    _requeued_job(root / "steps on top", data, "303", [(13, 16)], EPOCHS_AND_STEPS)
+    return {"straight": root / "straight", "requeued": root / "requeued", "steps on top": root / "steps on top"}
 
 
 def test_the_signal_saves_between_two_steps_into_the_run_folder_and_requeues(slurm_runs: dict[str, Path]) -> None:
     folder = slurm_runs["requeued"] / "runs" / RUN_NAME / "slurm_202"
-    assert (slurm_runs["requeued"] / "scontrol.log").read_text() == "requeue 202\n"
-    (checkpoint,) = folder.glob("hpc_ckpt_*.ckpt")
-    assert checkpoint.name == "hpc_ckpt_1.ckpt"
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    assert state["global_step"] == 14  # at the end of step 13's batch: a whole step, never half of one
+    assert (slurm_runs["requeued"] / "scontrol.log").read_text() == "requeue 202\n" * 2
+    checkpoints = sorted(folder.glob("hpc_ckpt_*.ckpt"))
+    assert [checkpoint.name for checkpoint in checkpoints] == ["hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt"]
+    # At the end of the warned step's batch: a whole step, never half of one.
+    steps = [torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] for checkpoint in checkpoints]
+    assert steps == [6, 14]
     assert not list(folder.glob(".partial-*"))
 
 
+@pytest.mark.parametrize("job", ["requeued", "steps on top"])
 def test_the_requeued_job_resumes_by_itself_and_ends_where_the_uninterrupted_one_does(
-    slurm_runs: dict[str, Path],
+    slurm_runs: dict[str, Path], job: str,
 ) -> None:
+    """The last start resumed from the checkpoint of step 14, which the start before it (for "requeued", itself
+    resumed in the middle of epoch 0) saved in the middle of epoch 1. The run counted in epochs and steps equals
+    the one counted in epochs alone: the same 30 steps, the same schedule."""
     (straight,) = load_records(slurm_runs["straight"] / "records")
-    (resumed,) = load_records(slurm_runs["requeued"] / "second")
+    (resumed,) = load_records(slurm_runs[job] / "last")
     assert resumed["checkpoint_io"] == "AtomicCheckpointIO"
+    assert resumed["batch_digests"] == straight["batch_digests"][14:]
     assert resumed["mask_digests"] == straight["mask_digests"][14:]
     assert resumed["param_digests"] == straight["param_digests"][14:]
     for name, param in straight["params"].items():
         assert torch.equal(param, resumed["params"][name]), name
-    # The logs of the job's two starts, read as the report reads them, end as the uninterrupted run's do.
+    # The logs of the job's starts, read as the report reads them, end as the uninterrupted run's do.
     logged = {run: logged_series(next((slurm_runs[run] / "runs" / RUN_NAME).glob("slurm_*")) / "metrics.csv", "")
-              for run in slurm_runs}
-    assert logged["requeued"].keys() == logged["straight"].keys()
+              for run in ("straight", job)}
+    assert logged[job].keys() == logged["straight"].keys()
     for metric, points in logged["straight"].items():
-        requeued = dict(logged["requeued"][metric])
+        requeued = dict(logged[job][metric])
         assert requeued.items() >= dict(points).items(), metric  # every point, with its value
-        assert set(requeued) - {step for step, _ in points} <= {14}, metric  # and fit start's logs on resuming
-        assert logged["requeued"][metric][-1] == points[-1], metric
+        assert set(requeued) - {step for step, _ in points} <= {6, 14}, metric  # and fit start's logs on resuming
+        assert logged[job][metric][-1] == points[-1], metric
 
 
 def test_the_report_counts_the_requeued_job_as_one_finished_run(slurm_runs: dict[str, Path]) -> None:
