@@ -7,15 +7,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import random
 import signal
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -31,6 +29,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_rigl.seeding import key_seed, seed_global_generators
+
 
 class ExactResume(Callback):
     """Makes a run resumed from a checkpoint go on as the uninterrupted run went on: the same batches, the same
@@ -44,12 +44,13 @@ class ExactResume(Callback):
       middle of an epoch starts epoch 0's order from its beginning, and one resumed at an epoch's end does so too
       where loader workers draw the order when the iterator is made. A resumed run's iterator is made again at
       train start, with the position.
-    - **Random states.** Each process's torch (CPU and the current CUDA device), NumPy and Python ``random``
-      states at the end of the last training batch go into every checkpoint, and every training batch starts from
-      the state the previous one ended with (restored from the checkpoint for the first batch after a resume), so
-      dropout, stochastic depth and any draw of a training step resume bit for bit. Draws between batches
-      (validation, a new epoch's loader) no longer shift the training steps' stream. A run resumed on another
-      number of processes cannot restore them: it warns, and goes on from its own states.
+    - **Random draws.** Lightning checkpoints no random state. Every training batch starts with torch's CPU
+      generator, the current CUDA device's, NumPy's and Python's ``random`` seeded from the run's seed, the epoch,
+      the batch's index in it and the process's global rank alone (:func:`~lightning_rigl.seeding.key_seed`), so
+      dropout, stochastic depth and any other draw of a training step are the uninterrupted run's after a resume,
+      whatever drew between batches (validation, a new epoch's loader) and whatever a resumed process drew
+      before. The seed is ``seed_everything``'s (else rank 0's ``torch.initial_seed()``) and goes into every
+      checkpoint; a resumed run draws from the checkpoint's.
     - **End-of-epoch checkpoints of step-counted runs.** Lightning restores a checkpoint saved in
       ``on_train_epoch_end`` (where ``ModelCheckpoint`` saves) as an epoch still running when ``max_steps`` is
       set: the resumed run closes an epoch early, so every later epoch boundary and every sampler epoch is
@@ -62,16 +63,21 @@ class ExactResume(Callback):
     """
 
     def __init__(self) -> None:
+        self.seed: int | None = None  # of the training batches' draws
         self._starts_an_epoch = False
-        self._states: RandomStates | None = None  # as the last training batch ended (or restored)
-        self._in_batch = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.seed is None:  # else restored from the checkpoint (ModelParallelStrategy restores after this hook)
+            self.seed = trainer.strategy.broadcast(_run_seed())
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == "fit" and self.state_key not in checkpoint.get("callbacks", {}):
-            rank_zero_warn("The checkpoint holds no random states (saved without ExactResume): dropout and other "
-                           "random draws of the resumed run differ from the uninterrupted run's.")
+            rank_zero_warn("The checkpoint holds no seed of the training batches' random draws (saved without "
+                           "ExactResume): dropout and other draws of the resumed run differ from the uninterrupted "
+                           "run's.")
         if trainer.max_steps != -1:
             self._starts_an_epoch = _finish_saved_epoch(checkpoint)
 
@@ -90,85 +96,27 @@ class ExactResume(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._states is not None:
-            self._states.restore()
-        self._in_batch = True
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self._states = RandomStates.capture()
-        self._in_batch = False
+        assert self.seed is not None  # set at fit start
+        key = key_seed(b"lightning_rigl/b", self.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
+        seed_global_generators(key, cuda=True)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # Saved in the middle of a batch (from its step, or a batch-end hook before this one): the states now.
-        states = self._states if self._states is not None and not self._in_batch else RandomStates.capture()
-        return {"random_states": _per_process(states.saved())}
+        return {"seed": self.seed}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict["random_states"]
-        processes, rank = _process_count_and_rank()
-        if len(saved) != processes:
-            rank_zero_warn(f"The checkpoint holds the random states of {len(saved)} processes, this run has "
-                           f"{processes}: each process goes on from its own, so dropout and other random draws "
-                           "differ from the uninterrupted run's.")
-            self._states = None
-            return
-        self._states = RandomStates.from_saved(saved[rank])
+        self.seed = state_dict["seed"]
+        if "PL_GLOBAL_SEED" in os.environ and int(os.environ["PL_GLOBAL_SEED"]) != self.seed:
+            rank_zero_warn(f"The checkpoint's run was seeded with {self.seed}, this one with "
+                           f"{os.environ['PL_GLOBAL_SEED']}: its order, augmentation and random draws differ from "
+                           "the uninterrupted run's. Resume with the checkpoint's seed_everything.")
 
 
-class RandomStates(NamedTuple):
-    """The random states a training step draws from in one process: torch's CPU generator, the current CUDA
-    device's (None where CUDA is not in use), NumPy's global generator and Python's ``random``."""
-
-    torch_cpu: torch.Tensor
-    torch_cuda: torch.Tensor | None
-    numpy: tuple[Any, ...]
-    python: tuple[Any, ...]
-
-    @classmethod
-    def capture(cls) -> RandomStates:
-        cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda, np.random.get_state(), random.getstate())
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.torch_cpu)
-        if self.torch_cuda is not None and torch.cuda.is_initialized():
-            torch.cuda.set_rng_state(self.torch_cuda)
-        np.random.set_state(self.numpy)
-        random.setstate(self.python)
-
-    def saved(self) -> dict[str, Any]:
-        """Tensors and plain Python values only, as Lightning's ``weights_only`` loading accepts."""
-        name, keys, position, has_gauss, gauss = self.numpy
-        return {"torch_cpu": self.torch_cpu, "torch_cuda": self.torch_cuda, "python": self.python,
-                "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)}
-
-    @classmethod
-    def from_saved(cls, saved: dict[str, Any]) -> RandomStates:
-        name, keys, position, has_gauss, gauss = saved["numpy"]
-        numpy = (name, keys.numpy().astype(np.uint32), position, has_gauss, gauss)
-        version, internal, gauss_next = saved["python"]
-        return cls(saved["torch_cpu"], saved["torch_cuda"], numpy, (version, tuple(internal), gauss_next))
-
-
-def _process_count_and_rank() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _per_process(value: Any) -> list[Any]:
-    """``value`` of every process, by global rank (every process calls this: Lightning builds a checkpoint on each
-    and writes rank 0's)."""
-    processes, _ = _process_count_and_rank()
-    if processes == 1:
-        return [value]
-    gathered: list[Any] = [None] * processes
-    dist.all_gather_object(gathered, value)
-    return gathered
+def _run_seed() -> int:
+    """``seed_everything``'s seed where it was called, else the seed this process's torch generator started from."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else torch.initial_seed()
 
 
 def _finish_saved_epoch(checkpoint: dict[str, Any]) -> bool:

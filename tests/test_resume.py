@@ -363,6 +363,8 @@ RESUMED_FROM = {  # checkpoint: the step it holds
 
 def _fit_counted(folder: Path, counted: str, num_workers: int, ckpt_path: Path | None = None,
                  exact: bool = True) -> RunLog:
+    """Without seed_everything: a resumed run's process starts from another torch seed (1, not 0), so only the
+    checkpoint's seed gives it the uninterrupted run's draws."""
     log = RunLog()
     checkpoints = [SaveAtStep(RESUMED_FROM["mid-epoch"], folder / "mid-epoch.ckpt"),
                    pl.callbacks.ModelCheckpoint(dirpath=folder / "after the last batch", filename="{step}",
@@ -372,7 +374,7 @@ def _fit_counted(folder: Path, counted: str, num_workers: int, ckpt_path: Path |
     callbacks = [log, checkpoints[0], *([ExactResume()] if exact else []), *checkpoints[1:]]
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=callbacks, **COUNTED[counted])
-    torch.manual_seed(0)
+    torch.manual_seed(0 if ckpt_path is None else 1)
     trainer.fit(DropoutNet(), datamodule=TrainingOrderData(num_workers), ckpt_path=ckpt_path)
     return log
 
@@ -384,9 +386,11 @@ def _saved(folder: Path, where: str) -> Path:
 @pytest.mark.parametrize(("counted", "num_workers"), [
     ("max_epochs", 0), ("max_epochs", 2), ("max_steps", 0), ("both", 0), ("both", 2), ("neither", 0),
 ])
-def test_a_run_resumed_from_any_checkpoint_goes_on_as_the_uninterrupted_run(tmp_path: Path, counted: str,
-                                                                              num_workers: int) -> None:
+def test_a_run_resumed_from_any_checkpoint_goes_on_as_the_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted: str, num_workers: int,
+) -> None:
     """The same batches, the same dropout, epochs ending at the same steps, the same final weights."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # as a Trainer without seed_everything
     straight = _fit_counted(tmp_path / "straight", counted, num_workers)
     assert straight.epoch_ends == [10, 20, 30]
     for where, step in RESUMED_FROM.items():
@@ -448,20 +452,38 @@ def test_a_plain_loader_restarts_the_epochs_order_in_the_middle_of_an_epoch(tmp_
     assert not torch.equal(resumed.batches[0], straight.batches[14])
 
 
-# ------------------------------------------------------------------------------------------ random states
+# ---------------------------------------------------------------------------------------------- the seed
 
 
-def test_a_checkpoint_of_another_number_of_processes_restores_no_random_states() -> None:
+def test_each_training_batch_draws_from_its_own_stream_on_each_process() -> None:
+    """What a batch draws is a function of (seed, epoch, batch, rank) alone: equal keys draw equal numbers
+    whatever drew before, and any other key draws others."""
     resume = ExactResume()
-    saved = ExactResume().state_dict()["random_states"]
-    with pytest.warns(UserWarning, match="random states of 2 processes, this run has 1"):
-        resume.load_state_dict({"random_states": saved * 2})
-    assert resume._states is None
-    resume.load_state_dict({"random_states": saved})
-    assert resume._states is not None
+    resume.seed = 7
+
+    def draws(epoch: int, batch: int, rank: int) -> tuple[float, float, float]:
+        trainer = SimpleNamespace(current_epoch=epoch, global_rank=rank)
+        resume.on_train_batch_start(trainer, None, None, batch)
+        return torch.rand(()).item(), random.random(), float(np.random.rand())
+
+    first = draws(1, 3, 0)
+    torch.rand(5), random.random(), np.random.rand()
+    assert draws(1, 3, 0) == first
+    for other in ((1, 4, 0), (2, 3, 0), (1, 3, 1)):
+        assert all(a != b for a, b in zip(draws(*other), first)), other
+    resume.seed = 8
+    assert all(a != b for a, b in zip(draws(1, 3, 0), first))
 
 
-def test_a_checkpoint_without_random_states_is_named(tmp_path: Path) -> None:
+def test_a_run_resumed_with_another_seed_is_told_what_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "4")
+    resume = ExactResume()
+    with pytest.warns(UserWarning, match="seeded with 3, this one with 4"):
+        resume.load_state_dict({"seed": 3})
+    assert resume.seed == 3  # the checkpoint's draws, still
+
+
+def test_a_checkpoint_without_the_seed_is_named() -> None:
     trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), max_steps=-1)
-    with pytest.warns(UserWarning, match="holds no random states"):
+    with pytest.warns(UserWarning, match="holds no seed"):
         ExactResume().on_load_checkpoint(trainer, None, {"callbacks": {}})
