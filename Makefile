@@ -30,6 +30,7 @@ bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/mask_update.py
 	$(PYTHON) benchmarks/step_overhead.py
 	$(PYTHON) benchmarks/sparse_inference.py
+	$(PYTHON) benchmarks/resume_overhead.py
 
 # The library against the alternatives (BENCHMARKS.md): time per step and peak memory against dense training,
 # and one mask update beside rigl-torch 0.5.2, installed into .bench-deps only for this (never a dependency).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +20,29 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL_RECIPES = sorted(RECIPES.glob("*/*.yaml"))
 # The Fashion-MNIST studies' recipes differ between sparsities only in numbers: train those at 90%. Of ViT-B/16
 # (86M parameters at 224×224) train the RigL recipe only: the others differ from it in the sparse callback alone.
-# The sharded recipes (FSDP2) train on two processes, through the command in a process of its own.
+# Extended-training recipes (`_2x`, `_5x`, ...) differ from the recipe of the least multiplier only in their
+# `multiplier` line, which the smoke run sets to 1: that one trains. The sharded recipes (FSDP2) train on two
+# processes, through the command in a process of its own.
 SHARDED_RECIPES = [p for p in ALL_RECIPES if p.stem.endswith("_fsdp2")]
-TRAINED_RECIPES = [p for p in ALL_RECIPES
-                   if (p.parent.name not in ("fashion_mnist", "fashion_mnist_vit") or p.stem == "dense"
-                       or "_s90" in p.stem)
-                   and (p.parent.name != "imagenet_vit_b_16" or p.stem == "rigl_uniform_s90")
-                   and p not in SHARDED_RECIPES]
+
+
+def _least_multiplier(recipes: list[Path]) -> list[Path]:
+    """Of the recipes that differ only in their multiplier, the one with the least."""
+    def multiplier(recipe: Path) -> int:
+        match = re.search(r"_(\d+)x$", recipe.stem)
+        return int(match.group(1)) if match else 1
+
+    kept: dict[tuple[str, str], Path] = {}
+    for recipe in sorted(recipes, key=multiplier):
+        kept.setdefault((recipe.parent.name, re.sub(r"_\d+x$", "", recipe.stem)), recipe)
+    return sorted(kept.values())
+
+
+TRAINED_RECIPES = _least_multiplier([p for p in ALL_RECIPES
+                                     if (p.parent.name not in ("fashion_mnist", "fashion_mnist_vit")
+                                         or p.stem == "dense" or "_s90" in p.stem)
+                                     and (p.parent.name != "imagenet_vit_b_16" or p.stem == "rigl_uniform_s90")
+                                     and p not in SHARDED_RECIPES])
 
 # A few steps on tiny data: the recipe's model, method and schedule, with the step counts of a smoke test.
 SMOKE = ["--trainer.max_steps", "2", "--multiplier", "1", "--trainer.limit_val_batches", "1",
@@ -102,6 +119,22 @@ def test_there_is_a_recipe_per_table_row() -> None:
     assert {f"imagenet_resnet50/{r}" for r in ("static_uniform_s80", "small_dense_s80", "set_uniform_s80",
                                                 "snfs_uniform_s80", "pruning_uniform_s80", "rigl_uniform_s80",
                                                 "rigl_erk_s80")} <= names
+
+
+def test_an_extended_recipe_left_untrained_differs_from_a_trained_one_in_its_multiplier_alone() -> None:
+    def settings(recipe: Path) -> dict:
+        config = yaml.safe_load(recipe.read_text())
+        config.pop("multiplier", None)
+        del config["trainer"]["logger"]["init_args"]["name"]
+        return config
+
+    trained = {(p.parent.name, re.sub(r"_\d+x$", "", p.stem)): p for p in TRAINED_RECIPES}
+    extended = [p for p in ALL_RECIPES if re.search(r"_\d+x$", p.stem) and p not in TRAINED_RECIPES]
+    siblings = [(p, trained.get((p.parent.name, re.sub(r"_\d+x$", "", p.stem)))) for p in extended]
+    assert len(siblings) > 30
+    for recipe, sibling in siblings:
+        if sibling is not None:  # else a study recipe at another sparsity than the trained 90%
+            assert settings(recipe) == settings(sibling), recipe.stem
 
 
 def test_there_is_a_sharded_recipe_for_vit_b_16_and_resnet_50() -> None:

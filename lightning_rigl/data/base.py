@@ -157,16 +157,16 @@ class HoldOutDataModule(ImageDataModule):
     def _fit_sets(self) -> tuple[Dataset, Dataset | None]:
         split = self._train_split()
         if self.val_size == 0:
-            return transformed(split, self._train_transform()), None
+            return _transformed(split, self._train_transform()), None
         size = len(split)  # type: ignore[arg-type]
         if self.val_size >= size:
             raise ConfigError(f"data.val_size={self.val_size} leaves no training images: the training split has "
                               f"{size}; set data.val_size below that.")
         train_idx, val_idx = hold_out(size, self.val_size, self.seed)
-        return (transformed(Subset(split, train_idx.tolist()), self._train_transform()),
-                transformed(Subset(split, val_idx.tolist()), self._eval_transform()))
+        return (_transformed(Subset(split, train_idx.tolist()), self._train_transform()),
+                _transformed(Subset(split, val_idx.tolist()), self._eval_transform()))
 
 
-def transformed(dataset: Dataset, transform: Callable[[Any], Any] | None) -> Dataset:
+def _transformed(dataset: Dataset, transform: Callable[[Any], Any] | None) -> Dataset:
     """``dataset`` with ``transform`` applied to its inputs (:class:`Transformed`), or as it is when None."""
     return dataset if transform is None else Transformed(dataset, transform)
