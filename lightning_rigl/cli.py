@@ -35,7 +35,8 @@ from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import Line, Panel, plot_densities, plot_panels
 from lightning_rigl.results import RESULTS_FILE, run_results, write_results
-from lightning_rigl.resume import ExactResume, RequeueAtStepEnd, join_torchrun_attempt, slurm_job
+from lightning_rigl.resume import (ExactResume, RequeueAtStepEnd, join_torchrun_attempt, run_test_on_final_weights,
+                                   slurm_job)
 from lightning_rigl.summary import checkpoint_summary, fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
@@ -139,7 +140,7 @@ class RigLCLI(LightningCLI):
     def after_fit(self) -> None:
         test_metrics: dict[str, float] = {}
         if self.config.fit.test_after_fit:
-            results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            results = run_test_on_final_weights(self.trainer, self.model, self.datamodule)
             test_metrics = results[0] if results else {}
             if self.trainer.is_global_zero:
                 print(fit_summary(self.trainer, test_metrics))

@@ -196,6 +196,21 @@ class RequeueAtStepEnd(Callback):
         self._received = True
 
 
+def run_test_on_final_weights(trainer: pl.Trainer, model: pl.LightningModule,
+                              datamodule: pl.LightningDataModule | None) -> list[dict[str, float]]:
+    """``trainer.test`` of the weights ``model`` holds now (after ``fit``: the final ones), as
+    ``trainer.test(model)`` gives them outside SLURM. Under SLURM Lightning instead loads the newest requeue
+    checkpoint it finds in ``default_root_dir`` (``hpc_ckpt_<N>.ckpt``) whenever ``ckpt_path`` is None, so a job
+    that was requeued would be tested, and its results recorded, with the weights of the step it was last warned
+    at."""
+    connector = trainer._checkpoint_connector
+    connector._ckpt_path, connector._user_managed = None, True  # "user managed": Lightning loads its _ckpt_path
+    try:
+        return trainer.test(model, datamodule=datamodule, verbose=False)
+    finally:
+        connector._user_managed = False
+
+
 def slurm_job(environ: Mapping[str, str]) -> str | None:
     """The SLURM job (``<array job>_<task>`` for an array task) of this process's environment; None outside a
     batch job (no ``SLURM_NTASKS``, or an interactive one, as Lightning tells them apart)."""

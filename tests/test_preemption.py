@@ -20,6 +20,7 @@ from process_probe import load_records, probe_config
 
 from lightning_rigl.cli import DEFAULT_CONFIG, relaunch_identity
 from lightning_rigl.report import collect, logged_series
+from lightning_rigl.results import read_results
 
 TESTS = Path(__file__).resolve().parent
 COMMAND = str(Path(sys.executable).with_name("lightning-rigl"))
@@ -37,7 +38,7 @@ def _arguments(workdir: Path, data: Path, batch_size: int, configs: list[Path], 
             *counted, "--trainer.accelerator", "cpu",
             "--trainer.logger.init_args.save_dir", str(workdir / "runs"),
             "--trainer.logger.init_args.name", RUN_NAME, "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--test_after_fit", "false"]
+            "--trainer.enable_model_summary", "false"]
 
 
 def _environment(**variables: str) -> dict[str, str]:
@@ -130,9 +131,11 @@ def test_the_requeued_job_resumes_by_itself_and_ends_where_the_uninterrupted_one
     assert resumed["param_digests"] == straight["param_digests"][14:]
     for name, param in straight["params"].items():
         assert torch.equal(param, resumed["params"][name]), name
+    folders = {run: next((slurm_runs[run] / "runs" / RUN_NAME).glob("slurm_*")) for run in ("straight", job)}
+    # The test after fit tests the final weights, not those of the requeue checkpoint in the run folder.
+    assert read_results(folders[job])["test"] == read_results(folders["straight"])["test"]
     # The logs of the job's starts, read as the report reads them, end as the uninterrupted run's do.
-    logged = {run: logged_series(next((slurm_runs[run] / "runs" / RUN_NAME).glob("slurm_*")) / "metrics.csv", "")
-              for run in ("straight", job)}
+    logged = {run: logged_series(folder / "metrics.csv", "") for run, folder in folders.items()}
     assert logged[job].keys() == logged["straight"].keys()
     for metric, points in logged["straight"].items():
         requeued = dict(logged[job][metric])
