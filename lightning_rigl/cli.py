@@ -35,8 +35,13 @@ from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import Line, Panel, plot_densities, plot_panels
 from lightning_rigl.results import RESULTS_FILE, run_results, write_results
-from lightning_rigl.resume import (ExactResume, RequeueAtStepEnd, join_torchrun_attempt, run_test_on_final_weights,
-                                   slurm_job)
+from lightning_rigl.resume import (
+    ExactResume,
+    RequeueAtStepEnd,
+    join_torchrun_attempt,
+    run_test_on_final_weights,
+    slurm_job,
+)
 from lightning_rigl.summary import checkpoint_summary, fit_summary
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"

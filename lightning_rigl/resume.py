@@ -34,8 +34,9 @@ from lightning_rigl.seeding import key_seed, seed_global_generators
 
 class ExactResume(Callback):
     """Makes a run resumed from a checkpoint go on as the uninterrupted run went on: the same batches, the same
-    random draws, the same epoch boundaries, from a checkpoint taken at any step, in the middle of an epoch or at
-    its end, whether the run is counted in steps, in epochs or both. Lightning 2.6 alone misses three things:
+    random draws, the same epoch boundaries, from a checkpoint taken at the end of any step (one taken in the middle
+    of an accumulated step holds no gradient: a warning says so), in the middle of an epoch or at its end, whether
+    the run is counted in steps, in epochs or both. Lightning 2.6 alone misses three things:
 
     - **The training loader made too early.** ``trainer.estimated_stepping_batches`` (a learning-rate schedule in
       ``configure_optimizers``, a sparse callback's ``on_fit_start``) makes the training loader and its first
@@ -51,11 +52,13 @@ class ExactResume(Callback):
       whatever drew between batches (validation, a new epoch's loader) and whatever a resumed process drew
       before. The seed is ``seed_everything``'s (else rank 0's ``torch.initial_seed()``) and goes into every
       checkpoint; a resumed run draws from the checkpoint's.
-    - **End-of-epoch checkpoints of step-counted runs.** Lightning restores a checkpoint saved in
-      ``on_train_epoch_end`` (where ``ModelCheckpoint`` saves) as an epoch still running when ``max_steps`` is
-      set: the resumed run closes an epoch early, so every later epoch boundary and every sampler epoch is
-      shifted. The checkpoint's last epoch is marked finished before Lightning reads it, and the next epoch starts
-      as a new one (so validation is logged at the same steps as without the interruption).
+    - **Epoch ends.** Lightning restores a checkpoint saved in ``on_train_epoch_end`` (where ``ModelCheckpoint``
+      saves) as an epoch still running when ``max_steps`` is set: the resumed run closes an epoch early, so every
+      later epoch boundary and every sampler epoch is shifted. The checkpoint's last epoch is marked finished
+      before Lightning reads it, and the next epoch starts as a new one (so validation is logged at the same steps
+      as without the interruption). From a checkpoint saved after an epoch's last batch but before its end,
+      Lightning skips that epoch's end (its validation and epoch hooks: not mended here) and would count the next
+      epoch as not started, so that the checkpoints saved in it hold the wrong epoch: it is counted started.
 
     ``lightning-rigl`` adds it to every run; add it to your own ``Trainer`` (``callbacks=[ExactResume(), ...]``),
     with the data in training order (:class:`~lightning_rigl.data.order.TrainingLoader`, augmentation through
@@ -67,26 +70,44 @@ class ExactResume(Callback):
         self._starts_an_epoch = False
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new fit: nothing of an earlier one (or of a validate) holds; a restore comes after
+            self.seed, self._starts_an_epoch = None, False
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.seed is None:  # else restored from the checkpoint (ModelParallelStrategy restores after this hook)
+        if self.seed is None:  # else restored already (ModelParallelStrategy restores after this hook)
             self.seed = trainer.strategy.broadcast(_run_seed())
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        if trainer.state.fn == "fit" and self.state_key not in checkpoint.get("callbacks", {}):
+        if trainer.state.fn != "fit":
+            return
+        saved = checkpoint.get("callbacks", {}).get(self.state_key)
+        if saved is None:
             rank_zero_warn("The checkpoint holds no seed of the training batches' random draws (saved without "
                            "ExactResume): dropout and other draws of the resumed run differ from the uninterrupted "
                            "run's.")
+        elif "PL_GLOBAL_SEED" in os.environ and int(os.environ["PL_GLOBAL_SEED"]) != saved["seed"]:
+            rank_zero_warn(f"The checkpoint's run was seeded with {saved['seed']}, this one with "
+                           f"{os.environ['PL_GLOBAL_SEED']}: its order and augmentation differ from the uninterrupted "
+                           "run's (the draws of its steps follow the checkpoint's seed). Resume with the checkpoint's "
+                           "seed_everything.")
         if trainer.max_steps != -1:
             self._starts_an_epoch = _finish_saved_epoch(checkpoint)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loop = trainer.fit_loop
-        if trainer.ckpt_path is not None and loop._data_fetcher is not None:
+        if loop.is_resuming and loop._data_fetcher is not None:
             loop._load_combined_loader_states()  # left pending when the loader was made before the restore
             iter(loop._data_fetcher)  # the restored epoch's iterator, from its restored position
+        if loop.restarted_mid_epoch and loop.epoch_progress.current.processed == loop.epoch_progress.current.started:
+            # Saved after an epoch's last batch, before its end: Lightning counts that epoch as over, but would
+            # start the next one without counting it started (nor calling on_train_epoch_start), so that the
+            # checkpoints saved in it hold the wrong epoch.
+            loop.reset_restart_stage()
         if self._starts_an_epoch:
             # Restarting, the epoch loop would take one turn without a batch (its "restarted on last" stage),
             # which shifts the steps validation is logged at by one.
@@ -101,16 +122,23 @@ class ExactResume(Callback):
         seed_global_generators(key, cuda=True)
 
     @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        batches = trainer.fit_loop.epoch_loop.batch_progress
+        accumulated = batches.current.processed % trainer.accumulate_grad_batches
+        if trainer.state.fn == "fit" and accumulated and not batches.is_last_batch:
+            rank_zero_warn(f"A checkpoint at step {trainer.global_step} is saved in the middle of an accumulated step "
+                           f"({accumulated} of {trainer.accumulate_grad_batches} micro-batches): it holds no "
+                           "accumulated gradient, so a run resumed from it differs from the uninterrupted one. Save "
+                           "at whole steps (val_check_interval a multiple of accumulate_grad_batches).")
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
-        if "PL_GLOBAL_SEED" in os.environ and int(os.environ["PL_GLOBAL_SEED"]) != self.seed:
-            rank_zero_warn(f"The checkpoint's run was seeded with {self.seed}, this one with "
-                           f"{os.environ['PL_GLOBAL_SEED']}: its order, augmentation and random draws differ from "
-                           "the uninterrupted run's. Resume with the checkpoint's seed_everything.")
 
 
 def _run_seed() -> int:
@@ -147,9 +175,10 @@ class RequeueAtStepEnd(Callback):
     lands: between two layers of a mask update, or halfway through the optimizer's writes, so that masks,
     densities and weights in the checkpoint need not fit together. This callback takes the requeue signal
     (``SIGUSR1``, or the one ``SLURMEnvironment(requeue_signal=...)`` names) before Lightning registers its own:
-    the handler only notes it. At the end of the step every process agrees that a signal came, the loggers
-    write what they hold, the checkpoint goes to ``hpc_ckpt_<N>.ckpt`` in ``trainer.default_root_dir`` (where
-    Lightning looks when the job starts again under SLURM) and rank 0 runs ``scontrol requeue`` for the job.
+    the handler only notes it. At the end of the step (of the next one, when the step ends an epoch) every process
+    agrees that a signal came, the loggers write what they hold, the checkpoint goes to ``hpc_ckpt_<N>.ckpt`` in
+    ``trainer.default_root_dir`` (where Lightning looks when the job starts again under SLURM) and rank 0 runs
+    ``scontrol requeue`` for the job.
     Training goes on until SLURM stops the job, as with Lightning's handler. Outside SLURM it does nothing.
 
     ``lightning-rigl`` adds it to every run; add it to your own ``Trainer`` if you requeue on SLURM.
@@ -174,10 +203,12 @@ class RequeueAtStepEnd(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        # Only where an optimizer step just ended: a checkpoint holds no half-accumulated gradient.
+        # Only where an optimizer step just ended (a checkpoint holds no half-accumulated gradient), and not after
+        # an epoch's last batch: a run resumed from there would skip that epoch's end (validation, epoch hooks).
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
-        if self._signal is None or not stepped or not trainer.strategy.reduce_boolean_decision(self._received,
-                                                                                               all=False):
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if self._signal is None or not stepped or last_batch or not trainer.strategy.reduce_boolean_decision(
+                self._received, all=False):
             return
         self._received = False
         for logger in trainer.loggers:

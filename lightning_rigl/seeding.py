@@ -15,9 +15,10 @@ _LOW_64, _LOW_32 = (1 << 64) - 1, (1 << 32) - 1
 
 
 def key_seed(domain: bytes, *key: int) -> int:
-    """A 128-bit seed drawn from ``key`` (signed 64-bit ints) alone: BLAKE2b, personalised by ``domain`` (at most 16
-    bytes), so that neighbouring keys, and equal keys of two domains, get unrelated seeds."""
-    digest = hashlib.blake2b(struct.pack(f"<{len(key)}q", *key), digest_size=16, person=domain).digest()
+    """A 128-bit seed drawn from ``key`` (ints, each read modulo 2**64) alone: BLAKE2b, personalised by ``domain``
+    (at most 16 bytes), so that neighbouring keys, and equal keys of two domains, get unrelated seeds."""
+    packed = struct.pack(f"<{len(key)}Q", *(part & _LOW_64 for part in key))
+    digest = hashlib.blake2b(packed, digest_size=16, person=domain).digest()
     return int.from_bytes(digest, "little")
 
 

@@ -1,8 +1,8 @@
 """A callback the resume tests add to the command's run through a config file (so it must be importable by class
 path: tests/ is on sys.path under pytest, and on PYTHONPATH for torchrun): each process records digests of its
-batches, masks and parameters (whole, under FSDP2) after every step and writes them, with its final masks and parameters, to
-``folder/rank<global rank>.pt``; optionally it stops the run after a given step, as a crash after that epoch's
-checkpoint would leave it."""
+batches, masks and parameters (whole, under FSDP2) after every step and writes them, with its final masks and
+parameters, to ``folder/rank<global rank>.pt``; optionally it stops the run after a given step, as a crash after
+that epoch's checkpoint would leave it."""
 
 from __future__ import annotations
 

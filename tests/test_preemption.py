@@ -267,6 +267,32 @@ def test_the_requeue_checkpoint_waits_for_the_end_of_an_accumulated_step(tmp_pat
     assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
 
 
+def test_the_requeue_checkpoint_waits_past_an_epochs_last_batch(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGUSR1 as the last batch of an epoch (5 batches) starts: the checkpoint is saved after the next step, the
+    first of the next epoch (a run resumed from an epoch's last batch would skip the epoch's end)."""
+    import pytorch_lightning as pl
+    from conftest import TinyNet, make_data
+    from torch.utils.data import DataLoader
+
+    from lightning_rigl import RequeueAtStepEnd
+
+    for key, value in _slurm("78", tmp_path / "scontrol.log").items():
+        monkeypatch.setenv(key, value)
+
+    class SignalAtBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[SignalAtBatch(), RequeueAtStepEnd()])
+    trainer.fit(TinyNet(), DataLoader(make_data(20), batch_size=4))
+    state = torch.load(tmp_path / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6 and state["epoch"] == 1
+
+
 def test_a_job_refuses_to_train_again_into_its_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture, data: Path) -> None:
     from lightning_rigl.cli import main

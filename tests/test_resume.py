@@ -11,6 +11,7 @@ import csv
 import os
 import random
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,12 +24,13 @@ from conftest import TinyNet, make_data, run_processes
 from fake_datasets import allow_fake_cifar, write_cifar10, write_fashion_mnist
 from process_probe import load_records, probe_config
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_rigl import ExactResume
 from lightning_rigl.cli import DEFAULT_CONFIG, main
-from lightning_rigl.data import ExampleKey
+from lightning_rigl.data import ExampleKey, Transformed
 from lightning_rigl.data.order import EpochShuffle, TrainingLoader, training_order
+from lightning_rigl.errors import ConfigError
 from lightning_rigl.resume import _finish_saved_epoch
 
 TESTS = Path(__file__).resolve().parent
@@ -359,6 +361,7 @@ RESUMED_FROM = {  # checkpoint: the step it holds
     "after the last batch": 20,  # ModelCheckpoint(every_n_train_steps) at the epoch's last batch, before its end
     "after the epoch's end": 20,  # ModelCheckpoint at on_train_epoch_end, after validation
 }
+CHAINED_FROM = 24  # a resumed run's own checkpoint, in the middle of the epoch after
 
 
 def _fit_counted(folder: Path, counted: str, num_workers: int, ckpt_path: Path | None = None,
@@ -367,11 +370,12 @@ def _fit_counted(folder: Path, counted: str, num_workers: int, ckpt_path: Path |
     checkpoint's seed gives it the uninterrupted run's draws."""
     log = RunLog()
     checkpoints = [SaveAtStep(RESUMED_FROM["mid-epoch"], folder / "mid-epoch.ckpt"),
+                   SaveAtStep(CHAINED_FROM, folder / "chained.ckpt"),
                    pl.callbacks.ModelCheckpoint(dirpath=folder / "after the last batch", filename="{step}",
                                                 every_n_train_steps=10, save_top_k=-1),
                    pl.callbacks.ModelCheckpoint(dirpath=folder / "after the epoch's end", filename="{step}",
                                                 every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1)]
-    callbacks = [log, checkpoints[0], *([ExactResume()] if exact else []), *checkpoints[1:]]
+    callbacks = [log, *checkpoints[:2], *([ExactResume()] if exact else []), *checkpoints[2:]]
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=callbacks, **COUNTED[counted])
     torch.manual_seed(0 if ckpt_path is None else 1)
@@ -395,12 +399,17 @@ def test_a_run_resumed_from_any_checkpoint_goes_on_as_the_uninterrupted_run(
     assert straight.epoch_ends == [10, 20, 30]
     for where, step in RESUMED_FROM.items():
         resumed = _fit_counted(tmp_path / where, counted, num_workers, ckpt_path=_saved(tmp_path / "straight", where))
-        assert len(resumed.batches) == 30 - step, where
-        for at, (a, b) in enumerate(zip(straight.batches[step:], resumed.batches), start=step):
-            assert torch.equal(a, b), f"{where}: step {at} trained on another batch"
-        assert resumed.epoch_ends == [end for end in straight.epoch_ends if end > step], where
-        for name, param in straight.params.items():
-            assert torch.equal(param, resumed.params[name]), f"{where}: {name}"
+        # Resumed again, from the checkpoint the resumed run saved in the next epoch.
+        chained = _fit_counted(tmp_path / f"{where}, again", counted, num_workers,
+                               ckpt_path=tmp_path / where / "chained.ckpt")
+        for run, first in ((resumed, step), (chained, CHAINED_FROM)):
+            assert len(run.batches) == 30 - first, where
+            for at, (a, b) in enumerate(zip(straight.batches[first:], run.batches), start=first):
+                assert torch.equal(a, b), f"{where} (from step {first}): step {at} trained on another batch"
+            # A checkpoint after an epoch's last batch skips that epoch's end (README, "Not covered").
+            assert run.epoch_ends == [end for end in straight.epoch_ends if end > first], where
+            for name, param in straight.params.items():
+                assert torch.equal(param, run.params[name]), f"{where} (from step {first}): {name}"
 
 
 def test_lightning_alone_restarts_an_epoch_counted_runs_epoch_when_resumed_in_its_middle(tmp_path: Path) -> None:
@@ -475,11 +484,47 @@ def test_each_training_batch_draws_from_its_own_stream_on_each_process() -> None
     assert all(a != b for a, b in zip(draws(1, 3, 0), first))
 
 
+def test_any_seed_keys_the_draws() -> None:
+    """A Trainer without seed_everything draws from torch.initial_seed(), which may be any 64-bit number."""
+    resume = ExactResume()
+    trainer = SimpleNamespace(current_epoch=0, global_rank=0)
+    for seed in (0, 2**63, 2**64 - 1):
+        resume.seed = seed
+        resume.on_train_batch_start(trainer, None, None, 0)
+
+
+@pytest.mark.parametrize(("processed", "last", "warned"), [(3, False, True), (4, False, False), (3, True, False)])
+def test_a_checkpoint_in_the_middle_of_an_accumulated_step_is_named(processed: int, last: bool,
+                                                                     warned: bool) -> None:
+    """accumulate_grad_batches 2: 3 micro-batches of the epoch done is half a step, unless the epoch's last batch
+    closed it (Lightning steps at an epoch's end)."""
+    progress = SimpleNamespace(current=SimpleNamespace(processed=processed), is_last_batch=last)
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), accumulate_grad_batches=2, global_step=1,
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ExactResume().on_save_checkpoint(trainer, None, {})
+    assert any("middle of an accumulated step (1 of 2" in str(w.message) for w in caught) == warned
+
+
+def test_a_subset_of_a_dataset_taking_keys_is_refused() -> None:
+    dataset = Transformed(TensorDataset(torch.zeros(4, 1), torch.zeros(4)), lambda x: x)
+    with pytest.raises(ConfigError, match=r"Transformed\(Subset\(images, indices\), transform\)"):
+        training_order(Subset(dataset, [0, 1]), None)
+    assert training_order(Transformed(Subset(dataset.dataset, [0, 1]), lambda x: x), None).keys
+
+
 def test_a_run_resumed_with_another_seed_is_told_what_differs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PL_GLOBAL_SEED", "4")
-    resume = ExactResume()
+    fitting = SimpleNamespace(state=SimpleNamespace(fn="fit"), max_steps=-1)
     with pytest.warns(UserWarning, match="seeded with 3, this one with 4"):
-        resume.load_state_dict({"seed": 3})
+        ExactResume().on_load_checkpoint(fitting, None, {"callbacks": {"ExactResume": {"seed": 3}}})
+    testing = SimpleNamespace(state=SimpleNamespace(fn="test"), max_steps=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # validate and test resume nothing
+        ExactResume().on_load_checkpoint(testing, None, {"callbacks": {"ExactResume": {"seed": 3}}})
+    resume = ExactResume()
+    resume.load_state_dict({"seed": 3})
     assert resume.seed == 3  # the checkpoint's draws, still
 
 

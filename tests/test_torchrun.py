@@ -91,8 +91,8 @@ def _wait_for_nodes(nodes: list[subprocess.Popen], timeout: float) -> None:
     finished waits up to 300 s (its exit barrier) for the agents of the others, and one that failed never comes:
     a run of this file once took 400 s instead of about 80."""
     deadline = time.monotonic() + timeout
-    while any(node.poll() is None for node in nodes):
-        failed = any(node.returncode not in (None, 0) for node in nodes)
+    while None in (codes := [node.poll() for node in nodes]):
+        failed = any(code not in (None, 0) for code in codes)
         if failed or time.monotonic() > deadline:
             for node in nodes:
                 if node.poll() is None:

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lightning_rigl.data.augment import ExampleKey, takes_example_keys
+from lightning_rigl.errors import ConfigError
 
 if TYPE_CHECKING:
     from pytorch_lightning.loops.fit_loop import _FitLoop
@@ -108,7 +109,15 @@ class TrainingLoader(DataLoader):
 def training_order(dataset: Dataset, trainer: pl.Trainer | None) -> EpochShuffle:
     """The sampler of ``trainer``'s training loader: this process's share (as the strategy's data-parallel
     processes split it), epochs counted by the trainer's fit loop; keys instead of indices for a dataset that
-    takes them (:func:`~lightning_rigl.data.augment.takes_example_keys`)."""
+    takes them (:func:`~lightning_rigl.data.augment.takes_example_keys`).
+
+    Raises:
+        ConfigError: ``dataset`` is a ``Subset`` of a dataset that takes keys (it would get plain indices).
+    """
+    if isinstance(dataset, Subset) and takes_example_keys(dataset.dataset):
+        raise ConfigError("The training set is a Subset of a dataset that augments by example key: the Subset hands it "
+                          "plain indices, so its augmentation would draw from the global random state. Wrap the "
+                          "Subset instead: Transformed(Subset(images, indices), transform).")
     keys = takes_example_keys(dataset)
     if trainer is None:
         return EpochShuffle(dataset, keys=keys)
