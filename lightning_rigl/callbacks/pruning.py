@@ -21,7 +21,8 @@ from lightning_rigl.sparsity.masks import MaskChange, apply_change
 from lightning_rigl.sparsity.schedules import check_step_or_fraction, cubic_sparsity, is_pruning_step, resolve_step
 from lightning_rigl.sparsity.sharding import gather, is_sharded, local, local_positions
 from lightning_rigl.sparsity.targets import resolve_patterns
-from lightning_rigl.sparsity.updates import check_rankable, prune, prune_globally
+from lightning_rigl.sparsity.selection import check_rankable
+from lightning_rigl.sparsity.updates import prune, prune_globally
 
 Scores = Callable[[str, nn.Parameter], Tensor]
 

@@ -19,7 +19,8 @@ from lightning_rigl.sparsity.masks import (
 )
 from lightning_rigl.sparsity.schedules import DROP_SCHEDULES, drop_fraction, is_update_step
 from lightning_rigl.sparsity.targets import sparsifiable_parameters
-from lightning_rigl.sparsity.updates import drop_and_grow, prune, prune_globally, top_k_indices
+from lightning_rigl.sparsity.selection import top_k_indices
+from lightning_rigl.sparsity.updates import drop_and_grow, prune, prune_globally
 
 __all__ = [
     "DISTRIBUTIONS",

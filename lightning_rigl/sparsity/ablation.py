@@ -9,7 +9,8 @@ from torch import Tensor
 
 from lightning_rigl.sparsity.masks import MaskChange
 from lightning_rigl.sparsity.structure import grow_in_groups, rows_and_fan_in
-from lightning_rigl.sparsity.updates import drop_and_grow, top_k_indices
+from lightning_rigl.sparsity.selection import top_k_indices
+from lightning_rigl.sparsity.updates import drop_and_grow
 
 
 def salient_per_neuron(mask: Tensor, weights: Tensor, grow_scores: Tensor, n_drop: int) -> Tensor:

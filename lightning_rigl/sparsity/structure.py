@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_rigl.errors import ConfigError
-from lightning_rigl.sparsity.updates import top_k_indices
+from lightning_rigl.sparsity.selection import top_k_indices
 
 CONSTANT_FAN_IN = "constant_fan_in"
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
