@@ -102,10 +102,11 @@ class DynamicSparseTraining(SparseTraining):
         update_placement: str = "before_step",
         rewind_step: int | None = None,
         seed: int = 0,
+        kernels: str = "dense",
     ) -> None:
         super().__init__(sparsity, distribution, dense=dense, include=include, exclude=exclude,
                          custom_sparsity=custom_sparsity, erk_power_scale=erk_power_scale, structure=structure,
-                         rewind_step=rewind_step, seed=seed)
+                         rewind_step=rewind_step, seed=seed, kernels=kernels)
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
             raise ConfigError(f"update_interval must be an int >= 1 (optimizer steps), got {update_interval!r}.")
         if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:
@@ -153,6 +154,25 @@ class DynamicSparseTraining(SparseTraining):
     @override
     def per_weight_state(self) -> list[dict[str, Tensor]]:
         return super().per_weight_state() + ([] if self.moving_average is None else [self.moving_average])
+
+    @override
+    def reads_dense_gradient(self, step: int) -> bool:
+        # The moving average reads it every step until T_end. An update step reads it where growth or "gradient"
+        # redistribution does, and wherever its optimizer step trains the new mask: grown weights take their
+        # gradient from it.
+        if self.moving_average is not None:
+            return True
+        if not (self.grows_by_gradient or self.redistribution == "gradient" or self.update_placement == "before_step"):
+            return False
+        return self._pending_step is not None or is_update_step(step, self.update_interval, self.start_step,
+                                                                self.stop_step)
+
+    @override
+    def why_not_sparse_kernels(self, optimizer: torch.optim.Optimizer) -> str | None:
+        if self.needs_moving_average(optimizer):
+            return (f"{type(self).__name__} keeps a moving average of the dense gradient, which it reads at every "
+                    "step until stop_at")
+        return None
 
     def needs_moving_average(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the callback keeps a moving average of the dense gradient (``moving_average``), updated at

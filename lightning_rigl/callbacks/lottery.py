@@ -32,20 +32,21 @@ class LotteryTicket(SparseTraining):
         checkpoint: path of a Lightning checkpoint written by a run with a lightning-rigl callback whose
             ``rewind_step`` was set.
         seed: unused by the ticket itself (its masks are given); kept for a uniform interface.
+        kernels: "dense", "sparse" or "auto", as for every sparse callback (``SparseTraining``).
 
     Raises:
         ValueError: the file is missing, holds no lightning-rigl state or no rewind copy (here), or does not
             fit the model: other parameter names or shapes (at setup, before training).
     """
 
-    def __init__(self, checkpoint: str, *, seed: int = 0) -> None:
+    def __init__(self, checkpoint: str, *, seed: int = 0, kernels: str = "dense") -> None:
         state = _ticket_state(checkpoint)
         self.checkpoint = str(checkpoint)
         self.source_masks: dict[str, Tensor] = state["masks"]
         self.source_rewind: dict[str, Tensor] = state["rewind"]
         densities = {name: int(mask.sum()) / mask.numel() for name, mask in self.source_masks.items()}
         super().__init__(None, {name: 1.0 - d for name, d in densities.items()}, include=list(self.source_masks),
-                         seed=seed)
+                         seed=seed, kernels=kernels)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -40,6 +40,11 @@ class PruningFromDense(SparseTraining):
         return dict.fromkeys(self.targets, 1.0)
 
     @override
+    def why_not_sparse_kernels(self, optimizer: torch.optim.Optimizer) -> str | None:
+        return (f"{type(self).__name__} starts dense, where sparse kernels only cost time; kernels='auto' moves each "
+                "layer to them once it is sparse enough to gain")
+
+    @override
     def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         super()._check_fit(trainer, optimizer)
         if self.distribution != GLOBAL:

@@ -31,6 +31,10 @@ class SNIP(PruningFromDense):
     reads_gradients: ClassVar[bool] = True
 
     @override
+    def reads_dense_gradient(self, step: int) -> bool:
+        return self.num_updates == 0  # the pruning step; the masks never change after it
+
+    @override
     def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         if self.num_updates:
             return

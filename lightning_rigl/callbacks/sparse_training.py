@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -20,6 +22,8 @@ from lightning_rigl.callbacks.agreement import check_digests_agree, check_masks_
 from lightning_rigl.checkpoints import SHARDED_TENSORS, load_sharded_tensors, sharded_key
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.flops import TrainingFlops, model_size_bytes
+from lightning_rigl.kernels import KERNEL_MODES, TrainingKernels
+from lightning_rigl.kernels.training import plan_from_state, plan_state
 from lightning_rigl.sparsity.distributions import (
     GLOBAL,
     Distribution,
@@ -101,12 +105,21 @@ class SparseTraining(Callback, ABC):
             (0: the initialisation) in the checkpoint, for a ``LotteryTicket`` to rewind to; None keeps none.
             Under FSDP2 each process keeps its shard of each parameter, on the parameter's device.
         seed: seeds the initial masks and every random choice; identical on all ranks.
+        kernels: how the sparse layers compute between mask updates. "dense": the masked dense weight, as every
+            peer does. "sparse": every masked ``nn.Linear`` and 1×1 convolution computes its output, its input's
+            gradient and its weight's gradient from the live weights only (``lightning_rigl.kernels``); steps
+            whose mask decision reads the dense gradient compute that gradient dense. "auto": each of those three
+            parts of each layer runs whichever way, dense or sparse, was faster on this run's own tensors
+            (timed at the first step, and again when a layer's live count moves by a tenth): never slower than
+            dense. Same function to float tolerance; the module, its state dict and checkpoints are unchanged.
 
     Raises:
         ValueError: sparsity outside [0, 1), an unknown distribution, a bad mapping or structure (here); a
             pattern that matches nothing, nothing to sparsify, or a request the distribution or the structure
             cannot hold (at setup, before training).
-        ConfigError: the FSDP1 or DeepSpeed strategies, or tensor parallelism (at setup).
+        ConfigError: the FSDP1 or DeepSpeed strategies, or tensor parallelism (at setup); kernels="sparse" where
+            sparse kernels cannot run (FSDP2, torch.compile, a precision other than 32-bit, a method that reads
+            the dense gradient at every step or starts dense; at fit start).
         RuntimeError: manual optimization (so there is one optimizer: Lightning refuses several under
             automatic optimization), or a sparsified parameter the optimizer does not train (before the first
             step).
@@ -131,6 +144,7 @@ class SparseTraining(Callback, ABC):
         structure: str | None = None,
         rewind_step: int | None = None,
         seed: int = 0,
+        kernels: str = "dense",
     ) -> None:
         super().__init__()
         check_distribution(sparsity, distribution, allow_global=self.supports_global,
@@ -151,6 +165,9 @@ class SparseTraining(Callback, ABC):
             raise ConfigError(f"rewind_step must be an optimizer step >= 0 (an int) or None, got {rewind_step!r}.")
         self.rewind_step = rewind_step
         self.seed = int(seed)
+        if kernels not in KERNEL_MODES:
+            raise ConfigError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}.")
+        self.kernels = kernels
         self.masks: dict[str, Tensor] = {}
         self.targets: dict[str, float] = {}  # per-layer densities the configuration asks for in the end
         self.budgets: dict[str, int] = {}  # per-layer live counts of the distribution, before a structure rounds
@@ -173,6 +190,11 @@ class SparseTraining(Callback, ABC):
         # gathering shards.
         self.live_counts: dict[str, int] = {}  # live weights
         self.empty_rows: dict[str, int] = {}  # neurons (rows) without a live weight
+        self.training_kernels: TrainingKernels | None = None  # the sparse kernels installed during fit
+        self.kernels_used: dict[str, str] = {}  # each sparse layer's kernels, as reported ("csr", "dense (why)")
+        self.step_times_ms: list[float] = []  # wall time of each training batch of this fit, from start to end
+        self._batch_started: float | None = None
+        self._restored_plans: dict[str, Any] | None = None
 
     @property
     @override
@@ -198,6 +220,15 @@ class SparseTraining(Callback, ABC):
         """Masks at the first step of a fresh run, whole (the base class shards them): random positions, exactly
         ``live_count`` live per layer."""
         return random_masks(self._params, self.densities, self.seed, self.structure)
+
+    def reads_dense_gradient(self, step: int) -> bool:
+        """Whether the mask decision of optimizer step ``step`` reads the gradient at dead positions too (then its
+        weight gradients are computed dense). By default every step of a method that reads gradients."""
+        return self.reads_gradients
+
+    def why_not_sparse_kernels(self, optimizer: torch.optim.Optimizer) -> str | None:
+        """Why the method cannot train with kernels="sparse" (None: it can)."""
+        return None
 
     def per_weight_state(self) -> list[dict[str, Tensor]]:
         """The method's tensors kept per sparse weight, by parameter name, sharded like the parameter under FSDP2
@@ -306,6 +337,7 @@ class SparseTraining(Callback, ABC):
                 self._record(name, mask)
             self.masks = {name: shard_like(mask, self._params[name]) for name, mask in whole.items()}
             self._apply_masks(trainer.global_step)
+        self._install_kernels(trainer, pl_module)
         rank_zero_info(
             f"{type(self).__name__}: {len(self.masks)} sparse layers, global density {self.global_density():.4f}"
         )
@@ -323,6 +355,8 @@ class SparseTraining(Callback, ABC):
         updates = self.num_updates
         self.update_masks(trainer, optimizer)
         self._mask_gradients()
+        if self.training_kernels is not None:
+            self._follow_masks(trainer, updates)
         if self.flops is not None:
             self.flops.add_step(trained_forward, self.dense_gradient_read)
             if self.num_updates != updates or trainer.global_step % trainer.log_every_n_steps == 0:
@@ -335,6 +369,16 @@ class SparseTraining(Callback, ABC):
     ) -> None:
         if self.flops is None and not self._flops_unavailable:
             self._start_counting_flops(trainer, pl_module, batch)
+        if self.training_kernels is not None:
+            self.training_kernels.begin_step(self.reads_dense_gradient(trainer.global_step))
+        self._batch_started = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._batch_started is not None:
+            self.step_times_ms.append(1e3 * (time.perf_counter() - self._batch_started))
+            self._batch_started = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -344,8 +388,13 @@ class SparseTraining(Callback, ABC):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_kernels()
         self._params, self._all_params, self._gathered = {}, {}, {}  # drop references to the model
         self._optimizer = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_kernels()  # the user's model goes back plain whatever happened
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -355,6 +404,9 @@ class SparseTraining(Callback, ABC):
         state |= {"densities": dict(self.densities), "targets": dict(self.targets), "num_updates": self.num_updates}
         if self.flops is not None:
             state["train_flops"] = (self.flops.spent, self.flops.dense_spent)
+        if self.training_kernels is not None and self.kernels == "auto":
+            state["kernel_plans"] = {name: plan_state(plan, live)
+                                     for name, (plan, live) in self.training_kernels.plans().items() if live is not None}
         return state
 
     @override
@@ -406,6 +458,7 @@ class SparseTraining(Callback, ABC):
         self.num_updates = state_dict["num_updates"]
         self.rewind = state_dict.get("rewind")
         self._restored_flops = state_dict.get("train_flops")
+        self._restored_plans = state_dict.get("kernel_plans")
         if self._params:
             self._place_restored_state(None)
 
@@ -479,7 +532,8 @@ class SparseTraining(Callback, ABC):
         try:
             if example is None:
                 raise ValueError("the batch holds no tensor")
-            self.flops = TrainingFlops.of(pl_module, example[:1], list(self._params))
+            with self.training_kernels.paused() if self.training_kernels is not None else nullcontext():
+                self.flops = TrainingFlops.of(pl_module, example[:1], list(self._params))
         except Exception as error:  # a forward that takes more than one input, say: training goes on
             self._flops_unavailable = True
             rank_zero_warn(f"FLOPs are not counted: a forward pass on the first example of the first batch failed "
@@ -488,6 +542,58 @@ class SparseTraining(Callback, ABC):
         if self._restored_flops is not None:
             self.flops.spent, self.flops.dense_spent = self._restored_flops
         self._log(trainer, self.cost_metrics(pl_module))
+
+    def _install_kernels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give the sparse layers their sparse kernels (kernels="sparse" or "auto"), where they can run; note in
+        ``kernels_used`` why a layer keeps dense ones."""
+        self.kernels_used = dict.fromkeys(self._params, "dense")
+        self.step_times_ms = []
+        if self.kernels == "dense":
+            return
+        reason = _why_no_sparse_kernels(trainer, pl_module, self._params) or \
+            self.why_not_sparse_kernels(trainer.optimizers[0])
+        if reason is not None:
+            if self.kernels == "sparse":
+                raise ConfigError(f"kernels='sparse' cannot run here: {reason}. Use kernels='auto' (dense where "
+                                  "sparse kernels cannot run) or kernels='dense'.")
+            self.kernels_used = dict.fromkeys(self._params, f"dense ({reason})")
+            return
+        modules, self.kernels_used = {}, {}
+        for name in self._params:
+            module_name, _, attribute = name.rpartition(".")
+            if attribute == "weight":
+                modules[name] = pl_module.get_submodule(module_name)
+            else:
+                self.kernels_used[name] = f"dense ({attribute} is not a module's weight)"
+        plans = {name: plan_from_state(state) for name, state in (self._restored_plans or {}).items()}
+        self._restored_plans = None
+        self.training_kernels = TrainingKernels(self.kernels)
+        self.training_kernels.install(modules, self.masks, plans)
+        self._note_kernels()
+
+    def _follow_masks(self, trainer: pl.Trainer, updates_before: int) -> None:
+        """After this step's decision: new patterns where masks changed; under "auto", the kernels timed on this
+        step's tensors, the timings summed over processes so that all choose alike."""
+        kernels = self.training_kernels
+        if self.num_updates != updates_before:
+            kernels.masks_changed(self.masks)
+        if kernels.timing_pending():
+            kernels.decide(lambda times: trainer.strategy.reduce(times, reduce_op="sum"))
+            self._note_kernels()
+
+    def _note_kernels(self) -> None:
+        kernels = self.training_kernels
+        self.kernels_used.update({name: f"dense ({why})" for name, why in kernels.why_dense.items()})
+        self.kernels_used.update({name: plan.describe() for name, (plan, _) in kernels.plans().items()})
+
+    def _remove_kernels(self) -> None:
+        if self.training_kernels is not None:
+            self.training_kernels.remove()
+            self.training_kernels = None
+
+    def step_time_ms(self) -> float | None:
+        """Median wall time of this fit's training batches (ms, forward to optimizer step; None before any)."""
+        return statistics.median(self.step_times_ms) if self.step_times_ms else None
 
     def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """What can only be checked once the optimizer and the run's length are known."""
@@ -586,6 +692,20 @@ def _check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
             "Tensor parallelism is not supported: masks follow fully_shard's row shards only. Use "
             f"ModelParallelStrategy(data_parallel_size={trainer.world_size}, tensor_parallel_size=1)."
         )
+
+
+def _why_no_sparse_kernels(trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           params: Mapping[str, nn.Parameter]) -> str | None:
+    """Why no layer of this run can train with sparse kernels (None: they can)."""
+    if any(is_sharded(param) for param in params.values()):
+        return "FSDP2 shards the weights, and the kernels read whole ones"
+    if getattr(pl_module, "_compiler_ctx", None) is not None or any(
+            isinstance(module, torch._dynamo.eval_frame.OptimizedModule) for module in pl_module.modules()):
+        return "the model is compiled with torch.compile, which does not trace the sparse products"
+    if str(trainer.precision) not in ("32-true", "64-true", "32", "64"):
+        return (f"precision {trainer.precision!r}: the CPU sparse kernels compute in float32 or float64, and "
+                "autocast's lower precision stays with the dense layers")
+    return None
 
 
 def _rewind_copy(value: Tensor, param: Tensor | None) -> Tensor:

@@ -1,0 +1,345 @@
+"""Training with sparse kernels: a masked layer's output, its input's gradient and its weight's gradient computed
+from the live weights only, between mask updates.
+
+A layer keeps its dense ``weight`` Parameter (the optimizer, checkpoints, DDP and export see nothing new); its
+``forward`` is replaced on the instance by one that reads the live values out of the weight (a gather, each
+call, so they follow the optimizer) and multiplies them in CSR form:
+
+- output: ``W_live @ xᵀ`` (CSR times dense, MKL on the CPU, cuSPARSE on CUDA);
+- input gradient: ``W_liveᵀ @ gᵀ`` with the transpose's indices built once per mask (a CSR matrix times a dense
+  one is fast; a dense one times a CSR matrix converts it on every call);
+- weight gradient: ``g ᵀ x`` at the live positions only (``torch.sparse.sampled_addmm``), scattered into a dense
+  gradient that is 0 at every dead position, so the optimizer and DDP see an ordinary gradient.
+
+Each of the three parts runs dense or sparse on its own (``KernelPlan``): "sparse" runs all three sparse, "auto"
+times both ways of each part on the run's real tensors (one step's inputs and output gradients) and keeps the
+faster, so that no layer gets slower. A step whose mask decision reads the dense gradient (RigL's update steps)
+computes the weight gradient dense, its other parts as planned.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_rigl.kernels.forms import LivePattern
+from lightning_rigl.kernels.timing import fastest
+
+KERNEL_MODES = ("dense", "sparse", "auto")
+Kernel = Literal["dense", "csr"]
+PARTS = ("forward", "input_grad", "weight_grad")
+
+# Under "auto", a layer's kernels are timed again when its live count moves by more than this fraction since the
+# last timing (pruning); a RigL or SET update moves positions, not counts, and keeps the plan.
+RETIME_CHANGE = 0.1
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How one layer computes each part of a training step: "dense" or "csr"."""
+
+    forward: Kernel = "dense"
+    input_grad: Kernel = "dense"
+    weight_grad: Kernel = "dense"
+
+    @property
+    def sparse(self) -> bool:
+        """Whether any part runs a sparse kernel."""
+        return any(getattr(self, part) != "dense" for part in PARTS)
+
+    def describe(self) -> str:
+        """"dense", "csr", or the parts spelled out when they differ ("forward=csr input_grad=dense ...")."""
+        kernels = {getattr(self, part) for part in PARTS}
+        if len(kernels) == 1:
+            return kernels.pop()
+        return " ".join(f"{part}={getattr(self, part)}" for part in PARTS)
+
+
+SPARSE_PLAN = KernelPlan("csr", "csr", "csr")
+
+
+def kernel_kind(module: nn.Module) -> tuple[str | None, str]:
+    """The kind of layer the training kernels take ("linear", "conv1x1") and, for None, why not."""
+    if isinstance(module, nn.Linear):
+        return "linear", ""
+    if isinstance(module, nn.Conv2d):
+        if module.kernel_size == (1, 1) and module.padding in ((0, 0), "valid") and module.groups == 1 \
+                and module.dilation == (1, 1):
+            return "conv1x1", ""
+        return None, "only 1×1 convolutions (ungrouped, unpadded) have sparse training kernels; this one runs dense"
+    return None, f"{type(module).__name__} has no sparse training kernel; it runs dense"
+
+
+class LayerKernels:
+    """One layer's sparse-kernel state during training: its live pattern, its plan, and on a timing step the real
+    tensors it saw.
+
+    Attributes:
+        plan: the kernels the layer uses between mask updates.
+        times_ms: under "auto", each part's median time per kernel on the last timing step (milliseconds).
+        planned_live: the live count the plan was timed at (None: not timed).
+    """
+
+    def __init__(self, module: nn.Module, kind: str, mask: Tensor) -> None:
+        self.module = module
+        self.kind = kind
+        self.pattern = LivePattern.of(mask)
+        self.plan = KernelPlan()
+        self.times_ms: dict[str, dict[str, float]] = {}
+        self.planned_live: int | None = None
+        self.dense_weight_grad = False  # this step's decision reads the dense gradient
+        self.capturing = False  # this step records its inputs and output gradients for timing
+        self.captured: dict[str, Tensor] = {}
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    def weight_2d(self) -> Tensor:
+        """The weight as the product reads it: (rows, fan-in)."""
+        return self.module.weight.reshape(self.pattern.shape)
+
+    def step_plan(self) -> KernelPlan:
+        """The plan for this step: the dense weight gradient where a decision needs it, all dense on a timing step."""
+        if self.capturing:
+            return KernelPlan()
+        if self.dense_weight_grad and self.plan.weight_grad != "dense":
+            return KernelPlan(self.plan.forward, self.plan.input_grad, "dense")
+        return self.plan
+
+    def runs(self, x: Tensor) -> bool:
+        """Whether this call goes through the sparse product (else the module's own forward): CPU sparse kernels take
+        float32 and float64, and autocast's lower precision stays with the dense layer."""
+        if not (self.capturing or self.plan.sparse):
+            return False
+        weight = self.module.weight
+        return (x.dtype == weight.dtype and weight.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(x.device.type))
+
+
+class _LiveProduct(torch.autograd.Function):
+    """y = x Wᵀ + b for rows x (N, fan-in), W (rows, fan-in) read through the layer's pattern; each part dense or
+    CSR as the step's plan says."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerKernels) -> Tensor:
+        plan = layer.step_plan()
+        pattern = layer.pattern
+        values = pattern.values(weight) if plan.sparse else None
+        columns = None
+        if plan.forward == "csr":
+            columns = x.t().contiguous()  # (fan-in, N): the dense operand of a CSR product
+            out = torch.sparse.mm(pattern.csr(values), columns).t().contiguous()
+            if bias is not None:
+                out.add_(bias)
+        else:
+            out = F.linear(x, weight.reshape(pattern.shape), bias)
+        if layer.capturing and "x" not in layer.captured:
+            layer.captured["x"] = x.detach()
+        ctx.save_for_backward(x, columns, weight, values)
+        ctx.layer, ctx.plan, ctx.has_bias = layer, plan, bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, columns, weight, values = ctx.saved_tensors
+        layer, plan = ctx.layer, ctx.plan
+        pattern = layer.pattern
+        if layer.capturing and "grad" not in layer.captured:
+            layer.captured["grad"] = grad.detach()
+        grad_x = grad_weight = grad_bias = None
+        grad_t = grad.t().contiguous() if "csr" in (plan.input_grad, plan.weight_grad) else None  # (rows, N)
+        if ctx.needs_input_grad[0]:
+            grad_x = (torch.sparse.mm(pattern.csr_t(values), grad_t).t() if plan.input_grad == "csr"
+                      else grad.mm(weight.reshape(pattern.shape)))
+        if ctx.needs_input_grad[1]:
+            if plan.weight_grad == "csr":
+                columns = x.t().contiguous() if columns is None else columns
+                grad_weight = pattern.scatter(_live_weight_grad(pattern, values, grad_t, columns), weight)
+            else:
+                grad_weight = grad.t().mm(x).view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _live_weight_grad(pattern: LivePattern, values: Tensor, grad_t: Tensor, columns: Tensor) -> Tensor:
+    """(g ᵀ x) at the live positions, in CSR order: ``grad_t`` (rows, N) times ``columns``ᵀ (N, fan-in), read
+    column-major so that each product reads two contiguous rows."""
+    sampled = torch.sparse.sampled_addmm(pattern.csr(values), grad_t, columns.t(), beta=0.0)
+    return sampled.values()
+
+
+def _linear_forward(layer: LayerKernels, x: Tensor) -> Tensor:
+    module = layer.module
+    if not layer.runs(x):
+        return nn.Linear.forward(module, x)
+    rows = x.reshape(-1, x.shape[-1])
+    return _LiveProduct.apply(rows, module.weight, module.bias, layer).view(*x.shape[:-1], module.out_features)
+
+
+def _conv1x1_forward(layer: LayerKernels, x: Tensor) -> Tensor:
+    module = layer.module
+    if not layer.runs(x) or x.dim() != 4:
+        return nn.Conv2d.forward(module, x)
+    stride_h, stride_w = module.stride
+    x = x[:, :, ::stride_h, ::stride_w]
+    batch, channels, height, width = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)  # (N·H·W, C): a linear layer over pixels
+    out = _LiveProduct.apply(rows, module.weight, module.bias, layer)
+    return out.view(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
+
+
+_FORWARDS: dict[str, Callable[[LayerKernels, Tensor], Tensor]] = {"linear": _linear_forward, "conv1x1": _conv1x1_forward}
+
+
+class TrainingKernels:
+    """The sparse kernels of a model's masked layers during training: installs them, keeps their patterns in step
+    with the masks, times them under "auto", and removes them, leaving the plain modules.
+
+    Args:
+        mode: "sparse" (every part of every layer that has a kernel runs it) or "auto" (each part runs the faster
+            way on the run's own tensors, timed at the first step and when a layer's live count moves).
+        repeats: timed runs per part and kernel under "auto" (the median counts).
+
+    Raises:
+        ValueError: an unknown mode, or ``repeats`` < 1.
+    """
+
+    def __init__(self, mode: str, repeats: int = 5) -> None:
+        if mode not in ("sparse", "auto"):
+            raise ValueError(f"TrainingKernels takes mode 'sparse' or 'auto', got {mode!r}.")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}.")
+        self.mode = mode
+        self.repeats = repeats
+        self.layers: dict[str, LayerKernels] = {}
+        self.why_dense: dict[str, str] = {}  # layers that keep dense kernels throughout, and why
+
+    def install(self, modules: Mapping[str, nn.Module], masks: Mapping[str, Tensor],
+                plans: Mapping[str, tuple[KernelPlan, int]] | None = None) -> None:
+        """Give each module (by the name of its weight's mask) its sparse kernels. ``plans``: under "auto", plans
+        timed before (a checkpoint's) with the live count they were timed at, kept instead of timing again."""
+        for name, module in modules.items():
+            kind, why_not = kernel_kind(module)
+            if kind is None:
+                self.why_dense[name] = why_not
+                continue
+            layer = LayerKernels(module, kind, masks[name])
+            if self.mode == "sparse":
+                layer.plan = SPARSE_PLAN
+            elif plans and name in plans:
+                layer.plan, layer.planned_live = plans[name]
+            self.layers[name] = layer
+            _hook(layer)
+
+    def remove(self) -> None:
+        """Give every module its own forward back."""
+        self._unhook()
+        self.layers = {}
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The modules run their own forward inside (to count FLOPs as the paper does, say)."""
+        self._unhook()
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                _hook(layer)
+
+    def _unhook(self) -> None:
+        for layer in self.layers.values():
+            layer.module.__dict__.pop("forward", None)
+
+    def masks_changed(self, masks: Mapping[str, Tensor]) -> None:
+        """Rebuild the patterns of the layers whose masks are given (after a mask change)."""
+        for name, mask in masks.items():
+            if name in self.layers:
+                self.layers[name].pattern = LivePattern.of(mask)
+
+    def begin_step(self, dense_weight_grad: bool) -> None:
+        """Before a step's first forward: whether its decision reads the dense gradient; under "auto", which
+        layers record their tensors for timing (those never timed, or whose live count moved)."""
+        for layer in self.layers.values():
+            layer.dense_weight_grad = dense_weight_grad
+            layer.capturing = self.mode == "auto" and _needs_timing(layer)
+
+    def timing_pending(self) -> bool:
+        """Whether some layer recorded this step's tensors and waits for ``decide``."""
+        return any(layer.capturing for layer in self.layers.values())
+
+    def decide(self, combine: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Time each recording layer's parts both ways on the tensors it saw and keep the faster of each.
+        ``combine`` sums the timings over processes (every process calls this together), so that all choose
+        alike."""
+        timed = {name: layer for name, layer in self.layers.items() if layer.capturing}
+        times = {name: _time_parts(layer, self.repeats) for name, layer in timed.items()}
+        if combine is not None and times:
+            flat = torch.tensor([ms for name in timed for part in PARTS for ms in times[name][part].values()],
+                                dtype=torch.float64)
+            summed = iter(combine(flat).tolist())
+            times = {name: {part: {kernel: next(summed) for kernel in times[name][part]} for part in PARTS}
+                     for name in timed}
+        for name, layer in timed.items():
+            layer.times_ms = times[name]
+            layer.plan = KernelPlan(*(min(times[name][part], key=times[name][part].__getitem__) for part in PARTS))
+            layer.planned_live = layer.pattern.nnz
+            layer.capturing, layer.captured = False, {}
+
+    def plans(self) -> dict[str, tuple[KernelPlan, int | None]]:
+        """Each layer's plan and the live count it was timed at."""
+        return {name: (layer.plan, layer.planned_live) for name, layer in self.layers.items()}
+
+
+def _hook(layer: LayerKernels) -> None:
+    # On the instance: the class, the state dict and every other instance stay as they were.
+    layer.module.forward = functools.partial(_FORWARDS[layer.kind], layer)
+
+
+def _needs_timing(layer: LayerKernels) -> bool:
+    if layer.planned_live is None:
+        return True
+    return abs(layer.pattern.nnz - layer.planned_live) > RETIME_CHANGE * max(layer.planned_live, 1)
+
+
+def _time_parts(layer: LayerKernels, repeats: int) -> dict[str, dict[str, float]]:
+    """Each part's median time (ms) dense and CSR, on the input rows and output gradient the layer saw."""
+    x, grad = layer.captured["x"], layer.captured["grad"]
+    pattern = layer.pattern
+    with torch.no_grad():
+        weight = layer.weight.detach()
+        weight_2d = weight.reshape(pattern.shape)
+        values = pattern.values(weight)
+        columns = x.t().contiguous()
+
+        def csr_weight_grad() -> Tensor:
+            return pattern.scatter(_live_weight_grad(pattern, values, grad.t().contiguous(), columns), weight)
+
+        candidates = {
+            "forward": {"dense": lambda: F.linear(x, weight_2d),
+                        "csr": lambda: torch.sparse.mm(pattern.csr(pattern.values(weight)), x.t().contiguous())
+                        .t().contiguous()},
+            "input_grad": {"dense": lambda: grad.mm(weight_2d),
+                           "csr": lambda: torch.sparse.mm(pattern.csr_t(values), grad.t().contiguous()).t()},
+            "weight_grad": {"dense": lambda: grad.t().mm(x), "csr": csr_weight_grad},
+        }
+        return {part: fastest(candidates[part], repeats)[1] for part in PARTS}
+
+
+def plan_from_state(state: Mapping[str, Any]) -> tuple[KernelPlan, int]:
+    """A plan saved by ``plan_state``."""
+    return KernelPlan(*(state[part] for part in PARTS)), int(state["live"])
+
+
+def plan_state(plan: KernelPlan, live: int) -> dict[str, Any]:
+    """A plan as plain values, for a checkpoint."""
+    return {**{field.name: getattr(plan, field.name) for field in fields(plan)}, "live": live}
