@@ -83,15 +83,6 @@ class LivePattern:
         """The transpose, (fan-in, rows), as a CSR matrix holding ``values`` (given in the untransposed order)."""
         return sparse_csr(self.crow_t, self.col_t, values.take(self.order_t), (self.shape[1], self.shape[0]))
 
-    def scatter(self, values: Tensor, like: Tensor) -> Tensor:
-        """A tensor shaped and typed like ``like``, holding ``values`` (CSR order) at the live positions and 0
-        elsewhere."""
-        return torch.zeros_like(like).reshape(-1).put_(self.positions, values).view_as(like)
-
-    def to(self, device: torch.device) -> LivePattern:
-        """The pattern on ``device``."""
-        return LivePattern(self.shape, *(getattr(self, name).to(device) for name in
-                                         ("crow", "col", "positions", "crow_t", "col_t", "order_t")))
 
 
 def _crow(row: Tensor, n_rows: int) -> Tensor:

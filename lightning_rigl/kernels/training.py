@@ -29,21 +29,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_rigl.kernels import native
 from lightning_rigl.kernels.forms import LivePattern
-from lightning_rigl.kernels.timing import fastest
+from lightning_rigl.kernels.timing import fastest, median_ms
 
 KERNEL_MODES = ("dense", "sparse", "auto")
-Kernel = Literal["dense", "csr"]
+Kernel = Literal["dense", "csr", "native"]
 PARTS = ("forward", "input_grad", "weight_grad")
 
 # Under "auto", a layer's kernels are timed again when its live count moves by more than this fraction since the
 # last timing (pruning); a RigL or SET update moves positions, not counts, and keeps the plan.
 RETIME_CHANGE = 0.1
+# Under "auto", a sparse plan replaces dense only when its timed step is faster by more than this fraction: closer
+# timings are within the noise of a few runs on a busy machine, and dense is the safe side of a tie.
+TIE = 0.05
 
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """How one layer computes each part of a training step: "dense" or "csr"."""
+    """How one layer computes each part of a training step: "dense" (torch's dense product), "csr" (torch's CSR
+    operations: MKL on the CPU, cuSPARSE on CUDA) or "native" (``kernels.native``, CPU)."""
 
     forward: Kernel = "dense"
     input_grad: Kernel = "dense"
@@ -54,15 +59,24 @@ class KernelPlan:
         """Whether any part runs a sparse kernel."""
         return any(getattr(self, part) != "dense" for part in PARTS)
 
+    @classmethod
+    def parse(cls, text: str) -> KernelPlan:
+        """The plan ``describe`` gave ``text``."""
+        if "=" not in text:
+            return cls(text, text, text)
+        given = dict(item.split("=") for item in text.split())
+        return cls(*(given[part] for part in PARTS))
+
+    def kernels(self) -> set[str]:
+        """The kernels the parts use."""
+        return {getattr(self, part) for part in PARTS}
+
     def describe(self) -> str:
-        """"dense", "csr", or the parts spelled out when they differ ("forward=csr input_grad=dense ...")."""
-        kernels = {getattr(self, part) for part in PARTS}
+        """One kernel's name, or the parts spelled out when they differ ("forward=native input_grad=dense ...")."""
+        kernels = self.kernels()
         if len(kernels) == 1:
             return kernels.pop()
         return " ".join(f"{part}={getattr(self, part)}" for part in PARTS)
-
-
-SPARSE_PLAN = KernelPlan("csr", "csr", "csr")
 
 
 def kernel_kind(module: nn.Module) -> tuple[str | None, str]:
@@ -125,57 +139,77 @@ class LayerKernels:
 
 
 class _LiveProduct(torch.autograd.Function):
-    """y = x Wᵀ + b for rows x (N, fan-in), W (rows, fan-in) read through the layer's pattern; each part dense or
-    CSR as the step's plan says."""
+    """y = x Wᵀ + b for rows x (N, fan-in), W (rows, fan-in) read through the layer's pattern; each part dense, CSR
+    or native as the step's plan says."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerKernels) -> Tensor:
         plan = layer.step_plan()
         pattern = layer.pattern
-        values = pattern.values(weight) if plan.sparse else None
+        weight_2d = weight.reshape(pattern.shape).contiguous()
+        values = pattern.values(weight_2d) if plan.sparse else None
         columns = None
-        if plan.forward == "csr":
-            columns = x.t().contiguous()  # (fan-in, N): the dense operand of a CSR product
-            out = torch.sparse.mm(pattern.csr(values), columns).t().contiguous()
+        if plan.forward == "dense":
+            out = F.linear(x, weight_2d, bias)
+        else:
+            columns = x.t().contiguous()  # (fan-in, N): the dense operand of a sparse product
+            out = _sparse_product(plan.forward, pattern, values, columns, transposed=False).t().contiguous()
             if bias is not None:
                 out.add_(bias)
-        else:
-            out = F.linear(x, weight.reshape(pattern.shape), bias)
         if layer.capturing and "x" not in layer.captured:
             layer.captured["x"] = x.detach()
-        ctx.save_for_backward(x, columns, weight, values)
+        ctx.save_for_backward(x, columns, weight_2d, values)
         ctx.layer, ctx.plan, ctx.has_bias = layer, plan, bias is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, columns, weight, values = ctx.saved_tensors
+        x, columns, weight_2d, values = ctx.saved_tensors
         layer, plan = ctx.layer, ctx.plan
         pattern = layer.pattern
         if layer.capturing and "grad" not in layer.captured:
             layer.captured["grad"] = grad.detach()
         grad_x = grad_weight = grad_bias = None
-        grad_t = grad.t().contiguous() if "csr" in (plan.input_grad, plan.weight_grad) else None  # (rows, N)
+        grad_t = grad.t().contiguous() if plan.input_grad != "dense" or plan.weight_grad != "dense" else None
         if ctx.needs_input_grad[0]:
-            grad_x = (torch.sparse.mm(pattern.csr_t(values), grad_t).t() if plan.input_grad == "csr"
-                      else grad.mm(weight.reshape(pattern.shape)))
+            grad_x = (grad.mm(weight_2d) if plan.input_grad == "dense"
+                      else _sparse_product(plan.input_grad, pattern, values, grad_t, transposed=True).t())
         if ctx.needs_input_grad[1]:
-            if plan.weight_grad == "csr":
-                columns = x.t().contiguous() if columns is None else columns
-                grad_weight = pattern.scatter(_live_weight_grad(pattern, values, grad_t, columns), weight)
+            shape = layer.weight.shape
+            if plan.weight_grad == "dense":
+                grad_weight = grad.t().mm(x)
+                grad_weight = grad_weight if grad_weight.shape == shape else grad_weight.reshape(shape)
             else:
-                grad_weight = grad.t().mm(x).view_as(weight)
+                columns = x.t().contiguous() if columns is None else columns
+                grad_weight = _live_weight_grad(plan.weight_grad, pattern, values, grad_t, columns, shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias, None
 
 
-def _live_weight_grad(pattern: LivePattern, values: Tensor, grad_t: Tensor, columns: Tensor) -> Tensor:
-    """(g ᵀ x) at the live positions, in CSR order: ``grad_t`` (rows, N) times ``columns``ᵀ (N, fan-in), read
-    column-major so that each product reads two contiguous rows."""
+def _sparse_product(kernel: Kernel, pattern: LivePattern, values: Tensor, columns: Tensor, transposed: bool) -> Tensor:
+    """The live weight (or its transpose) times ``columns`` (fan-in, N), as (rows, N) (or (fan-in, N))."""
+    if kernel == "native":
+        if transposed:
+            return native.load().product(columns, pattern.crow_t, pattern.col_t, values, pattern.order_t)
+        return native.load().product(columns, pattern.crow, pattern.col, values, None)
+    matrix = pattern.csr_t(values) if transposed else pattern.csr(values)
+    return torch.sparse.mm(matrix, columns)
+
+
+def _live_weight_grad(kernel: Kernel, pattern: LivePattern, values: Tensor, grad_t: Tensor, columns: Tensor,
+                      shape: torch.Size) -> Tensor:
+    """The weight's gradient, of ``shape`` (the weight's, read as (rows, fan-in)): ``grad_t`` (rows, N) times
+    ``columns``ᵀ (N, fan-in) at the live positions and 0 elsewhere. A tensor of its own, not a view, so that autograd
+    takes it as the gradient without a copy."""
+    if kernel == "native":
+        return native.load().live_gradient(grad_t, columns, pattern.crow, pattern.col, list(shape))
+    # torch's sampled product reads each column of its second operand contiguously when it is column-major.
     sampled = torch.sparse.sampled_addmm(pattern.csr(values), grad_t, columns.t(), beta=0.0)
-    return sampled.values()
+    grad = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    grad.view(-1).put_(pattern.positions, sampled.values())
+    return grad
 
 
 def _linear_forward(layer: LayerKernels, x: Tensor) -> Tensor:
@@ -233,9 +267,13 @@ class TrainingKernels:
             if kind is None:
                 self.why_dense[name] = why_not
                 continue
+            kernels = sparse_kernels(module.weight)
+            if not kernels:
+                self.why_dense[name] = f"no sparse kernel trains {module.weight.dtype} weights"
+                continue
             layer = LayerKernels(module, kind, masks[name])
             if self.mode == "sparse":
-                layer.plan = SPARSE_PLAN
+                layer.plan = KernelPlan(kernels[0], kernels[0], kernels[0])
             elif plans and name in plans:
                 layer.plan, layer.planned_live = plans[name]
             self.layers[name] = layer
@@ -278,20 +316,25 @@ class TrainingKernels:
         return any(layer.capturing for layer in self.layers.values())
 
     def decide(self, combine: Callable[[Tensor], Tensor] | None = None) -> None:
-        """Time each recording layer's parts both ways on the tensors it saw and keep the faster of each.
-        ``combine`` sums the timings over processes (every process calls this together), so that all choose
-        alike."""
-        timed = {name: layer for name, layer in self.layers.items() if layer.capturing}
-        times = {name: _time_parts(layer, self.repeats) for name, layer in timed.items()}
-        if combine is not None and times:
-            flat = torch.tensor([ms for name in timed for part in PARTS for ms in times[name][part].values()],
-                                dtype=torch.float64)
-            summed = iter(combine(flat).tolist())
-            times = {name: {part: {kernel: next(summed) for kernel in times[name][part]} for part in PARTS}
-                     for name in timed}
+        """Choose the plan of each layer that recorded its tensors this step, on those tensors: each part timed
+        with every kernel gives the best mix; then a whole forward and backward is timed under the dense plan,
+        that mix and each kernel alone, and the fastest whole wins, dense unless another beats it by more than
+        ``TIE`` (a tie within the noise of the timing goes to dense). ``combine`` sums timings over processes
+        (every process calls this together, with the same layers), so that all choose alike."""
+        timed = {name: layer for name, layer in self.layers.items() if {"x", "grad"} <= layer.captured.keys()}
+        parts = _combined({name: _time_parts(layer, self.repeats) for name, layer in timed.items()}, combine)
+        wholes = {}
         for name, layer in timed.items():
-            layer.times_ms = times[name]
-            layer.plan = KernelPlan(*(min(times[name][part], key=times[name][part].__getitem__) for part in PARTS))
+            mixed = KernelPlan(*(min(parts[name][part], key=parts[name][part].__getitem__) for part in PARTS))
+            uniform = [KernelPlan(kernel, kernel, kernel) for kernel in sparse_kernels(layer.weight)]
+            candidates = dict.fromkeys([KernelPlan(), mixed, *uniform])
+            wholes[name] = {plan.describe(): _time_plan(layer, plan, self.repeats) for plan in candidates}
+        wholes = _combined(wholes, combine)
+        for name, layer in timed.items():
+            times = wholes[name]
+            best = min(times, key=times.__getitem__)
+            layer.plan = KernelPlan.parse(best if times[best] * (1 + TIE) < times["dense"] else "dense")
+            layer.times_ms = {"step": times, **parts[name]}
             layer.planned_live = layer.pattern.nnz
             layer.capturing, layer.captured = False, {}
 
@@ -312,27 +355,72 @@ def _needs_timing(layer: LayerKernels) -> bool:
 
 
 def _time_parts(layer: LayerKernels, repeats: int) -> dict[str, dict[str, float]]:
-    """Each part's median time (ms) dense and CSR, on the input rows and output gradient the layer saw."""
+    """Each part's median time (ms) with every kernel the layer can run, on the input rows and output gradient it
+    saw; each sparse candidate pays for the transposes and gathers it needs."""
     x, grad = layer.captured["x"], layer.captured["grad"]
     pattern = layer.pattern
+    weight_2d = layer.weight.detach().reshape(pattern.shape).contiguous()
+
+    candidates: dict[str, dict[str, Callable[[], object]]] = {
+        "forward": {"dense": lambda: F.linear(x, weight_2d)},
+        "input_grad": {"dense": lambda: grad.mm(weight_2d)},
+        "weight_grad": {"dense": lambda: grad.t().mm(x)},
+    }
+    for kernel in sparse_kernels(weight_2d):
+        candidates["forward"][kernel] = lambda k=kernel: _sparse_product(
+            k, pattern, pattern.values(weight_2d), x.t().contiguous(), transposed=False).t().contiguous()
+        candidates["input_grad"][kernel] = lambda k=kernel: _sparse_product(
+            k, pattern, pattern.values(weight_2d), grad.t().contiguous(), transposed=True).t()
+        candidates["weight_grad"][kernel] = lambda k=kernel: _live_weight_grad(
+            k, pattern, pattern.values(weight_2d), grad.t().contiguous(), x.t().contiguous(), layer.weight.shape)
     with torch.no_grad():
-        weight = layer.weight.detach()
-        weight_2d = weight.reshape(pattern.shape)
-        values = pattern.values(weight)
-        columns = x.t().contiguous()
-
-        def csr_weight_grad() -> Tensor:
-            return pattern.scatter(_live_weight_grad(pattern, values, grad.t().contiguous(), columns), weight)
-
-        candidates = {
-            "forward": {"dense": lambda: F.linear(x, weight_2d),
-                        "csr": lambda: torch.sparse.mm(pattern.csr(pattern.values(weight)), x.t().contiguous())
-                        .t().contiguous()},
-            "input_grad": {"dense": lambda: grad.mm(weight_2d),
-                           "csr": lambda: torch.sparse.mm(pattern.csr_t(values), grad.t().contiguous()).t()},
-            "weight_grad": {"dense": lambda: grad.t().mm(x), "csr": csr_weight_grad},
-        }
         return {part: fastest(candidates[part], repeats)[1] for part in PARTS}
+
+
+def _time_plan(layer: LayerKernels, plan: KernelPlan, repeats: int) -> float:
+    """Median time (ms) of the layer's forward and backward under ``plan`` on the tensors it recorded, its weight
+    and input detached so that no gradient reaches the model; the dense plan through ``F.linear``, as the plain
+    layer computes."""
+    x = layer.captured["x"].detach().requires_grad_()
+    grad = layer.captured["grad"]
+    weight = layer.weight.detach().requires_grad_()
+    bias = None if layer.module.bias is None else layer.module.bias.detach().requires_grad_()
+    saved, layer.plan, layer.capturing = layer.plan, plan, False
+    try:
+        if plan.sparse:
+            return median_ms(lambda: _LiveProduct.apply(x, weight, bias, layer).backward(grad), repeats)
+        return median_ms(lambda: F.linear(x, weight.reshape(layer.pattern.shape), bias).backward(grad), repeats)
+    finally:
+        layer.plan, layer.capturing = saved, True
+
+
+def _combined(times: dict[str, dict[str, Any]], combine: Callable[[Tensor], Tensor] | None) -> dict[str, dict[str, Any]]:
+    """Nested timings (ms) summed over processes by ``combine`` (None: this process's own)."""
+    if combine is None or not times:
+        return times
+    flat: list[float] = []
+    _flatten(times, flat)
+    summed = iter(combine(torch.tensor(flat, dtype=torch.float64)).tolist())
+    return _refill(times, summed)
+
+
+def _flatten(tree: Mapping[str, Any], into: list[float]) -> None:
+    for value in tree.values():
+        _flatten(value, into) if isinstance(value, Mapping) else into.append(float(value))
+
+
+def _refill(tree: Mapping[str, Any], values: Iterator[float]) -> dict[str, Any]:
+    return {key: _refill(value, values) if isinstance(value, Mapping) else next(values) for key, value in tree.items()}
+
+
+def sparse_kernels(weight: Tensor) -> tuple[Kernel, ...]:
+    """The sparse kernels that can train a weight like this one, best first: native (CPU, when it builds here)
+    and torch's CSR operations."""
+    if weight.dtype not in (torch.float32, torch.float64):
+        return ()
+    if weight.device.type == "cpu" and native.load() is not None:
+        return ("native", "csr")
+    return ("csr",)
 
 
 def plan_from_state(state: Mapping[str, Any]) -> tuple[KernelPlan, int]:
