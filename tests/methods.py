@@ -47,3 +47,10 @@ METHODS: dict[str, Callable[..., pl.Callback]] = {  # keyword arguments are pass
 }
 # Methods whose masks change during training (all but the static ones), and the update steps of a 13-step run.
 CHANGING = [name for name in METHODS if name not in ("static", "lottery")]
+# Methods that refuse kernels="sparse" (they read the dense gradient every step, or start dense) train with "auto".
+REFUSES_SPARSE_KERNELS = ("snfs", "snip", "snip_global", "pruning", "pruning_global")
+
+
+def sparse_kernels_for(method: str) -> str:
+    """The kernels setting that runs ``method`` on sparse kernels wherever it may."""
+    return "auto" if method in REFUSES_SPARSE_KERNELS else "sparse"

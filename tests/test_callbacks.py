@@ -12,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import SPARSE_NAMES, TinyNet, make_data, train
-from methods import CHANGING, METHODS
+from methods import CHANGING, METHODS, sparse_kernels_for
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
@@ -143,10 +143,11 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
     return sum(int((a[n] != b[n]).sum()) for n in a)
 
 
+@pytest.mark.parametrize("kernels", ["dense", "sparse"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_dead_weights_stay_zero_and_counts_stay_exact(method, optimizer):
-    sparse = METHODS[method]()
+def test_dead_weights_stay_zero_and_counts_stay_exact(method, optimizer, kernels):
+    sparse = METHODS[method](kernels=kernels if kernels == "dense" else sparse_kernels_for(method))
     recorder = Recorder(sparse)
     torch.manual_seed(0)  # the same weights whatever ran before
     train([sparse, recorder], model=TinyNet(optimizer=optimizer), steps=13)
@@ -211,8 +212,9 @@ def test_rigl_grows_where_the_accumulated_gradient_is_largest():
 READS_GRADIENT = ["rigl", "snfs", "rigl_sg", "rigl_sm", "rigl_skip_step", "snip", "snip_global"]
 
 
+@pytest.mark.parametrize("kernels", ["dense", "sparse"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_accumulated_micro_batches_update_like_one_large_batch(method):
+def test_accumulated_micro_batches_update_like_one_large_batch(method, kernels):
     class RunningStatsBatchNorm(torch.nn.BatchNorm2d):
         def train(self, mode=True):  # batch statistics differ between micro-batches: normalise by running ones
             return super().train(False)
@@ -224,7 +226,7 @@ def test_accumulated_micro_batches_update_like_one_large_batch(method):
             self.to(torch.float64)
 
     def run(accumulate, batch_size):
-        sparse = METHODS[method]()
+        sparse = METHODS[method](kernels=kernels if kernels == "dense" else sparse_kernels_for(method))
         trainer = train([sparse], model_factory=FixedNormNet, steps=6, batch_size=batch_size,
                         data=make_data(32, dtype=torch.float64), accumulate_grad_batches=accumulate)
         return sparse, dict(trainer.lightning_module.named_parameters())
@@ -258,7 +260,7 @@ class CrashAfter(pl.Callback):
 
 
 STATE_KEYS = {"masks", "densities", "targets", "num_updates", "pending_step", "moving_average", "rewind",
-              "train_flops"}
+              "train_flops", "kernel_plans"}
 
 
 def _assert_resume_matches(tmp_path, make, crash_step, model_factory=TinyNet, steps=14):
@@ -295,13 +297,17 @@ def _assert_resume_matches(tmp_path, make, crash_step, model_factory=TinyNet, st
     return state
 
 
+@pytest.mark.parametrize("kernels", ["dense", "sparse"])
 @pytest.mark.parametrize("crash_step", [6, 7])  # right after an update, and between updates
 @pytest.mark.parametrize("method", list(METHODS))
-def test_resume_matches_uninterrupted_run(tmp_path, method, crash_step):
+def test_resume_matches_uninterrupted_run(tmp_path, method, crash_step, kernels):
     rewind = {} if method == "lottery" else {"rewind_step": 2}  # a ticket consumes a copy, it keeps none
-    state = _assert_resume_matches(tmp_path, functools.partial(METHODS[method], **rewind), crash_step)
+    kernels = kernels if kernels == "dense" else sparse_kernels_for(method)
+    state = _assert_resume_matches(tmp_path, functools.partial(METHODS[method], kernels=kernels, **rewind), crash_step)
     assert ("moving_average" in state) == (method == "snfs")
     assert ("rewind" in state) == bool(rewind)
+    # Under "auto" the plans travel with the masks: the resumed run keeps the kernels the first one timed.
+    assert ("kernel_plans" in state) == (kernels == "auto")
 
 
 def test_resume_keeps_the_moving_average_where_the_optimizer_has_no_momentum(tmp_path):

@@ -8,6 +8,7 @@ groups.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from pathlib import Path
@@ -25,6 +26,10 @@ from lightning_rigl import Static
 STEPS = 10
 RANK_DEPENDENT = "static_seeded_by_rank"
 TRANSFORMER_RUNS = {f"{method}_vit": (METHODS[method], TinyViT) for method in ("rigl", "set")}
+# Sparse kernels inside DDP; under "auto" the processes sum their timings, so that all choose the same kernels.
+KERNEL_RUNS = {f"{method}_{kernels}": (functools.partial(METHODS[method], kernels=kernels), TinyNet)
+               for method, kernels in (("rigl", "sparse"), ("set", "sparse"), ("srigl", "sparse"), ("rigl", "auto"),
+                                       ("snfs", "auto"))}
 
 
 class SaveMasksPerRank(pl.Callback):
@@ -40,7 +45,7 @@ class SaveMasksPerRank(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
         torch.save({"masks": self.history, "params": params, "updates": self.sparse.num_updates,
-                    "densities": self.sparse.densities},
+                    "densities": self.sparse.densities, "kernels": dict(self.sparse.kernels_used)},
                    self.folder / f"rank{trainer.global_rank}.pt")
 
 
@@ -48,7 +53,7 @@ def _train_every_method(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     # A seed that differs between ranks (a configuration no process can notice alone) must stop both at once.
-    runs = {**{method: (make, TinyNet) for method, make in METHODS.items()}, **TRANSFORMER_RUNS,
+    runs = {**{method: (make, TinyNet) for method, make in METHODS.items()}, **TRANSFORMER_RUNS, **KERNEL_RUNS,
             RANK_DEPENDENT: (lambda: Static(sparsity=0.8, seed=rank), TinyNet)}
     for method, (make, model_factory) in runs.items():
         torch.manual_seed(0)
@@ -83,18 +88,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("method", [*METHODS, *TRANSFORMER_RUNS])
+@pytest.mark.parametrize("method", [*METHODS, *TRANSFORMER_RUNS, *KERNEL_RUNS])
 def test_ranks_hold_identical_masks_at_every_step(runs: Path, method: str) -> None:
     rank0, rank1 = (torch.load(runs / method / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert "error" not in rank0 and "error" not in rank1, rank0.get("error") or rank1.get("error")
     assert rank0["updates"] == rank1["updates"]
     assert rank0["densities"] == rank1["densities"]
+    assert rank0["kernels"] == rank1["kernels"]
+    if method.endswith("_sparse"):
+        assert {rank0["kernels"][n] for n in ("classifier.1.weight", "classifier.3.weight")} <= {"native", "csr"}
     assert len(rank0["masks"]) == len(rank1["masks"]) == STEPS
     for step, (a, b) in enumerate(zip(rank0["masks"], rank1["masks"])):
         assert list(a) == list(b)
         for name in a:
             assert torch.equal(a[name], b[name]), f"step {step}, {name}"
-    if method.removesuffix("_vit") in CHANGING and not method.startswith("snip"):  # SNIP changes at step 0 only
+    if method.removesuffix("_vit").removesuffix("_sparse").removesuffix("_auto") in CHANGING and not method.startswith("snip"):  # SNIP changes at step 0 only
         assert any(not torch.equal(rank0["masks"][0][n], rank0["masks"][-1][n]) for n in rank0["masks"][0])
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name

@@ -227,7 +227,8 @@ class SparseTraining(Callback, ABC):
         return self.reads_gradients
 
     def why_not_sparse_kernels(self, optimizer: torch.optim.Optimizer) -> str | None:
-        """Why the method cannot train with kernels="sparse" (None: it can)."""
+        """Why the method cannot train with kernels="sparse" (None: it can); "auto" still times its layers, and
+        steps that read the dense gradient compute it dense."""
         return None
 
     def per_weight_state(self) -> list[dict[str, Tensor]]:
@@ -550,12 +551,12 @@ class SparseTraining(Callback, ABC):
         self.step_times_ms = []
         if self.kernels == "dense":
             return
-        reason = _why_no_sparse_kernels(trainer, pl_module, self._params) or \
-            self.why_not_sparse_kernels(trainer.optimizers[0])
+        reason = _why_no_sparse_kernels(trainer, pl_module, self._params)
+        refusal = reason or (self.why_not_sparse_kernels(trainer.optimizers[0]) if self.kernels == "sparse" else None)
+        if refusal is not None and self.kernels == "sparse":
+            raise ConfigError(f"kernels='sparse' cannot run here: {refusal}. Use kernels='auto' (dense where sparse "
+                              "kernels cannot run or do not gain) or kernels='dense'.")
         if reason is not None:
-            if self.kernels == "sparse":
-                raise ConfigError(f"kernels='sparse' cannot run here: {reason}. Use kernels='auto' (dense where "
-                                  "sparse kernels cannot run) or kernels='dense'.")
             self.kernels_used = dict.fromkeys(self._params, f"dense ({reason})")
             return
         modules, self.kernels_used = {}, {}

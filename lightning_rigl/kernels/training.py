@@ -208,7 +208,7 @@ def _live_weight_grad(kernel: Kernel, pattern: LivePattern, values: Tensor, grad
     # torch's sampled product reads each column of its second operand contiguously when it is column-major.
     sampled = torch.sparse.sampled_addmm(pattern.csr(values), grad_t, columns.t(), beta=0.0)
     grad = torch.zeros(shape, dtype=values.dtype, device=values.device)
-    grad.view(-1).put_(pattern.positions, sampled.values())
+    grad.view(-1).index_copy_(0, pattern.positions, sampled.values())
     return grad
 
 
