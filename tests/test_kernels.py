@@ -17,6 +17,7 @@ from torch import nn
 from lightning_rigl import SET, RigL, Static
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.kernels import KernelPlan, TrainingKernels
+from lightning_rigl.kernels.timing import choose
 from lightning_rigl.kernels.training import sparse_kernels
 
 KERNELS = sparse_kernels(torch.empty(1))  # ("native", "csr") where the native kernels build here, else ("csr",)
@@ -32,6 +33,12 @@ def _with_kernels(module: nn.Module, mask: torch.Tensor, kernel: str) -> Trainin
     kernels.layers["weight"].plan = _plan(kernel)
     kernels.begin_step(dense_weight_grad=False)
     return kernels
+
+
+def test_auto_keeps_dense_unless_a_kernel_beats_it_by_more_than_five_percent() -> None:
+    assert choose({"dense": 1.0, "native": 0.96, "csr": 1.2}) == "dense"  # inside the timing noise: a tie
+    assert choose({"dense": 1.0, "native": 0.90, "csr": 0.94}) == "native"
+    assert choose({"native": 0.90, "csr": 0.80}) == "csr"  # nothing to fall back to: the fastest
 
 
 def test_the_native_kernels_build_here() -> None:

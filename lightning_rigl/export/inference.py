@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
-import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -27,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rigl.export.file import nonzero_masks
+from lightning_rigl.kernels.forms import condense, to_csr
+from lightning_rigl.kernels.timing import fastest
 from lightning_rigl.sparsity.structure import NM, ConstantFanIn
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ class SparseLinear(nn.Module):
     def __init__(self, linear: nn.Linear, mask: Tensor) -> None:
         super().__init__()
         # Buffers, so that .to(device) moves them; not persistent: the compact file is the saved form.
-        self.register_buffer("weight", _csr(linear.weight, mask), persistent=False)
+        self.register_buffer("weight", to_csr(linear.weight, mask), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
         self.out_features = linear.out_features
 
@@ -135,7 +134,7 @@ class SparseConv2d(_ConvByExample):
 
     def __init__(self, conv: nn.Conv2d, mask: Tensor) -> None:
         super().__init__(conv)
-        weight = _csr(conv.weight.reshape(conv.out_channels, -1), mask.reshape(conv.out_channels, -1))
+        weight = to_csr(conv.weight, mask)
         self.register_buffer("weight", weight, persistent=False)
 
     def product(self, columns: Tensor) -> Tensor:
@@ -211,26 +210,6 @@ def semi_structured_unavailable(weight: Tensor) -> str | None:
     return None
 
 
-def condense(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """A constant fan-in weight's condensed form: (indices, values), each (out, k), k the live weights of every
-    neuron that has any (columns of the weight read as (out, fan_in), in increasing order); an ablated neuron
-    gets k zero values at column 0.
-
-    Raises:
-        ValueError: the neurons hold different numbers of live weights.
-    """
-    rows = mask.reshape(mask.shape[0], -1)
-    fan_ins = rows.sum(1)
-    k = int(fan_ins.max())
-    if bool(((fan_ins != k) & (fan_ins != 0)).any()):
-        raise ValueError("condense needs a constant fan-in: every neuron with live weights must hold as many.")
-    padded = rows.clone()
-    padded[fan_ins == 0, :k] = True  # an ablated neuron reads k zero weights
-    indices = padded.nonzero()[:, 1].view(rows.shape[0], k)
-    values = torch.where(rows, weight.detach().reshape(rows.shape), 0).gather(1, indices)
-    return indices, values
-
-
 def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None, example_input: Tensor | None = None,
                      mode: Mode = "auto", repeats: int = 7) -> nn.Module:
     """An inference copy of ``model`` (eval mode, no gradients needed) whose sparse layers compute with sparse
@@ -251,8 +230,9 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
             non-zero positions.
         example_input: a batch like those the copy will see (same batch size, same device); needed by
             ``mode="auto"``, which times each layer on the inputs this batch gives it.
-        mode: "auto" keeps, per layer, the fastest of the dense layer and its sparse versions (so conversion never
-            makes a layer slower on this input); "sparse" converts every layer it can, condensed where it can.
+        mode: "auto" keeps, per layer, the fastest of the dense layer and its sparse versions, dense unless a sparse
+            one is faster by more than 5% (``kernels.timing.choose``: conversion never makes a layer slower on this
+            input); "sparse" converts every layer it can, condensed where it can.
         repeats: timed runs per layer and kernel under "auto" (the median is kept), after two warm-up runs.
 
     Raises:
@@ -283,9 +263,9 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
             why_not = "the example input does not reach it"
         elif kernels:
             kernels = {"dense": candidate.module, **kernels}
-            times = {key: _median_ms(lambda module=module: module(inputs[name]), repeats)
-                     for key, module in kernels.items()}
-            kernel = min(times, key=times.__getitem__)
+            with torch.inference_mode():
+                kernel, times = fastest({key: lambda module=module: module(inputs[name])
+                                         for key, module in kernels.items()}, repeats)
             why_not = "the dense layer was faster" if kernel == "dense" else ""
         if kernel != "dense":
             inference = _replace(inference, name, kernels[kernel])
@@ -367,13 +347,6 @@ def _pointwise(conv: nn.Conv2d) -> bool:
     return conv.kernel_size == (1, 1) and conv.padding == (0, 0)
 
 
-def _csr(weight: Tensor, mask: Tensor) -> Tensor:
-    masked = torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype, device=weight.device))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return masked.to_sparse_csr()
-
-
 def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> dict[str, Tensor]:
     """The input each named module receives when the model runs on ``example``."""
     inputs: dict[str, Tensor] = {}
@@ -392,24 +365,6 @@ def _keeper(inputs: dict[str, Tensor], name: str) -> Callable[..., None]:
     def keep(module: nn.Module, args: tuple[Tensor, ...]) -> None:
         inputs.setdefault(name, args[0])
     return keep
-
-
-def _median_ms(run: Callable[[], Tensor], repeats: int) -> float:
-    times = []
-    with torch.inference_mode():
-        for index in range(repeats + 2):
-            _synchronize()
-            start = time.perf_counter()
-            run()
-            _synchronize()  # CUDA kernels run asynchronously: time their completion, not their launch
-            if index >= 2:
-                times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def _replace(model: nn.Module, name: str, replacement: nn.Module) -> nn.Module:

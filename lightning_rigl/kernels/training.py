@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_rigl.kernels import native
 from lightning_rigl.kernels.forms import LivePattern
-from lightning_rigl.kernels.timing import fastest, median_ms
+from lightning_rigl.kernels.timing import choose, fastest, median_ms
 
 KERNEL_MODES = ("dense", "sparse", "auto")
 Kernel = Literal["dense", "csr", "native"]
@@ -40,9 +40,6 @@ PARTS = ("forward", "input_grad", "weight_grad")
 # Under "auto", a layer's kernels are timed again when its live count moves by more than this fraction since the
 # last timing (pruning); a RigL or SET update moves positions, not counts, and keeps the plan.
 RETIME_CHANGE = 0.1
-# Under "auto", a sparse plan replaces dense only when its timed step is faster by more than this fraction: closer
-# timings are within the noise of a few runs on a busy machine, and dense is the safe side of a tie.
-TIE = 0.05
 
 
 @dataclass(frozen=True)
@@ -318,22 +315,21 @@ class TrainingKernels:
     def decide(self, combine: Callable[[Tensor], Tensor] | None = None) -> None:
         """Choose the plan of each layer that recorded its tensors this step, on those tensors: each part timed
         with every kernel gives the best mix; then a whole forward and backward is timed under the dense plan,
-        that mix and each kernel alone, and the fastest whole wins, dense unless another beats it by more than
-        ``TIE`` (a tie within the noise of the timing goes to dense). ``combine`` sums timings over processes
+        that mix and each kernel alone, and the fastest whole wins by the rule of ``timing.choose`` (dense unless
+        beaten by more than ``timing.TIE``). ``combine`` sums timings over processes
         (every process calls this together, with the same layers), so that all choose alike."""
         timed = {name: layer for name, layer in self.layers.items() if {"x", "grad"} <= layer.captured.keys()}
         parts = _combined({name: _time_parts(layer, self.repeats) for name, layer in timed.items()}, combine)
         wholes = {}
         for name, layer in timed.items():
-            mixed = KernelPlan(*(min(parts[name][part], key=parts[name][part].__getitem__) for part in PARTS))
+            mixed = KernelPlan(*(choose(parts[name][part]) for part in PARTS))
             uniform = [KernelPlan(kernel, kernel, kernel) for kernel in sparse_kernels(layer.weight)]
             candidates = dict.fromkeys([KernelPlan(), mixed, *uniform])
             wholes[name] = {plan.describe(): _time_plan(layer, plan, self.repeats) for plan in candidates}
         wholes = _combined(wholes, combine)
         for name, layer in timed.items():
             times = wholes[name]
-            best = min(times, key=times.__getitem__)
-            layer.plan = KernelPlan.parse(best if times[best] * (1 + TIE) < times["dense"] else "dense")
+            layer.plan = KernelPlan.parse(choose(times))
             layer.times_ms = {"step": times, **parts[name]}
             layer.planned_live = layer.pattern.nnz
             layer.capturing, layer.captured = False, {}
