@@ -318,7 +318,7 @@ def group_runs(runs: Sequence[Run]) -> list[Row]:
 
 def _columns(record: Mapping[str, Any]) -> list[Any]:
     return [record["model"], record["data"], record["method"], record["distribution"], round(record["sparsity"], 6),
-            record["multiplier"]]
+            record["multiplier"], record.get("kernels", "dense")]
 
 
 def _sort_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -349,12 +349,13 @@ _MEASURED = (
     ("inference FLOPs", "forward_flops", "{:.2f}x"),
     ("size (MB)", "size_mb", "{:.3f}"),
     ("test top-1 (%)", "test_top1", "{:.2f}"),
+    ("step (ms)", "step_ms", "{:.2f}"),
 )
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """The paper-style table: one line per row, "mean ± std" where the runs differ."""
-    header = ["model", "data", "method", "distribution", "sparsity", "multiplier", "runs",
+    header = ["model", "data", "method", "distribution", "sparsity", "multiplier", "kernels", "runs",
               *(title for title, _, _ in _MEASURED)]
     if any(row.note for row in rows):
         header.append("differs in")
@@ -362,7 +363,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
     for row in rows:
         record = row.first
         cells = [record["model"], record["data"] or "", record["method"], record["distribution"] or "",
-                 f"{record['sparsity']:.4g}", f"{record['multiplier']:g}x", str(len(row.runs))]
+                 f"{record['sparsity']:.4g}", f"{record['multiplier']:g}x", record.get("kernels", "dense"),
+                 str(len(row.runs))]
         for _, key, number in _MEASURED:
             stats = row.mean_std(key)
             if stats is None:

@@ -62,7 +62,8 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         ratio = 1.0 if removed == 0 else _narrowed_flop_ratio(model, _example_shape(trainer))
         record.update(method="Dense" if removed == 0 else "Small-Dense", distribution=None, sparsity=removed,
                       achieved_sparsity=removed, seed=None, train_ratio=ratio, forward_ratio=ratio,
-                      size_bytes=model_size_bytes(model), densities={})
+                      size_bytes=model_size_bytes(model), densities={}, kernels="dense", layer_kernels={},
+                      step_ms=None)
         return record
     (callback,) = sparse
     distribution, sparsity = _distribution(callback)
@@ -74,6 +75,9 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         achieved_sparsity=achieved,
         seed=callback.seed,
         densities=callback.achieved_densities(),
+        kernels=callback.kernels,
+        layer_kernels=dict(callback.kernels_used),
+        step_ms=callback.step_time_ms(),
     )
     if callback.structure is not None:
         record.update(structure=str(callback.structure), ablated_neurons=callback.ablated_neurons())

@@ -23,6 +23,11 @@ def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float]) -> str:
         return "\n".join(lines)
     for callback in sparse:
         lines.extend(_sparse_lines(callback, total))
+        step = callback.step_time_ms()
+        if step is not None:
+            lines.insert(len(lines) - len(callback.masks) - 1,
+                         f"  kernels: {callback.kernels}; a training batch took {step:.2f} ms (median of "
+                         f"{len(callback.step_times_ms)}, forward to optimizer step)")
         if callback.flops is not None:
             costs = callback.cost_metrics(trainer.lightning_module)
             lines.insert(len(lines) - len(callback.masks) - 1,
@@ -49,10 +54,13 @@ def _accuracy_lines(test_metrics: Mapping[str, float]) -> list[str]:
     return [f"  test accuracy: {accuracy}"] if accuracy else []
 
 
-def _density_table(masks: Mapping[str, Tensor], densities: Mapping[str, float] | None = None) -> list[str]:
-    lines = [f"  {'layer':<40} {'shape':<20} density"]
+def _density_table(masks: Mapping[str, Tensor], densities: Mapping[str, float] | None = None,
+                   kernels: Mapping[str, str] | None = None) -> list[str]:
+    """Each layer's shape and density, and the kernels it trained with where given."""
+    lines = [f"  {'layer':<40} {'shape':<20} density" + ("  kernels" if kernels else "")]
     for (name, mask), density in zip(masks.items(), (densities or mask_densities(masks)).values()):
-        lines.append(f"  {name:<40} {str(tuple(mask.shape)):<20} {density:.4f}")
+        used = f"  {kernels.get(name, 'dense')}" if kernels else ""
+        lines.append(f"  {name:<40} {str(tuple(mask.shape)):<20} {density:.4f}{used}")
     return lines
 
 
@@ -64,6 +72,7 @@ def _sparse_lines(callback: SparseTraining, total: int) -> list[str]:
         f"  {type(callback).__name__}: target sparsity {target}, achieved {1 - callback.global_density():.4f} "
         f"over {len(callback.masks)} sparse layers" + ("" if updates is None else f", {updates} mask updates"),
         f"  parameters: {total - dead:,} live of {total:,}",
-        *_density_table(callback.masks, callback.achieved_densities()),
+        *_density_table(callback.masks, callback.achieved_densities(),
+                        callback.kernels_used if callback.kernels != "dense" else None),
     ]
     return lines

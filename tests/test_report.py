@@ -104,7 +104,7 @@ def test_the_report_averages_seeds_and_warns_about_an_unfinished_folder(
     # Training FLOPs are a multiple of dense training at 1x: the 2x run's ratio times 2.
     doubled = read_results(runs["rigl_2x"])
     assert float(rows["RigL", "2.0"]["train_flops"]) == pytest.approx(2 * doubled["train_ratio"])
-    assert "| RigL | erk | 0.9 | 1x | 2 |" in captured.out and "±" in captured.out
+    assert "| RigL | erk | 0.9 | 1x | dense | 2 |" in captured.out and "±" in captured.out
 
     out = tmp_path / "out"
     for name in ("accuracy_vs_sparsity", "accuracy_vs_training_flops", "layer_densities", "forward_flops"):
@@ -166,7 +166,22 @@ def test_a_row_without_test_accuracy_says_so(tmp_path: Path) -> None:
     row = Row([_run("a", 0.1, 0, 0.9)])
     row.runs[0].record["test"] = {}
     assert row.mean_std("test_top1") is None
-    assert markdown_table([row]).splitlines()[-1].endswith("| n/a |")
+    header, _, line = markdown_table([row]).splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), line.strip("| ").split(" | ")))
+    assert cells["test top-1 (%)"] == "n/a"
+
+
+def test_runs_with_sparse_kernels_are_rows_of_their_own_with_their_step_time() -> None:
+    fast = [_run(f"s{seed}", 0.1, seed, 0.9) for seed in (0, 1)]
+    for run, step in zip(fast, (2.0, 4.0)):
+        run.record.update(kernels="sparse", step_ms=step)
+        run.settings["trainer.callbacks.init_args.kernels"] = "sparse"
+    rows = group_runs([_run("d", 0.1, 0, 0.9), *fast])  # a record written before kernels existed reads as dense
+    assert [(row.first.get("kernels", "dense"), len(row.runs)) for row in rows] == [("dense", 1), ("sparse", 2)]
+    header, _, dense, sparse = markdown_table(rows).splitlines()
+    columns = header.strip("| ").split(" | ")
+    assert dict(zip(columns, sparse.strip("| ").split(" | ")))["step (ms)"] == "3.00 ± 1.41"
+    assert dict(zip(columns, dense.strip("| ").split(" | ")))["step (ms)"] == "n/a"
 
 
 @pytest.mark.parametrize(

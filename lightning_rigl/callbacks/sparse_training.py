@@ -562,7 +562,9 @@ class SparseTraining(Callback, ABC):
         modules, self.kernels_used = {}, {}
         for name in self._params:
             module_name, _, attribute = name.rpartition(".")
-            if attribute == "weight":
+            if self.targets[name] >= 1.0:
+                self.kernels_used[name] = "dense (the configuration keeps the layer dense)"
+            elif attribute == "weight":
                 modules[name] = pl_module.get_submodule(module_name)
             else:
                 self.kernels_used[name] = f"dense ({attribute} is not a module's weight)"
