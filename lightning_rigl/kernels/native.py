@@ -44,8 +44,8 @@ constexpr int32_t AHEAD = 8;  // live weights ahead whose input rows are prefetc
 // val[j], or val[order[j]] for the transpose.
 template <typename T, int64_t W>
 inline void axpy_chunk(const int32_t* __restrict col, const T* __restrict val, const int64_t* __restrict order,
-                       int32_t first, int32_t last, const T* __restrict x_t, T* __restrict out, int64_t n,
-                       int64_t n0, int64_t w) {
+                       int32_t first, int32_t last, const T* __restrict x_t, T* __restrict out, int64_t out_stride,
+                       int64_t n, int64_t n0, int64_t w) {
   T acc[W] = {};
   for (int32_t j = first; j < last; ++j) {
     if (j + AHEAD < last) __builtin_prefetch(x_t + static_cast<int64_t>(col[j + AHEAD]) * n + n0);
@@ -58,17 +58,21 @@ inline void axpy_chunk(const int32_t* __restrict col, const T* __restrict val, c
       for (int64_t k = 0; k < w; ++k) acc[k] += v * in[k];
     }
   }
-  std::copy(acc, acc + w, out);
+  for (int64_t k = 0; k < w; ++k) out[k * out_stride] = acc[k];
 }
 
+// Row r of the product goes to y[r, :] of a (rows, N) output, or to y[:, r] of an (N, rows) one (rows_last): the
+// second saves the caller a transpose, and consecutive rows fill the same cache lines.
 template <typename T>
-void axpy_rows(const int32_t* crow, const int32_t* col, const T* val, const int64_t* order, const T* x_t, T* y_t,
-               int64_t rows, int64_t n) {
+void axpy_rows(const int32_t* crow, const int32_t* col, const T* val, const int64_t* order, const T* x_t, T* y,
+               int64_t rows, int64_t n, bool rows_last) {
   constexpr int64_t W = WIDTH<T>;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t n0 = 0; n0 < n; n0 += W) {
-        axpy_chunk<T, W>(col, val, order, crow[r], crow[r + 1], x_t, y_t + r * n + n0, n, n0, std::min(W, n - n0));
+        T* out = rows_last ? y + n0 * rows + r : y + r * n + n0;
+        axpy_chunk<T, W>(col, val, order, crow[r], crow[r + 1], x_t, out, rows_last ? rows : 1, n, n0,
+                         std::min(W, n - n0));
       }
     }
   });
@@ -111,20 +115,46 @@ void check(const torch::Tensor& t, const char* what) {
 
 }  // namespace
 
-// y_t (rows, N) = M @ x_t (k, N), M a CSR matrix (crow, col, values[j] or, given order, values[order[j]]).
+// M @ x_t (k, N), M a CSR matrix (crow, col, values[j] or, given order, values[order[j]]): as (rows, N), or as its
+// transpose (N, rows) when rows_last.
 torch::Tensor product(torch::Tensor x_t, torch::Tensor crow, torch::Tensor col, torch::Tensor values,
-                      c10::optional<torch::Tensor> order) {
+                      c10::optional<torch::Tensor> order, bool rows_last) {
   check(x_t, "x_t"); check(crow, "crow"); check(col, "col"); check(values, "values");
   TORCH_CHECK(values.scalar_type() == x_t.scalar_type(), "values must have x_t's dtype");
   const int64_t rows = crow.numel() - 1, n = x_t.size(1);
-  auto y_t = torch::empty({rows, n}, x_t.options());
+  auto y = rows_last ? torch::empty({n, rows}, x_t.options()) : torch::empty({rows, n}, x_t.options());
   const int64_t* order_ptr = nullptr;
   if (order.has_value()) { check(*order, "order"); order_ptr = order->data_ptr<int64_t>(); }
   AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), "product", [&] {
     axpy_rows<scalar_t>(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), order_ptr,
-                        x_t.data_ptr<scalar_t>(), y_t.data_ptr<scalar_t>(), rows, n);
+                        x_t.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, n, rows_last);
   });
-  return y_t;
+  return y;
+}
+
+// x (R, C) -> x^T (C, R), contiguous, through 32x32 tiles shared among the threads.
+torch::Tensor transpose(torch::Tensor x) {
+  check(x, "x");
+  TORCH_CHECK(x.dim() == 2, "transpose takes a matrix");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  auto out = torch::empty({cols, rows}, x.options());
+  constexpr int64_t TILE = 32;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "transpose", [&] {
+    const scalar_t* __restrict in = x.data_ptr<scalar_t>();
+    scalar_t* __restrict o = out.data_ptr<scalar_t>();
+    const int64_t tiles = (cols + TILE - 1) / TILE;
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tc = begin; tc < end; ++tc) {
+        const int64_t c0 = tc * TILE, c1 = std::min(c0 + TILE, cols);
+        for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
+          const int64_t r1 = std::min(r0 + TILE, rows);
+          for (int64_t c = c0; c < c1; ++c)
+            for (int64_t r = r0; r < r1; ++r) o[c * rows + r] = in[r * cols + c];
+        }
+      }
+    });
+  });
+  return out;
 }
 
 // The dense (rows, fan_in) gradient g_t (rows, N) @ x_t (fan_in, N)^T at the CSR's live positions, 0 elsewhere.
@@ -145,6 +175,7 @@ torch::Tensor live_gradient(torch::Tensor g_t, torch::Tensor x_t, torch::Tensor 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("product", &product, "CSR times dense, activations (features, N)");
   m.def("live_gradient", &live_gradient, "the weight gradient at live positions, as a dense tensor");
+  m.def("transpose", &transpose, "a matrix's transpose, contiguous");
 }
 """
 
