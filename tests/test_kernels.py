@@ -203,6 +203,37 @@ def test_sparse_kernels_train_the_dense_paths_masks(method: str) -> None:
         torch.testing.assert_close(fast_params[name], param, rtol=1e-4, atol=1e-5, msg=name)
 
 
+class TiedNet(TinyNet):
+    """A linear layer whose weight the forward also reads outside the layer (as tied weights are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Flatten()
+        self.classifier = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.head(self.classifier(x) + x @ self.classifier.weight)  # the second use: a dense gradient
+
+
+def test_gradients_from_the_kernels_alone_skip_the_masking_and_any_other_use_is_masked() -> None:
+    class Spy(pl.Callback):
+        clean: list[set[str]] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.clean.append(sparse.training_kernels.clean_gradients())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            for name, mask in sparse.masks.items():
+                assert not pl_module.get_parameter(name)[~mask].any(), f"step {trainer.global_step}: {name}"
+
+    sparse, spy = Static(distribution={"classifier.weight": 0.7, "head.weight": 0.5},
+                         include=["classifier.weight", "head.weight"], kernels="sparse"), Spy()
+    train([sparse, spy], model_factory=TiedNet, steps=4, accumulate_grad_batches=2, batch_size=16)
+    assert spy.clean == [{"head.weight"}] * 4
+
+
 def test_after_fit_the_model_is_plain_and_its_state_dict_unchanged() -> None:
     torch.manual_seed(0)
     model = OneByOneNet()

@@ -664,9 +664,11 @@ class SparseTraining(Callback, ABC):
         self.masks = {name: shard_like(self.masks[name].bool(), param) for name, param in self._params.items()}
 
     def _mask_gradients(self) -> None:
-        # torch.where, not a multiplication: a NaN or inf at a dead position must not survive as NaN.
+        # torch.where, not a multiplication: a NaN or inf at a dead position must not survive as NaN. Gradients that
+        # sparse kernels alone computed hold 0 at every dead position already.
+        clean = self.training_kernels.clean_gradients() if self.training_kernels is not None else ()
         for name, param in self._params.items():
-            if param.grad is not None:
+            if param.grad is not None and name not in clean:
                 grad = local(param.grad)
                 torch.where(local(self.masks[name]), grad, self._zero[grad.device], out=grad)
 

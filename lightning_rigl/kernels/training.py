@@ -108,6 +108,12 @@ class LayerKernels:
         self.dense_weight_grad = False  # this step's decision reads the dense gradient
         self.capturing = False  # this step records its inputs and output gradients for timing
         self.captured: dict[str, Tensor] = {}
+        # Whether every gradient the weight received this step came from a sparse kernel alone (0 at each dead
+        # position by construction; None: none yet): the hook on the weight compares what reaches it with what
+        # the kernel returned, which another use of the weight (tied weights) would have added to.
+        self.clean: bool | None = None
+        self.pending_grad: Tensor | None = None
+        self.hook = module.weight.register_hook(functools.partial(_note_gradient, self))
 
     @property
     def weight(self) -> Tensor:
@@ -180,9 +186,16 @@ class _LiveProduct(torch.autograd.Function):
             else:
                 columns = _transpose(x) if columns is None else columns
                 grad_weight = _live_weight_grad(plan.weight_grad, pattern, values, grad_t, columns, shape)
+                layer.pending_grad = grad_weight
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias, None
+
+
+def _note_gradient(layer: LayerKernels, grad: Tensor) -> None:
+    """The weight's gradient of one backward pass, summed over its uses: clean if it is the sparse kernel's own."""
+    layer.clean = layer.clean is not False and grad is layer.pending_grad
+    layer.pending_grad = None  # autograd then takes the tensor as the gradient without copying it
 
 
 def _sparse_product(kernel: Kernel, pattern: LivePattern, values: Tensor, columns: Tensor, transposed: bool) -> Tensor:
@@ -285,8 +298,10 @@ class TrainingKernels:
             _hook(layer)
 
     def remove(self) -> None:
-        """Give every module its own forward back."""
+        """Give every module its own forward back, and its weight no hook."""
         self._unhook()
+        for layer in self.layers.values():
+            layer.hook.remove()
         self.layers = {}
 
     @contextmanager
@@ -315,6 +330,12 @@ class TrainingKernels:
         for layer in self.layers.values():
             layer.dense_weight_grad = dense_weight_grad
             layer.capturing = self.mode == "auto" and _needs_timing(layer)
+            layer.clean = None
+
+    def clean_gradients(self) -> set[str]:
+        """The layers whose weight gradient this step came from sparse kernels alone: 0 at every dead position
+        already, so masking it again would only cost a pass over it."""
+        return {name for name, layer in self.layers.items() if layer.clean}
 
     def timing_pending(self) -> bool:
         """Whether some layer recorded this step's tensors and waits for ``decide``."""
