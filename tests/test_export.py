@@ -22,6 +22,7 @@ from lightning_rigl.export import (
     SparseConv2d,
     SparseFileError,
     SparseLinear,
+    SparseMultiheadAttention,
     condense,
     load_sparse,
     read_masks,
@@ -203,7 +204,8 @@ def test_the_inference_copy_gives_the_models_outputs(arch: str, mode: str) -> No
     model, masks = sparse_model(arch, sparsity=0.95)
     example = torch.randn(4, *INPUTS[arch])
     inference = sparse_inference(model, masks, example_input=example, mode=mode, repeats=1)
-    convertible = [choice for choice in inference.sparse_layers if choice.kind in {"linear", "conv", "conv1x1"}]
+    convertible = [choice for choice in inference.sparse_layers
+                   if choice.kind in {"linear", "conv", "conv1x1", "attention projection"}]
     assert convertible and not any(c.converted for c in inference.sparse_layers if c not in convertible)
     if mode == "sparse":
         assert all(choice.converted for choice in convertible)
@@ -224,7 +226,7 @@ def test_constant_fan_in_layers_run_condensed_and_give_the_models_outputs(arch: 
     example = torch.randn(2, *INPUTS[arch])
     inference = sparse_inference(model, masks, example_input=example, mode=mode, repeats=1)
     convertible = [choice for choice in inference.sparse_layers
-                   if choice.kind in {"linear", "conv", "conv1x1"} and choice.density < 1]
+                   if choice.kind in {"linear", "conv", "conv1x1", "attention projection"} and choice.density < 1]
     assert convertible
     if mode == "sparse":
         assert all(choice.kernel == "condensed" for choice in convertible)
@@ -432,16 +434,64 @@ def test_a_dense_runs_masks_are_its_zeros_in_convolution_and_linear_weights() ->
     assert nonzero_masks(nn.Sequential(nn.ReLU())) == {}  # nothing to mask
 
 
-def test_attention_projections_stay_dense_in_the_inference_copy() -> None:
-    # nn.MultiheadAttention reads in_proj_weight and out_proj.weight itself: replacing out_proj by a CSR layer
-    # would break it, so both stay dense (masked) with the reason, and the MLPs are converted.
+def test_attention_projections_are_converted_through_a_stand_in_attention_module() -> None:
+    # nn.MultiheadAttention reads in_proj_weight and out_proj.weight itself: the copy replaces it by a
+    # SparseMultiheadAttention whose two projections are layers of their own.
     model, masks = sparse_model("vit_tiny", sparsity=0.95)
     inference = sparse_inference(model, masks, mode="sparse")
     choices = {choice.name: choice for choice in inference.sparse_layers}
     block = "encoder.layers.encoder_layer_0"
-    for name in (f"{block}.self_attention.in_proj_weight", f"{block}.self_attention.out_proj"):
-        assert choices[name].kind == "attention projection" and not choices[name].converted
-        assert "reads the weight itself" in choices[name].why_not
-    assert choices[f"{block}.mlp.0"].converted and isinstance(inference.get_submodule(f"{block}.mlp.0"), SparseLinear)
-    live = inference.get_parameter(f"{block}.self_attention.in_proj_weight") != 0
-    assert torch.equal(live, masks[f"{block}.self_attention.in_proj_weight"] & live)
+    for name in (f"{block}.self_attention.in_proj", f"{block}.self_attention.out_proj"):
+        assert choices[name].kind == "attention projection" and choices[name].converted, choices[name]
+        assert isinstance(inference.get_submodule(name), SparseLinear)
+    assert isinstance(inference.get_submodule(f"{block}.self_attention"), SparseMultiheadAttention)
+    assert isinstance(model.get_submodule(f"{block}.self_attention"), nn.MultiheadAttention), "model changed"
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize(
+    "call",
+    ["self", "self, weights per head", "cross", "padding and bool mask", "float mask, no weights", "causal",
+     "unbatched"],
+)
+def test_the_stand_in_attention_gives_the_modules_outputs(call: str, batch_first: bool) -> None:
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    stand_in = SparseMultiheadAttention(attention)
+    batch, length, source = 3, 5, 7
+    shape = (lambda n: (batch, n, 16)) if batch_first else (lambda n: (n, batch, 16))
+    x = torch.randn(shape(length))
+    kwargs: dict[str, object] = {}
+    args = (x, x, x)
+    if call == "self, weights per head":
+        kwargs = {"average_attn_weights": False}
+    elif call == "cross":
+        memory = torch.randn(shape(source))
+        args = (x, memory, memory.clone())
+    elif call == "padding and bool mask":
+        kwargs = {"key_padding_mask": torch.tensor([[False] * 4 + [True]] * batch),
+                  "attn_mask": torch.rand(length, length) > 0.8}
+        kwargs["attn_mask"].fill_diagonal_(False)
+    elif call == "float mask, no weights":
+        kwargs = {"attn_mask": torch.randn(batch * 4, length, length), "need_weights": False}
+    elif call == "causal":
+        kwargs = {"attn_mask": nn.Transformer.generate_square_subsequent_mask(length), "is_causal": True,
+                  "need_weights": False}
+    elif call == "unbatched":
+        x = torch.randn(length, 16)
+        args = (x, x, x)
+    with torch.no_grad():
+        expected, expected_weights = attention(*args, **kwargs)
+        out, weights = stand_in(*args, **kwargs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert (weights is None) == (expected_weights is None)
+    if weights is not None:
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_that_the_stand_in_cannot_replace_stays_dense_with_the_reason() -> None:
+    model = nn.Sequential()
+    model.attention = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    masks = {"attention.in_proj_weight": torch.rand(24, 8) > 0.5}
+    (choice,) = sparse_inference(model, masks, mode="sparse").sparse_layers
+    assert not choice.converted and "add_bias_kv" in choice.why_not

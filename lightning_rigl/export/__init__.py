@@ -9,6 +9,7 @@ from lightning_rigl.export.inference import (
     SemiStructuredLinear,
     SparseConv2d,
     SparseLinear,
+    SparseMultiheadAttention,
     condense,
     sparse_inference,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "SparseConv2d",
     "SparseFileError",
     "SparseLinear",
+    "SparseMultiheadAttention",
     "condense",
     "load_sparse",
     "read_masks",

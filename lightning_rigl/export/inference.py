@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -201,6 +202,83 @@ class SemiStructuredLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class SparseMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (inference) with its two projections as modules of their own, ``in_proj`` (E → 3E:
+    queries, keys, values) and ``out_proj`` (E → E), so that either can be a sparse layer; the attention between
+    them is ``F.scaled_dot_product_attention``. Takes the module's arguments and gives its outputs (the attention
+    weights, averaged over heads or not, when asked for). For cross-attention (key or value not the query) the
+    projection runs once per input and keeps its third.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.batch_first = attention.embed_dim, attention.num_heads, attention.batch_first
+        self.in_proj = nn.Linear(self.embed_dim, 3 * self.embed_dim, bias=attention.in_proj_bias is not None,
+                                 device=attention.in_proj_weight.device, dtype=attention.in_proj_weight.dtype)
+        self.in_proj.weight = attention.in_proj_weight
+        self.in_proj.bias = attention.in_proj_bias
+        self.out_proj = attention.out_proj
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        batched = query.dim() == 3
+        if not batched:  # (L, E): a batch of one
+            query, key, value = (t.unsqueeze(0 if self.batch_first else 1) for t in (query, key, value))
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        if not self.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        e, heads = self.embed_dim, self.num_heads
+        if key is query and value is query:
+            q, k, v = self.in_proj(query).split(e, dim=-1)
+        else:
+            q, k, v = (self.in_proj(t)[..., i * e:(i + 1) * e] for i, t in enumerate((query, key, value)))
+        batch, length, source = q.shape[0], q.shape[1], k.shape[1]
+        q, k, v = (t.reshape(batch, -1, heads, e // heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
+        mask = _additive(attn_mask, q.dtype, (1, 1, length, source) if attn_mask is not None and attn_mask.dim() == 2
+                         else (batch, heads, length, source))
+        padding = _additive(key_padding_mask, q.dtype, (batch, 1, 1, source))
+        mask = padding if mask is None else mask if padding is None else mask + padding
+        causal = is_causal and mask is None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(e // heads)
+            if causal:
+                scores = scores.masked_fill(torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1),
+                                            -math.inf)
+            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            out = weights @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, e))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(1)
+        if not batched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor | None:
+    """An attention mask as numbers to add to the scores (a bool mask: -inf where True), viewed as ``shape``."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
+    return mask.to(dtype).reshape(shape)
+
+
+def attention_unsupported(attention: nn.MultiheadAttention) -> str | None:
+    """Why ``SparseMultiheadAttention`` cannot stand in for this module, or None if it can."""
+    if not attention._qkv_same_embed_dim:
+        return "its keys and values have other widths than its queries (kdim, vdim)"
+    if attention.bias_k is not None or attention.add_zero_attn:
+        return "it adds key and value biases or a zero attention (add_bias_kv, add_zero_attn)"
+    return None
+
+
 def semi_structured_unavailable(weight: Tensor) -> str | None:
     """Why a 2:4 weight cannot run on sparse tensor cores here, or None if it can."""
     if not weight.is_cuda:
@@ -247,7 +325,8 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
     inference = copy.deepcopy(model).eval()
-    candidates = _candidates(inference, nonzero_masks(inference) if masks is None else masks)
+    inference, masks, projections = _open_attention(inference, nonzero_masks(inference) if masks is None else masks)
+    candidates = _candidates(inference, masks)
     versions = {name: _sparse_versions(candidate) for name, candidate in candidates.items()}
     convertible = [name for name, (_, kernels, _) in versions.items() if kernels]
     inputs = _layer_inputs(inference, convertible, example_input) if mode == "auto" else {}
@@ -255,6 +334,7 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
     for name, candidate in candidates.items():
         density = float(candidate.mask.float().mean())
         kind, kernels, why_not = versions[name]
+        kind = "attention projection" if name in projections else kind
         times: dict[str, float] = {}
         kernel = "dense"
         if kernels and mode == "sparse":
@@ -273,6 +353,25 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
     inference.sparse_layers = choices
     log.info("sparse_inference: %d of %d layers converted", sum(c.converted for c in choices), len(choices))
     return inference
+
+
+def _open_attention(model: nn.Module, masks: Mapping[str, Tensor]) -> tuple[nn.Module, dict[str, Tensor], set[str]]:
+    """``model`` with every ``nn.MultiheadAttention`` that has a masked projection replaced by a
+    ``SparseMultiheadAttention`` (where it can stand in), whose projections are layers of their own; the masks renamed
+    to follow them (``X.in_proj_weight`` becomes ``X.in_proj.weight``), and the names of those projections."""
+    renamed, projections = dict(masks), set()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.MultiheadAttention) or attention_unsupported(module) is not None:
+            continue
+        prefix = f"{name}." if name else ""
+        masked = [key for key in (f"{prefix}in_proj_weight", f"{prefix}out_proj.weight") if key in masks]
+        if not masked:
+            continue
+        model = _replace(model, name, SparseMultiheadAttention(module))
+        if f"{prefix}in_proj_weight" in renamed:
+            renamed[f"{prefix}in_proj.weight"] = renamed.pop(f"{prefix}in_proj_weight")
+        projections |= {f"{prefix}in_proj", f"{prefix}out_proj"}
+    return model, renamed, projections
 
 
 @dataclass
@@ -315,7 +414,9 @@ def _sparse_versions(candidate: _Candidate) -> tuple[str, dict[str, nn.Module], 
     and why none does."""
     module, mask = candidate.module, candidate.mask
     if candidate.read_by_attention:
-        return "attention projection", {}, "its attention module reads the weight itself: it stays dense"
+        attention = candidate.module if isinstance(candidate.module, nn.MultiheadAttention) else None
+        why = "its attention module reads the weight itself" if attention is None else attention_unsupported(attention)
+        return "attention projection", {}, f"{why}: it stays dense"
     if candidate.attribute != "weight":
         return type(module).__name__, {}, "only the weight of Linear and Conv2d is converted"
     if isinstance(module, nn.Linear):

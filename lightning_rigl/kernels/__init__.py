@@ -3,7 +3,7 @@ weight (``forms``), the product that trains from the live weights only (``traini
 picks the fastest kernel (``timing``). Plain PyTorch, no Lightning."""
 
 from lightning_rigl.kernels.forms import LivePattern, condense, to_csr
-from lightning_rigl.kernels.timing import median_ms
+from lightning_rigl.kernels.timing import medians_ms
 from lightning_rigl.kernels.training import KERNEL_MODES, KernelPlan, LayerKernels, TrainingKernels
 
 __all__ = [
@@ -13,6 +13,6 @@ __all__ = [
     "LivePattern",
     "TrainingKernels",
     "condense",
-    "median_ms",
+    "medians_ms",
     "to_csr",
 ]

@@ -1,6 +1,7 @@
-"""The one timing rule by which "auto" picks a kernel, in training and in inference: the median of a few runs
-after two warm-up runs, on real inputs, with CUDA work waited for; the fastest wins unless it beats dense by no
-more than ``TIE``, where dense is kept."""
+"""The one timing rule by which "auto" picks a kernel, in training and in inference: every candidate runs once a
+round, in turn, for a few rounds after two warm-up rounds (so that a slow moment of a busy machine hits every
+candidate alike), on real inputs, with CUDA work waited for; each candidate's median counts, and the fastest wins
+unless it beats dense by no more than ``TIE``, where dense is kept."""
 
 from __future__ import annotations
 
@@ -17,22 +18,24 @@ TIE = 0.05
 BASELINE = "dense"
 
 
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    """Median wall-clock time of ``run()`` in milliseconds over ``repeats`` runs, after ``WARM_UP`` untimed ones."""
-    times = []
+def medians_ms(candidates: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Each candidate's median wall-clock time in milliseconds over ``repeats`` rounds, after ``WARM_UP`` untimed
+    ones; within a round the candidates run in turn."""
+    times: dict[str, list[float]] = {key: [] for key in candidates}
     for index in range(repeats + WARM_UP):
-        _synchronize()
-        start = time.perf_counter()
-        run()
-        _synchronize()  # CUDA kernels run asynchronously: time their completion, not their launch
-        if index >= WARM_UP:
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for key, run in candidates.items():
+            _synchronize()
+            start = time.perf_counter()
+            run()
+            _synchronize()  # CUDA kernels run asynchronously: time their completion, not their launch
+            if index >= WARM_UP:
+                times[key].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(values) for key, values in times.items()}
 
 
 def fastest(candidates: Mapping[str, Callable[[], object]], repeats: int) -> tuple[str, dict[str, float]]:
     """The candidate ``choose`` keeps, and every candidate's median time (ms)."""
-    times = {key: median_ms(run, repeats) for key, run in candidates.items()}
+    times = medians_ms(candidates, repeats)
     return choose(times), times
 
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_rigl.kernels import native
 from lightning_rigl.kernels.forms import LivePattern
-from lightning_rigl.kernels.timing import choose, fastest, median_ms
+from lightning_rigl.kernels.timing import choose, fastest, medians_ms
 
 KERNEL_MODES = ("dense", "sparse", "auto")
 Kernel = Literal["dense", "csr", "native"]
@@ -353,8 +353,7 @@ class TrainingKernels:
         for name, layer in timed.items():
             mixed = KernelPlan(*(choose(parts[name][part]) for part in PARTS))
             uniform = [KernelPlan(kernel, kernel, kernel) for kernel in sparse_kernels(layer.weight)]
-            candidates = dict.fromkeys([KernelPlan(), mixed, *uniform])
-            wholes[name] = {plan.describe(): _time_plan(layer, plan, self.repeats) for plan in candidates}
+            wholes[name] = _time_plans(layer, list(dict.fromkeys([KernelPlan(), mixed, *uniform])), self.repeats)
         wholes = _combined(wholes, combine)
         for name, layer in timed.items():
             times = wholes[name]
@@ -402,21 +401,30 @@ def _time_parts(layer: LayerKernels, repeats: int) -> dict[str, dict[str, float]
         return {part: fastest(candidates[part], repeats)[1] for part in PARTS}
 
 
-def _time_plan(layer: LayerKernels, plan: KernelPlan, repeats: int) -> float:
-    """Median time (ms) of the layer's forward and backward under ``plan`` on the tensors it recorded, its weight
-    and input detached so that no gradient reaches the model; the dense plan through ``F.linear``, as the plain
-    layer computes."""
+def _time_plans(layer: LayerKernels, plans: list[KernelPlan], repeats: int) -> dict[str, float]:
+    """Median time (ms) of the layer's forward and backward under each plan, by its description, on the tensors it
+    recorded, its weight and input detached so that no gradient reaches the model; the dense plan through
+    ``F.linear``, as the plain layer computes."""
     x = layer.captured["x"].detach().requires_grad_()
     grad = layer.captured["grad"]
     weight = layer.weight.detach().requires_grad_()
     bias = None if layer.module.bias is None else layer.module.bias.detach().requires_grad_()
-    saved, layer.plan, layer.capturing = layer.plan, plan, False
-    try:
-        if plan.sparse:
-            return median_ms(lambda: _LiveProduct.apply(x, weight, bias, layer).backward(grad), repeats)
-        return median_ms(lambda: F.linear(x, weight.reshape(layer.pattern.shape), bias).backward(grad), repeats)
-    finally:
-        layer.plan, layer.capturing = saved, True
+    timed = LayerKernels.__new__(LayerKernels)  # the layer's pattern under another plan, outside the model
+    timed.__dict__.update(layer.__dict__, capturing=False, dense_weight_grad=False, pending_grad=None)
+
+    def step(plan: KernelPlan) -> Callable[[], None]:
+        def run() -> None:
+            timed.plan = plan
+            if plan.sparse:
+                _LiveProduct.apply(x, weight, bias, timed).backward(grad)
+            else:
+                F.linear(x, weight.reshape(layer.pattern.shape), bias).backward(grad)
+            x.grad = weight.grad = None
+            if bias is not None:
+                bias.grad = None
+        return run
+
+    return medians_ms({plan.describe(): step(plan) for plan in plans}, repeats)
 
 
 def _combined(times: dict[str, dict[str, Any]], combine: Callable[[Tensor], Tensor] | None) -> dict[str, dict[str, Any]]:
