@@ -33,12 +33,18 @@ bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/resume_overhead.py
 
 # The library against the alternatives (BENCHMARKS.md): time per step and peak memory against dense training,
-# and one mask update beside rigl-torch 0.5.2, installed into .bench-deps only for this (never a dependency).
+# one mask update beside rigl-torch 0.5.2, and sparse-kernel training beside SparseProp 0.1.14, both installed
+# into .bench-deps only for this (never a dependency).
 bench-alternatives: $(VENV)/.installed
 	$(PYTHON) benchmarks/step_time.py
 	$(PYTHON) benchmarks/memory.py
 	$(PYTHON) -m pip install --quiet --no-deps --target .bench-deps rigl-torch==0.5.2
 	$(PYTHON) benchmarks/vs_rigl_torch.py
+	$(PYTHON) -m pip install --quiet --target .bench-deps scipy pybind11
+	PYTHONPATH=.bench-deps $(PYTHON) -m pip install --quiet --no-build-isolation --no-deps --target .bench-deps \
+		sparseprop==0.1.14
+	$(PYTHON) benchmarks/sparse_training.py
+	$(PYTHON) benchmarks/sparse_training_step.py
 
 # Test accuracy against sparsity on Fashion-MNIST (dense, Static, SET, RigL); about 8 minutes on 2 cores.
 sweep: $(VENV)/.installed data

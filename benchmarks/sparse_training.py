@@ -24,17 +24,21 @@ measured speed-up over it. Medians of ``--repeats`` runs per round, median over 
     python benchmarks/sparse_training.py [--sparsities 0.9 0.98] [--rows 64 256] [--rounds 5] [--threads 2]
         [--output benchmarks/results/sparse_training.json]
 
-SparseProp is optional: ``pip install scipy pybind11 && pip install --no-build-isolation sparseprop`` (0.1.14
-builds with a C++ compiler; without it the column is left out).
+SparseProp is optional, and never a dependency: ``make bench-alternatives`` installs it into .bench-deps
+(``pip install --target .bench-deps scipy pybind11``, then ``pip install --no-build-isolation --no-deps --target
+.bench-deps sparseprop==0.1.14`` with .bench-deps on PYTHONPATH: it builds with a C++ compiler); without it the
+column is left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,8 +144,10 @@ def measure(shape: tuple[int, int], sparsity: float, rows: int, structure: str |
             repeats: int) -> dict:
     name = "fc1" if shape == SHAPES[0] else "fc2"
     weights = {"fc1": torch.empty(3072, 768), "fc2": torch.empty(768, 3072)}
-    masks = random_masks(weights, {"fc1": 1 - sparsity, "fc2": 1 - sparsity}, seed=0,
-                         structure=parse_structure(structure))
+    # Under a constant fan-in each neuron holds a whole number of weights: the density rounds down to k / fan-in.
+    densities = {key: 1 - sparsity if structure is None else math.floor(w.shape[1] * (1 - sparsity)) / w.shape[1]
+                 for key, w in weights.items()}
+    masks = random_masks(weights, densities, seed=0, structure=parse_structure(structure))
     x, grad = real_tensors(rows, masks)[name]
     x = x.clone().requires_grad_(True)
     built = candidates(shape, masks[name], x, grad)
@@ -171,7 +177,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/sparse_training.json"))
+    parser.add_argument("--peer-path", default=".bench-deps", help="folder holding sparseprop (repo-relative)")
     args = parser.parse_args()
+    if Path(args.peer_path).is_dir():
+        sys.path.insert(0, str(Path(args.peer_path).resolve()))
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     results = []

@@ -101,6 +101,27 @@ def test_each_kernel_matches_the_masked_dense_layer(kernel: str, rows: int, dtyp
     assert not sparse.weight.grad[~mask].any()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: cuSPARSE's path is untested without one")
+def test_on_cuda_the_csr_kernels_match_the_masked_dense_layer() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 384).cuda()
+    mask = torch.rand(384, 256, device="cuda") < 0.1
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    sparse = copy.deepcopy(dense)
+    kernels = _with_kernels(sparse, mask, "csr")
+    assert sparse_kernels(sparse.weight) == ("csr",)
+    x = torch.randn(64, 256, device="cuda")
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outputs = [module(inp) for module, inp in zip((dense, sparse), inputs)]
+    for out in outputs:
+        out.sum().backward()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inputs[1].grad, inputs[0].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sparse.weight.grad, dense.weight.grad * mask, rtol=1e-4, atol=1e-4)
+    kernels.remove()
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_a_1x1_convolution_is_a_linear_layer_over_pixels(kernel: str, stride: int) -> None:

@@ -559,6 +559,15 @@ class SparseTraining(Callback, ABC):
         if reason is not None:
             self.kernels_used = dict.fromkeys(self._params, f"dense ({reason})")
             return
+        plans = {name: plan_from_state(state) for name, state in (self._restored_plans or {}).items()}
+        self._restored_plans = None
+        self.training_kernels = TrainingKernels(self.kernels)
+        self.training_kernels.install(self._kernel_modules(pl_module), self.masks, plans)
+        self._note_kernels()
+
+    def _kernel_modules(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
+        """The modules whose sparse weight may take sparse kernels, by the weight's name; ``kernels_used`` notes
+        why the others keep dense ones."""
         modules, self.kernels_used = {}, {}
         for name in self._params:
             module_name, _, attribute = name.rpartition(".")
@@ -568,11 +577,7 @@ class SparseTraining(Callback, ABC):
                 modules[name] = pl_module.get_submodule(module_name)
             else:
                 self.kernels_used[name] = f"dense ({attribute} is not a module's weight)"
-        plans = {name: plan_from_state(state) for name, state in (self._restored_plans or {}).items()}
-        self._restored_plans = None
-        self.training_kernels = TrainingKernels(self.kernels)
-        self.training_kernels.install(modules, self.masks, plans)
-        self._note_kernels()
+        return modules
 
     def _follow_masks(self, trainer: pl.Trainer, updates_before: int) -> None:
         """After this step's decision: new patterns where masks changed; under "auto", the kernels timed on this

@@ -2,19 +2,19 @@
 from the live weights only, between mask updates.
 
 A layer keeps its dense ``weight`` Parameter (the optimizer, checkpoints, DDP and export see nothing new); its
-``forward`` is replaced on the instance by one that reads the live values out of the weight (a gather, each
-call, so they follow the optimizer) and multiplies them in CSR form:
+``forward`` is replaced on the instance by one that gathers the live values out of the weight (each call, so they
+follow the optimizer) and computes, each part with the kernel its ``KernelPlan`` names:
 
-- output: ``W_live @ xᵀ`` (CSR times dense, MKL on the CPU, cuSPARSE on CUDA);
-- input gradient: ``W_liveᵀ @ gᵀ`` with the transpose's indices built once per mask (a CSR matrix times a dense
-  one is fast; a dense one times a CSR matrix converts it on every call);
-- weight gradient: ``g ᵀ x`` at the live positions only (``torch.sparse.sampled_addmm``), scattered into a dense
-  gradient that is 0 at every dead position, so the optimizer and DDP see an ordinary gradient.
+- output: the live weights times the input, with the input laid out (features, rows);
+- input gradient: the transpose's live weights (its CSR indices built once per mask) times the output gradient;
+- weight gradient: the output gradient times the input at the live positions only, written into a dense gradient
+  that is 0 at every dead position, so that the optimizer and DDP see an ordinary gradient.
 
-Each of the three parts runs dense or sparse on its own (``KernelPlan``): "sparse" runs all three sparse, "auto"
-times both ways of each part on the run's real tensors (one step's inputs and output gradients) and keeps the
-faster, so that no layer gets slower. A step whose mask decision reads the dense gradient (RigL's update steps)
-computes the weight gradient dense, its other parts as planned.
+The kernels: "dense" (torch's dense products, the masked weight), "csr" (torch's CSR operations) and "native"
+(``kernels.native``). "sparse" runs every part with the best sparse kernel available; "auto" records one step's
+real inputs and output gradients, times the parts and then whole forward-and-backward passes of the candidate
+plans on them, and keeps the fastest by ``timing.choose``. A step whose mask decision reads the dense gradient
+computes the weight's gradient dense, its other parts as planned.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class LayerKernels:
 
     Attributes:
         plan: the kernels the layer uses between mask updates.
-        times_ms: under "auto", each part's median time per kernel on the last timing step (milliseconds).
+        times_ms: under "auto", the last timing's medians (milliseconds): per part and kernel ("forward",
+            "input_grad", "weight_grad"), and per whole plan ("step").
         planned_live: the live count the plan was timed at (None: not timed).
     """
 
@@ -118,10 +119,6 @@ class LayerKernels:
     @property
     def weight(self) -> Tensor:
         return self.module.weight
-
-    def weight_2d(self) -> Tensor:
-        """The weight as the product reads it: (rows, fan-in)."""
-        return self.module.weight.reshape(self.pattern.shape)
 
     def step_plan(self) -> KernelPlan:
         """The plan for this step: the dense weight gradient where a decision needs it, all dense on a timing step."""
