@@ -2,9 +2,11 @@
 
 A small conv net (two 3×3 convs and two linear layers, batch 128 of 1×28×28) is trained for a few steps
 under RigL so the callback is fully set up; then, in the same process, the median time of one plain
-training step (forward, backward, SGD step) and the median time of the callback's per-step hook are taken.
+training step (forward, backward, SGD step) and the median time of the callback's per-step hooks are taken.
+With ``--kernels sparse`` the linear layers train with sparse kernels, the step is timed with them, and the
+hooks timed are all three the callback runs each step (batch start, before the optimizer step, batch end).
 
-    python benchmarks/step_overhead.py [--repeats 200]
+    python benchmarks/step_overhead.py [--repeats 200] [--kernels dense|sparse]
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ class SmallConvNet(pl.LightningModule):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--kernels", choices=["dense", "sparse"], default="dense")
     args = parser.parse_args()
     torch.manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
     model = SmallConvNet()
-    rigl = RigL(sparsity=0.9, update_interval=10**9, stop_at=1.0)
+    rigl = RigL(sparsity=0.9, update_interval=10**9, stop_at=1.0, kernels=args.kernels)
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", callbacks=[rigl], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=128))
@@ -62,9 +65,15 @@ def main() -> None:
 
     training_step()
     step = median_seconds(training_step, args.repeats)
-    hook = median_seconds(lambda: rigl.on_before_optimizer_step(trainer, model, optimizer), args.repeats * 10)
+    hook = 0.0
+    if args.kernels == "sparse":  # the batch hooks; the start resets what the next backward records, so it goes first
+        hook += median_seconds(lambda: rigl.on_train_batch_start(trainer, model, (x, y), 0), args.repeats * 10)
+        hook += median_seconds(lambda: rigl.on_train_batch_end(trainer, model, {}, (x, y), 0), args.repeats * 10)
+        training_step()  # the kernels' gradients of a real backward, as the hook before the optimizer step sees them
+    hook += median_seconds(lambda: rigl.on_before_optimizer_step(trainer, model, optimizer), args.repeats * 10)
     n_sparse = sum(m.numel() for m in rigl.masks.values())
-    print(f"Small conv net ({n_sparse / 1e6:.2f}M sparsified weights), batch 128, {torch.get_num_threads()} threads")
+    print(f"Small conv net ({n_sparse / 1e6:.2f}M sparsified weights), batch 128, {torch.get_num_threads()} threads, "
+          f"kernels={args.kernels} ({rigl.kernels_used})")
     print(f"  training step (forward, backward, SGD):  {step * 1e3:.2f} ms (median of {args.repeats})")
     print(f"  callback per-step hook, no update:       {hook * 1e6:.1f} us (median of {args.repeats * 10})")
     print(f"  overhead: {hook / step:.2%} of a training step")

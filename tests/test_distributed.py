@@ -96,7 +96,7 @@ def test_ranks_hold_identical_masks_at_every_step(runs: Path, method: str) -> No
     assert rank0["densities"] == rank1["densities"]
     assert rank0["kernels"] == rank1["kernels"]
     if method.endswith("_sparse"):
-        assert {rank0["kernels"][n] for n in ("classifier.1.weight", "classifier.3.weight")} <= {"native", "csr"}
+        assert rank0["kernels"]["classifier.1.weight"] in ("native", "csr")  # ERK keeps classifier.3 dense
     assert len(rank0["masks"]) == len(rank1["masks"]) == STEPS
     for step, (a, b) in enumerate(zip(rank0["masks"], rank1["masks"])):
         assert list(a) == list(b)

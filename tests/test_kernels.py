@@ -255,6 +255,24 @@ def test_gradients_from_the_kernels_alone_skip_the_masking_and_any_other_use_is_
     assert spy.clean == [{"head.weight"}] * 4
 
 
+def test_a_pruning_step_masks_the_gradients_the_kernels_computed_under_the_old_mask(monkeypatch) -> None:
+    """Pruning reads no dense gradient, so its pruning steps' weight gradients come from the sparse kernels, 0 only
+    where the old mask was dead: the newly pruned positions must be masked before the optimizer step."""
+    monkeypatch.setattr("lightning_rigl.kernels.training.choose", lambda times: next(
+        (kernel for kernel in times if kernel == KERNELS[0]), "dense"))  # "auto" always picks the sparse kernel
+    pruning = METHODS["pruning"](kernels="auto")
+    recorder_masks = []
+
+    class DeadStayZero(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            recorder_masks.append(pruning.kernels_used["classifier.1.weight"])
+            for name, mask in pruning.masks.items():
+                assert not pl_module.get_parameter(name)[~mask].any(), f"step {trainer.global_step}: {name}"
+
+    train([pruning, DeadStayZero()], model=TinyNet(optimizer="adam"), steps=10)
+    assert pruning.num_updates >= 3 and KERNELS[0] in recorder_masks
+
+
 def test_after_fit_the_model_is_plain_and_its_state_dict_unchanged() -> None:
     torch.manual_seed(0)
     model = OneByOneNet()
@@ -306,6 +324,28 @@ def test_auto_keeps_dense_where_sparse_is_slower_and_records_its_timings() -> No
 def test_methods_that_cannot_train_sparse_kernels_refuse_before_training(method: str, message: str) -> None:
     with pytest.raises(ConfigError, match=f"kernels='sparse' cannot run here: {message}.*Use kernels='auto'"):
         train([METHODS[method](kernels="sparse")], model=TinyNet(optimizer="sgd_plain"), steps=12)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--trainer.callbacks.init_args.kernels", "fast"], r"kernels must be one of \('dense', 'sparse', 'auto'\)"),
+     (["--trainer.callbacks.init_args.kernels", "sparse", "--trainer.precision", "bf16-mixed"],
+      r"kernels='sparse' cannot run here: precision 'bf16-mixed'.*Use kernels='auto'")],
+    ids=["unknown", "mixed precision"],
+)
+def test_the_command_refuses_bad_kernel_settings_in_one_line(tmp_path, monkeypatch, capsys, args, message) -> None:
+    from fake_datasets import write_fashion_mnist
+
+    from lightning_rigl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_fashion_mnist(tmp_path / "fashion", n_train=64, n_test=16)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data.data_dir", str(tmp_path / "fashion"), "--data.val_size", "16", "--trainer.max_steps", "2",
+              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", *args])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert re.match(f"lightning-rigl: error: .*{message}", line), line
 
 
 def test_an_unknown_kernel_mode_fails_at_construction() -> None:

@@ -355,9 +355,9 @@ class SparseTraining(Callback, ABC):
         trained_forward = self.flops.forward(self.densities) if self.flops is not None else 0.0
         updates = self.num_updates
         self.update_masks(trainer, optimizer)
-        self._mask_gradients()
         if self.training_kernels is not None:
             self._follow_masks(trainer, updates)
+        self._mask_gradients()
         if self.flops is not None:
             self.flops.add_step(trained_forward, self.dense_gradient_read)
             if self.num_updates != updates or trainer.global_step % trainer.log_every_n_steps == 0:
@@ -670,10 +670,10 @@ class SparseTraining(Callback, ABC):
 
     def _mask_gradients(self) -> None:
         # torch.where, not a multiplication: a NaN or inf at a dead position must not survive as NaN. Gradients that
-        # sparse kernels alone computed hold 0 at every dead position already.
+        # sparse kernels alone computed hold 0 at every dead position already, and a layer without one has none.
         clean = self.training_kernels.clean_gradients() if self.training_kernels is not None else ()
         for name, param in self._params.items():
-            if param.grad is not None and name not in clean:
+            if param.grad is not None and name not in clean and self.live_counts[name] < param.numel():
                 grad = local(param.grad)
                 torch.where(local(self.masks[name]), grad, self._zero[grad.device], out=grad)
 

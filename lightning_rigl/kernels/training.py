@@ -316,10 +316,12 @@ class TrainingKernels:
             layer.module.__dict__.pop("forward", None)
 
     def masks_changed(self, masks: Mapping[str, Tensor]) -> None:
-        """Rebuild the patterns of the layers whose masks are given (after a mask change)."""
+        """Rebuild the patterns of the layers whose masks are given (after a mask change); this step's gradients,
+        computed under the old patterns, are no longer clean under the new masks."""
         for name, mask in masks.items():
             if name in self.layers:
                 self.layers[name].pattern = LivePattern.of(mask)
+                self.layers[name].clean = False
 
     def begin_step(self, dense_weight_grad: bool) -> None:
         """Before a step's first forward: whether its decision reads the dense gradient; under "auto", which
