@@ -358,6 +358,8 @@ class SparseTraining(Callback, ABC):
         if self.training_kernels is not None:
             self._follow_masks(trainer, updates)
         self._mask_gradients()
+        if self.training_kernels is not None:
+            self.training_kernels.end_step()
         if self.flops is not None:
             self.flops.add_step(trained_forward, self.dense_gradient_read)
             if self.num_updates != updates or trainer.global_step % trainer.log_every_n_steps == 0:

@@ -324,11 +324,16 @@ class TrainingKernels:
                 self.layers[name].clean = False
 
     def begin_step(self, dense_weight_grad: bool) -> None:
-        """Before a step's first forward: whether its decision reads the dense gradient; under "auto", which
-        layers record their tensors for timing (those never timed, or whose live count moved)."""
+        """Before each forward of a step (each micro-batch): whether its decision reads the dense gradient; under
+        "auto", which layers record their tensors for timing (those never timed, or whose live count moved)."""
         for layer in self.layers.values():
             layer.dense_weight_grad = dense_weight_grad
             layer.capturing = self.mode == "auto" and _needs_timing(layer)
+
+    def end_step(self) -> None:
+        """After a step's gradients were used: the next step's start over (every micro-batch of a step adds to
+        the same gradients, so cleanness is a step's, not a backward's)."""
+        for layer in self.layers.values():
             layer.clean = None
 
     def clean_gradients(self) -> set[str]:
