@@ -84,7 +84,6 @@ class LivePattern:
         return sparse_csr(self.crow_t, self.col_t, values.take(self.order_t), (self.shape[1], self.shape[0]))
 
 
-
 def _crow(row: Tensor, n_rows: int) -> Tensor:
     """CSR row pointers (int32) of sorted row indices."""
     counts = torch.bincount(row, minlength=n_rows)
