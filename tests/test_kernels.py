@@ -373,6 +373,9 @@ def test_a_compiled_model_trains_under_every_method(method: str, kernels: str) -
         assert not model.get_parameter(name)[~mask].any(), name
     if kernels == "auto":
         assert all("torch.compile" in used for used in sparse.kernels_used.values())
+
+
+def test_a_compiled_model_refuses_sparse_kernels() -> None:
     with pytest.raises(ConfigError, match="compiled with torch.compile"):
         train([METHODS["static"](kernels="sparse")], model=torch.compile(TinyNet(), backend="eager"), steps=1)
 
