@@ -19,6 +19,7 @@ computes the weight's gradient dense, its other parts as planned.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -94,8 +95,6 @@ class LayerKernels:
 
     Attributes:
         plan: the kernels the layer uses between mask updates.
-        times_ms: under "auto", the last timing's medians (milliseconds): per part and kernel ("forward",
-            "input_grad", "weight_grad"), and per whole plan ("step").
         planned_live: the live count the plan was timed at (None: not timed).
     """
 
@@ -104,7 +103,6 @@ class LayerKernels:
         self.kind = kind
         self.pattern = LivePattern.of(mask)
         self.plan = KernelPlan()
-        self.times_ms: dict[str, dict[str, float]] = {}
         self.planned_live: int | None = None
         self.dense_weight_grad = False  # this step's decision reads the dense gradient
         self.capturing = False  # this step records its inputs and output gradients for timing
@@ -362,7 +360,6 @@ class TrainingKernels:
         for name, layer in timed.items():
             times = wholes[name]
             layer.plan = KernelPlan.parse(choose(times))
-            layer.times_ms = {"step": times, **parts[name]}
             layer.planned_live = layer.pattern.nnz
             layer.capturing, layer.captured = False, {}
 
@@ -413,8 +410,8 @@ def _time_plans(layer: LayerKernels, plans: list[KernelPlan], repeats: int) -> d
     grad = layer.captured["grad"]
     weight = layer.weight.detach().requires_grad_()
     bias = None if layer.module.bias is None else layer.module.bias.detach().requires_grad_()
-    timed = LayerKernels.__new__(LayerKernels)  # the layer's pattern under another plan, outside the model
-    timed.__dict__.update(layer.__dict__, capturing=False, dense_weight_grad=False, pending_grad=None)
+    timed = copy.copy(layer)  # the layer's pattern under another plan, outside the model
+    timed.capturing, timed.dense_weight_grad = False, False
 
     def step(plan: KernelPlan) -> Callable[[], None]:
         def run() -> None:
