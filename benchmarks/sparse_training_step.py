@@ -14,7 +14,9 @@ Models:
 - ``lenet300_100``: the default run's model and batch (128).
 
 Methods: dense training (no callback), and RigL (ERK, ΔT = 100, so no update in the window) with
-``kernels="dense"`` (the masked dense path), ``"sparse"`` and ``"auto"``.
+``kernels="dense"`` (the masked dense path), ``"sparse"`` and ``"auto"`` (the optimizer stepping live weights
+only, ``live_step=True``, the default), and ``"sparse"`` with ``live_step=False`` (a dense gradient and a dense
+optimizer step, as before the live step).
 
     python benchmarks/sparse_training_step.py [--models mlp_stack lenet300_100] [--sparsities 0.9 0.98]
         [--rounds 3] [--steps 30] [--images 16] [--depth 4] [--threads 2]
@@ -41,7 +43,7 @@ from lightning_rigl.data.idx import read_idx
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 WARMUP = 3
-KERNELS = ("dense", "sparse", "auto")
+KERNELS = ("dense", "sparse", "auto", "sparse/dense-step")  # "K/dense-step": kernels K with live_step=False
 
 
 def measure(model_name: str, sparsity: float, kernels: str | None, steps: int, images: int, depth: int,
@@ -64,7 +66,8 @@ def measure(model_name: str, sparsity: float, kernels: str | None, steps: int, i
             self.starts.append(time.perf_counter())
 
     clock = Clock()
-    sparse = None if kernels is None else RigL(sparsity=sparsity, update_interval=100, kernels=kernels)
+    sparse = None if kernels is None else RigL(sparsity=sparsity, update_interval=100, kernels=kernels.split("/")[0],
+                                               live_step=not kernels.endswith("/dense-step"))
     trainer = pl.Trainer(max_steps=steps + WARMUP + 1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[clock] + ([sparse] if sparse else []))
@@ -72,7 +75,7 @@ def measure(model_name: str, sparsity: float, kernels: str | None, steps: int, i
                       batch_size=batch)
     trainer.fit(model, data)
     step_ms = 1e3 * statistics.median(b - a for a, b in zip(clock.starts[WARMUP:], clock.starts[WARMUP + 1:]))
-    used = {} if sparse is None else dict(sparse.kernels_used)
+    used = {} if sparse is None else {**sparse.kernels_used, "optimizer step": sparse.live_step_used or "dense"}
     print(json.dumps({"step_ms": step_ms, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "kernels": used}))
 

@@ -63,7 +63,7 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         record.update(method="Dense" if removed == 0 else "Small-Dense", distribution=None, sparsity=removed,
                       achieved_sparsity=removed, seed=None, train_ratio=ratio, forward_ratio=ratio,
                       size_bytes=model_size_bytes(model), densities={}, kernels="dense", layer_kernels={},
-                      step_ms=None)
+                      optimizer_step="dense", step_ms=None)
         return record
     (callback,) = sparse
     distribution, sparsity = _distribution(callback)
@@ -77,6 +77,7 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         densities=callback.achieved_densities(),
         kernels=callback.kernels,
         layer_kernels=dict(callback.kernels_used),
+        optimizer_step=callback.live_step_used or "dense",
         step_ms=callback.step_time_ms(),
     )
     if callback.structure is not None:

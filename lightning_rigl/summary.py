@@ -25,8 +25,9 @@ def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float]) -> str:
         lines.extend(_sparse_lines(callback, total))
         step = callback.step_time_ms()
         if step is not None:
+            optimizer_step = f", optimizer step: {callback.live_step_used}" if callback.live_step_used else ""
             lines.insert(len(lines) - len(callback.masks) - 1,
-                         f"  kernels: {callback.kernels}; a training batch took {step:.2f} ms (median of "
+                         f"  kernels: {callback.kernels}{optimizer_step}; a training batch took {step:.2f} ms (median of "
                          f"{len(callback.step_times_ms)}, forward to optimizer step)")
         if callback.flops is not None:
             costs = callback.cost_metrics(trainer.lightning_module)

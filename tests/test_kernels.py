@@ -191,7 +191,7 @@ def test_a_real_step_gives_the_dense_paths_outputs_and_live_gradients(mode: str)
 
     class Probe(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters()}
+            self.grads = {n: step_gradient(sparse, n, p) for n, p in pl_module.named_parameters()}
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.loss = outputs["loss"].item()
@@ -238,6 +238,15 @@ class TiedNet(TinyNet):
         return self.head(self.classifier(x) + x @ self.classifier.weight)  # the second use: a dense gradient
 
 
+def step_gradient(sparse, name: str, param: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient this step: its ``.grad``, or the live values the kernels kept for the live step (0
+    elsewhere)."""
+    if param.grad is not None:
+        return param.grad.clone()
+    layer = sparse.training_kernels.layers[name]
+    return layer.pattern.dense(layer.live_grad, param.shape)
+
+
 def test_gradients_from_the_kernels_alone_skip_the_masking_and_any_other_use_is_masked() -> None:
     class Spy(pl.Callback):
         clean: list[set[str]] = []
@@ -250,7 +259,7 @@ def test_gradients_from_the_kernels_alone_skip_the_masking_and_any_other_use_is_
                 assert not pl_module.get_parameter(name)[~mask].any(), f"step {trainer.global_step}: {name}"
 
     sparse, spy = Static(distribution={"classifier.weight": 0.7, "head.weight": 0.5},
-                         include=["classifier.weight", "head.weight"], kernels="sparse"), Spy()
+                         include=["classifier.weight", "head.weight"], kernels="sparse", live_step=False), Spy()
     train([spy, sparse], model_factory=TiedNet, steps=4, accumulate_grad_batches=2, batch_size=16)  # spy first
     assert spy.clean == [{"head.weight"}] * 4
 
@@ -407,9 +416,11 @@ def test_the_default_run_makes_the_same_mask_updates_with_sparse_kernels(tmp_pat
               "--trainer.enable_progress_bar", "false",
               "--trainer.callbacks.init_args.kernels", kernels, "--trainer.logger.init_args.name", kernels])
         out = capsys.readouterr().out
-        assert re.search(rf"kernels: {kernels}; a training batch took \d+\.\d\d ms \(median of 201,", out), out
+        optimizer_step = "live weights" if kernels == "sparse" else "dense"
+        line = "kernels: sparse, optimizer step: live weights" if kernels == "sparse" else "kernels: dense"
+        assert re.search(rf"{line}; a training batch took \d+\.\d\d ms \(median of 201,", out), out
         record = json.loads(Path("runs", kernels, "version_0", "results.json").read_text())
-        assert record["kernels"] == kernels and record["step_ms"] > 0
+        assert record["kernels"] == kernels and record["step_ms"] > 0 and record["optimizer_step"] == optimizer_step
         expected = "dense" if kernels == "dense" else KERNELS[0]
         assert record["layer_kernels"] == {"net.features.0.weight": expected, "net.features.2.weight": expected,
                                            "net.classifier.weight": "dense (the configuration keeps the layer dense)"

@@ -103,10 +103,11 @@ class DynamicSparseTraining(SparseTraining):
         rewind_step: int | None = None,
         seed: int = 0,
         kernels: str = "dense",
+        live_step: bool = True,
     ) -> None:
         super().__init__(sparsity, distribution, dense=dense, include=include, exclude=exclude,
                          custom_sparsity=custom_sparsity, erk_power_scale=erk_power_scale, structure=structure,
-                         rewind_step=rewind_step, seed=seed, kernels=kernels)
+                         rewind_step=rewind_step, seed=seed, kernels=kernels, live_step=live_step)
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
             raise ConfigError(f"update_interval must be an int >= 1 (optimizer steps), got {update_interval!r}.")
         if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:
@@ -164,6 +165,11 @@ class DynamicSparseTraining(SparseTraining):
             return True
         if not (self.grows_by_gradient or self.redistribution == "gradient" or self.update_placement == "before_step"):
             return False
+        return self._pending_step is not None or is_update_step(step, self.update_interval, self.start_step,
+                                                                self.stop_step)
+
+    @override
+    def may_change_masks(self, step: int) -> bool:
         return self._pending_step is not None or is_update_step(step, self.update_interval, self.start_step,
                                                                 self.stop_step)
 

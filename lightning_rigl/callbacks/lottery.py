@@ -32,21 +32,21 @@ class LotteryTicket(SparseTraining):
         checkpoint: path of a Lightning checkpoint written by a run with a lightning-rigl callback whose
             ``rewind_step`` was set.
         seed: unused by the ticket itself (its masks are given); kept for a uniform interface.
-        kernels: "dense", "sparse" or "auto", as for every sparse callback (``SparseTraining``).
+        kernels, live_step: as for every sparse callback (``SparseTraining``).
 
     Raises:
         ValueError: the file is missing, holds no lightning-rigl state or no rewind copy (here), or does not
             fit the model: other parameter names or shapes (at setup, before training).
     """
 
-    def __init__(self, checkpoint: str, *, seed: int = 0, kernels: str = "dense") -> None:
+    def __init__(self, checkpoint: str, *, seed: int = 0, kernels: str = "dense", live_step: bool = True) -> None:
         state = _ticket_state(checkpoint)
         self.checkpoint = str(checkpoint)
         self.source_masks: dict[str, Tensor] = state["masks"]
         self.source_rewind: dict[str, Tensor] = state["rewind"]
         densities = {name: int(mask.sum()) / mask.numel() for name, mask in self.source_masks.items()}
         super().__init__(None, {name: 1.0 - d for name, d in densities.items()}, include=list(self.source_masks),
-                         seed=seed, kernels=kernels)
+                         seed=seed, kernels=kernels, live_step=live_step)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -74,6 +74,10 @@ class LotteryTicket(SparseTraining):
     @override
     def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """A ticket's masks never change."""
+
+    @override
+    def may_change_masks(self, step: int) -> bool:
+        return False
 
     def _check_fits(self, pl_module: pl.LightningModule) -> None:
         params = dict(pl_module.named_parameters())

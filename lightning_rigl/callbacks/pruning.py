@@ -191,6 +191,10 @@ class GradualMagnitudePruning(PruningFromDense):
                            "target sparsity will not be reached. Stop earlier or train longer.")
 
     @override
+    def may_change_masks(self, step: int) -> bool:
+        return is_pruning_step(step, self.update_interval, self.start_step, self.stop_step)
+
+    @override
     def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step
         if is_pruning_step(step, self.update_interval, self.start_step, self.stop_step):

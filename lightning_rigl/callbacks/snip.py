@@ -35,6 +35,10 @@ class SNIP(PruningFromDense):
         return self.num_updates == 0  # the pruning step; the masks never change after it
 
     @override
+    def may_change_masks(self, step: int) -> bool:
+        return self.num_updates == 0
+
+    @override
     def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         if self.num_updates:
             return

@@ -23,6 +23,7 @@ from lightning_rigl.checkpoints import SHARDED_TENSORS, load_sharded_tensors, sh
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.flops import TrainingFlops, model_size_bytes
 from lightning_rigl.kernels import KERNEL_MODES, TrainingKernels
+from lightning_rigl.kernels.live_step import why_no_live_step
 from lightning_rigl.kernels.training import plan_from_state, plan_state
 from lightning_rigl.sparsity.distributions import (
     GLOBAL,
@@ -112,6 +113,13 @@ class SparseTraining(Callback, ABC):
             parts of each layer runs whichever way, dense or sparse, was faster on this run's own tensors
             (timed at the first step, and again when a layer's live count moves by a tenth): never slower than
             dense. Same function to float tolerance; the module, its state dict and checkpoints are unchanged.
+        live_step: with sparse kernels, on steps that neither read the dense gradient nor may change the masks,
+            keep each sparse layer's weight gradient as its live values only and apply the optimizer's rule to
+            the live weights only, right after the optimizer's own step (``lightning_rigl.kernels.live_step``): no
+            dense gradient and no optimizer pass over the dead weights. The weight's ``.grad`` is then None on
+            those steps. It turns itself off (dense gradients, as with False) for an optimizer whose rule is not
+            per weight, under DDP (which all-reduces ``.grad``) and with Lightning's gradient clipping. Set False
+            for code of your own that reads those ``.grad`` (clipping or logging in a hook).
 
     Raises:
         ValueError: sparsity outside [0, 1), an unknown distribution, a bad mapping or structure (here); a
@@ -145,6 +153,7 @@ class SparseTraining(Callback, ABC):
         rewind_step: int | None = None,
         seed: int = 0,
         kernels: str = "dense",
+        live_step: bool = True,
     ) -> None:
         super().__init__()
         check_distribution(sparsity, distribution, allow_global=self.supports_global,
@@ -168,6 +177,10 @@ class SparseTraining(Callback, ABC):
         if kernels not in KERNEL_MODES:
             raise ConfigError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}.")
         self.kernels = kernels
+        if not isinstance(live_step, bool):
+            raise ConfigError(f"live_step must be True or False, got {live_step!r}.")
+        self.live_step = live_step
+        self.live_step_used = ""  # how the optimizer steps the sparse layers: "live weights" or "dense (why)"
         self.masks: dict[str, Tensor] = {}
         self.targets: dict[str, float] = {}  # per-layer densities the configuration asks for in the end
         self.budgets: dict[str, int] = {}  # per-layer live counts of the distribution, before a structure rounds
@@ -225,6 +238,12 @@ class SparseTraining(Callback, ABC):
         """Whether the mask decision of optimizer step ``step`` reads the gradient at dead positions too (then its
         weight gradients are computed dense). By default every step of a method that reads gradients."""
         return self.reads_gradients
+
+    def may_change_masks(self, step: int) -> bool:
+        """Whether ``update_masks`` may change a mask at optimizer step ``step``; by default at every step. Only
+        other steps keep sparse weight gradients as live values (``live_step``), so that a change always finds a
+        dense gradient to mask."""
+        return True
 
     def why_not_sparse_kernels(self, optimizer: torch.optim.Optimizer) -> str | None:
         """Why the method cannot train with kernels="sparse" (None: it can); "auto" still times its layers, and
@@ -349,6 +368,8 @@ class SparseTraining(Callback, ABC):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # Gradients here are fully accumulated, all-reduced by DDP and unscaled under 16-mixed.
+        if self.training_kernels is not None:
+            self.training_kernels.merge_shared_gradients()
         if self.rewind is None and trainer.global_step == self.rewind_step:
             self.rewind = {name: _rewind_copy(p.detach(), p) for name, p in pl_module.named_parameters()}
         # The forward and backward of this step ran at the densities before any update.
@@ -373,7 +394,8 @@ class SparseTraining(Callback, ABC):
         if self.flops is None and not self._flops_unavailable:
             self._start_counting_flops(trainer, pl_module, batch)
         if self.training_kernels is not None:
-            self.training_kernels.begin_step(self.reads_dense_gradient(trainer.global_step))
+            step = trainer.global_step
+            self.training_kernels.begin_step(self.reads_dense_gradient(step), not self.may_change_masks(step))
         self._batch_started = time.perf_counter()
 
     @override
@@ -566,6 +588,10 @@ class SparseTraining(Callback, ABC):
         self.training_kernels = TrainingKernels(self.kernels)
         self.training_kernels.install(self._kernel_modules(pl_module), self.masks, plans)
         self._note_kernels()
+        why_dense = "live_step=False" if not self.live_step else _why_no_live_step(trainer, pl_module)
+        if why_dense is None:
+            self.training_kernels.live_step(trainer.optimizers[0])
+        self.live_step_used = "live weights" if why_dense is None else f"dense ({why_dense})"
 
     def _kernel_modules(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
         """The modules whose sparse weight may take sparse kernels, by the weight's name; ``kernels_used`` notes
@@ -717,6 +743,19 @@ def _why_no_sparse_kernels(trainer: pl.Trainer, pl_module: pl.LightningModule,
     if str(trainer.precision) not in ("32-true", "64-true", "32", "64"):
         return (f"precision {trainer.precision!r}: the CPU sparse kernels compute in float32 or float64, and "
                 "autocast's lower precision stays with the dense layers")
+    return None
+
+
+def _why_no_live_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+    """Why the optimizer must step the sparse layers densely in this run (None: it can step live weights alone)."""
+    reason = why_no_live_step(trainer.optimizers[0])
+    if reason is not None:
+        return reason
+    if trainer.world_size > 1:
+        return "DDP all-reduces the dense .grad"
+    if trainer.gradient_clip_val or (type(pl_module).configure_gradient_clipping
+                                     is not pl.LightningModule.configure_gradient_clipping):
+        return "gradient clipping reads every .grad"
     return None
 
 

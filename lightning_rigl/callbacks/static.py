@@ -24,3 +24,7 @@ class Static(SparseTraining):
     @override
     def update_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """Static masks never change."""
+
+    @override
+    def may_change_masks(self, step: int) -> bool:
+        return False

@@ -75,6 +75,13 @@ class LivePattern:
         """The weight's live values in CSR order (a gather: no pass over the dead entries)."""
         return weight.reshape(-1).take(self.positions)
 
+    def dense(self, values: Tensor, shape: torch.Size) -> Tensor:
+        """A tensor of ``shape`` (the weight's) holding ``values`` (in CSR order) at the live positions, 0
+        elsewhere."""
+        out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        out.view(-1).index_copy_(0, self.positions, values)
+        return out
+
     def csr(self, values: Tensor) -> Tensor:
         """The (rows, fan-in) CSR matrix holding ``values`` (in CSR order)."""
         return sparse_csr(self.crow, self.col, values, self.shape)

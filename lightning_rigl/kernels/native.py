@@ -8,8 +8,8 @@ one such row:
 - ``forward``: yᵀ[r] = Σⱼ vⱼ · xᵀ[colⱼ] over row r's live weights (an axpy per live weight);
 - ``input_grad``: the same product with the transpose's indices (built once per mask), reading the values
   through the transpose's order;
-- ``weight_grad``: the dense gradient's row r zeroed, then gᵀ[r] · xᵀ[colⱼ] (a dot product) written at each
-  live position, so the dead positions cost one memset and no arithmetic.
+- ``weight_grad``: gᵀ[r] · xᵀ[colⱼ] (a dot product) for each live weight j of row r: the gradient's live values
+  in CSR order, no work at the dead positions.
 
 Rows are shared among torch's intra-op threads (``torch.set_num_threads``). The source is compiled with
 ``torch.utils.cpp_extension`` (g++ and Python's headers needed; about half a minute, once per machine type, cached
@@ -78,16 +78,15 @@ void axpy_rows(const int32_t* crow, const int32_t* col, const T* val, const int6
   });
 }
 
-// grad[r, col_j] = g_t[r] . x_t[col_j] for row r's live weights; the rest of the row 0.
+// out[j] = g_t[r] . x_t[col_j] for each live weight j of row r (CSR order).
 template <typename T>
-void dots_rows(const int32_t* crow, const int32_t* col, const T* g_t, const T* x_t, T* grad, int64_t rows,
-               int64_t fan_in, int64_t n) {
+void dots_rows(const int32_t* crow, const int32_t* col, const T* g_t, const T* x_t, T* out, int64_t rows,
+               int64_t n) {
   constexpr int64_t W = WIDTH<T>;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T* __restrict dst = grad + r * fan_in;
-      std::fill(dst, dst + fan_in, T(0));
       const int32_t first = crow[r], last = crow[r + 1];
+      std::fill(out + first, out + last, T(0));
       for (int64_t n0 = 0; n0 < n; n0 += W) {
         const int64_t w = std::min(W, n - n0);
         T g[W] = {};
@@ -102,7 +101,7 @@ void dots_rows(const int32_t* crow, const int32_t* col, const T* g_t, const T* x
           } else {
             for (int64_t k = 0; k < w; ++k) acc += g[k] * x[k];
           }
-          dst[col[j]] += acc;
+          out[j] += acc;
         }
       }
     }
@@ -157,24 +156,23 @@ torch::Tensor transpose(torch::Tensor x) {
   return out;
 }
 
-// The dense (rows, fan_in) gradient g_t (rows, N) @ x_t (fan_in, N)^T at the CSR's live positions, 0 elsewhere.
-// The gradient has shape ``shape`` (the weight's), read as (rows, fan_in).
-torch::Tensor live_gradient(torch::Tensor g_t, torch::Tensor x_t, torch::Tensor crow, torch::Tensor col,
-                            std::vector<int64_t> shape) {
+// The gradient g_t (rows, N) @ x_t (fan_in, N)^T at the CSR's live positions only: one value per live weight, in
+// CSR order.
+torch::Tensor live_values(torch::Tensor g_t, torch::Tensor x_t, torch::Tensor crow, torch::Tensor col) {
   check(g_t, "g_t"); check(x_t, "x_t"); check(crow, "crow"); check(col, "col");
-  const int64_t rows = crow.numel() - 1, n = g_t.size(1), fan_in = x_t.size(0);
-  auto grad = torch::empty(shape, g_t.options());
-  TORCH_CHECK(grad.numel() == rows * fan_in, "shape does not hold (rows, fan_in)");
-  AT_DISPATCH_FLOATING_TYPES(g_t.scalar_type(), "live_gradient", [&] {
+  const int64_t rows = crow.numel() - 1, n = g_t.size(1);
+  TORCH_CHECK(g_t.size(0) == rows && x_t.size(1) == n, "g_t must be (rows, N) and x_t (fan_in, N)");
+  auto out = torch::empty({col.numel()}, g_t.options());
+  AT_DISPATCH_FLOATING_TYPES(g_t.scalar_type(), "live_values", [&] {
     dots_rows<scalar_t>(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), g_t.data_ptr<scalar_t>(),
-                        x_t.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), rows, fan_in, n);
+                        x_t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n);
   });
-  return grad;
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("product", &product, "CSR times dense, activations (features, N)");
-  m.def("live_gradient", &live_gradient, "the weight gradient at live positions, as a dense tensor");
+  m.def("live_values", &live_values, "the weight gradient at the live positions, in CSR order");
   m.def("transpose", &transpose, "a matrix's transpose, contiguous");
 }
 """

@@ -7,8 +7,12 @@ follow the optimizer) and computes, each part with the kernel its ``KernelPlan``
 
 - output: the live weights times the input, with the input laid out (features, rows);
 - input gradient: the transpose's live weights (its CSR indices built once per mask) times the output gradient;
-- weight gradient: the output gradient times the input at the live positions only, written into a dense gradient
-  that is 0 at every dead position, so that the optimizer and DDP see an ordinary gradient.
+- weight gradient: the output gradient times the input at the live positions only. On a step that neither reads
+  the dense gradient nor may change the masks, and where the optimizer allows it (``live_step``), it is kept as
+  those values alone (``LayerKernels.live_grad``; the weight's ``.grad`` stays None) and the optimizer's rule is
+  applied to the live weights only, right after the optimizer's own step: no dense gradient, no pass over the dead
+  weights. Otherwise it is written into a dense gradient that is 0 at every dead position, so that the optimizer,
+  DDP and the mask decisions see an ordinary gradient.
 
 The kernels: "dense" (torch's dense products, the masked weight), "csr" (torch's CSR operations) and "native"
 (``kernels.native``). "sparse" runs every part with the best sparse kernel available; "auto" records one step's
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 
 from lightning_rigl.kernels import native
 from lightning_rigl.kernels.forms import LivePattern
+from lightning_rigl.kernels.live_step import LiveGradient, step_live
 from lightning_rigl.kernels.timing import choose, fastest, medians_ms
 
 KERNEL_MODES = ("dense", "sparse", "auto")
@@ -105,6 +110,8 @@ class LayerKernels:
         self.plan = KernelPlan()
         self.planned_live: int | None = None
         self.dense_weight_grad = False  # this step's decision reads the dense gradient
+        self.keeps_live_grad = False  # this step keeps a sparse weight gradient as its live values (``live_grad``)
+        self.live_grad: Tensor | None = None  # the weight's gradient at the live positions, in CSR order
         self.capturing = False  # this step records its inputs and output gradients for timing
         self.captured: dict[str, Tensor] = {}
         # Whether every gradient the weight received this step came from a sparse kernel alone (0 at each dead
@@ -180,15 +187,22 @@ class _LiveProduct(torch.autograd.Function):
                 grad_weight = grad_weight if grad_weight.shape == shape else grad_weight.reshape(shape)
             else:
                 columns = _transpose(x) if columns is None else columns
-                grad_weight = _live_weight_grad(plan.weight_grad, pattern, values, grad_t, columns, shape)
-                layer.pending_grad = grad_weight
+                live = _live_weight_grad(plan.weight_grad, pattern, values, grad_t, columns)
+                if layer.keeps_live_grad:  # micro-batches of a step add up, as in a dense .grad
+                    layer.live_grad = live if layer.live_grad is None else layer.live_grad.add_(live)
+                else:
+                    grad_weight = pattern.dense(live, shape)
+                    layer.pending_grad = grad_weight
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias, None
 
 
-def _note_gradient(layer: LayerKernels, grad: Tensor) -> None:
-    """The weight's gradient of one backward pass, summed over its uses: clean if it is the sparse kernel's own."""
+def _note_gradient(layer: LayerKernels, grad: Tensor | None) -> None:
+    """The weight's gradient of one backward pass, summed over its uses: clean if it is the sparse kernel's own.
+    Autograd calls this with None when no use gave a gradient (the kernel kept it as live values)."""
+    if grad is None:
+        return
     layer.clean = layer.clean is not False and grad is layer.pending_grad
     layer.pending_grad = None  # autograd then takes the tensor as the gradient without copying it
 
@@ -211,18 +225,13 @@ def _transpose(matrix: Tensor) -> Tensor:
     return matrix.t().contiguous() if kernels is None else kernels.transpose(matrix.contiguous())
 
 
-def _live_weight_grad(kernel: Kernel, pattern: LivePattern, values: Tensor, grad_t: Tensor, columns: Tensor,
-                      shape: torch.Size) -> Tensor:
-    """The weight's gradient, of ``shape`` (the weight's, read as (rows, fan-in)): ``grad_t`` (rows, N) times
-    ``columns``ᵀ (N, fan-in) at the live positions and 0 elsewhere. A tensor of its own, not a view, so that autograd
-    takes it as the gradient without a copy."""
+def _live_weight_grad(kernel: Kernel, pattern: LivePattern, values: Tensor, grad_t: Tensor, columns: Tensor) -> Tensor:
+    """The weight's gradient at its live positions, in CSR order: ``grad_t`` (rows, N) times ``columns``ᵀ
+    (N, fan-in) there."""
     if kernel == "native":
-        return native.load().live_gradient(grad_t, columns, pattern.crow, pattern.col, list(shape))
+        return native.load().live_values(grad_t, columns, pattern.crow, pattern.col)
     # torch's sampled product reads each column of its second operand contiguously when it is column-major.
-    sampled = torch.sparse.sampled_addmm(pattern.csr(values), grad_t, columns.t(), beta=0.0)
-    grad = torch.zeros(shape, dtype=values.dtype, device=values.device)
-    grad.view(-1).index_copy_(0, pattern.positions, sampled.values())
-    return grad
+    return torch.sparse.sampled_addmm(pattern.csr(values), grad_t, columns.t(), beta=0.0).values()
 
 
 def _linear_forward(layer: LayerKernels, x: Tensor) -> Tensor:
@@ -270,6 +279,8 @@ class TrainingKernels:
         self.repeats = repeats
         self.layers: dict[str, LayerKernels] = {}
         self.why_dense: dict[str, str] = {}  # layers that keep dense kernels throughout, and why
+        self.live_optimizer: torch.optim.Optimizer | None = None  # the optimizer ``live_step`` steps the layers with
+        self._step_hook: Any = None
 
     def install(self, modules: Mapping[str, nn.Module], masks: Mapping[str, Tensor],
                 plans: Mapping[str, tuple[KernelPlan, int]] | None = None) -> None:
@@ -292,11 +303,21 @@ class TrainingKernels:
             self.layers[name] = layer
             _hook(layer)
 
+    def live_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """From now on, steps that ``begin_step`` allows keep sparse weight gradients as their live values, and
+        ``optimizer``'s rule is applied to the live weights right after its own step (which skips the weights: their
+        ``.grad`` is None). The optimizer must be one ``live_step.why_no_live_step`` accepts."""
+        self.live_optimizer = optimizer
+        self._step_hook = optimizer.register_step_post_hook(lambda *_: self._step_live())
+
     def remove(self) -> None:
-        """Give every module its own forward back, and its weight no hook."""
+        """Give every module its own forward back, its weight no hook, and the optimizer no step hook."""
         self._unhook()
         for layer in self.layers.values():
             layer.hook.remove()
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook, self.live_optimizer = None, None
         self.layers = {}
 
     @contextmanager
@@ -315,18 +336,49 @@ class TrainingKernels:
 
     def masks_changed(self, masks: Mapping[str, Tensor]) -> None:
         """Rebuild the patterns of the layers whose masks are given (after a mask change); this step's gradients,
-        computed under the old patterns, are no longer clean under the new masks."""
+        computed under the old patterns, are no longer clean under the new masks, and a gradient kept as live
+        values becomes a dense ``.grad`` first (its positions are the old pattern's), for the masking to follow."""
         for name, mask in masks.items():
             if name in self.layers:
+                self._to_dense_grad(self.layers[name])
                 self.layers[name].pattern = LivePattern.of(mask)
                 self.layers[name].clean = False
 
-    def begin_step(self, dense_weight_grad: bool) -> None:
-        """Before each forward of a step (each micro-batch): whether its decision reads the dense gradient; under
-        "auto", which layers record their tensors for timing (those never timed, or whose live count moved)."""
+    def begin_step(self, dense_weight_grad: bool, keep_live_grad: bool = False) -> None:
+        """Before each forward of a step (each micro-batch): whether its decision reads the dense gradient, and
+        whether its sparse weight gradients may be kept as live values (a step that neither reads the dense
+        gradient nor may change the masks, with ``live_step`` on); under "auto", which layers record their tensors
+        for timing (those never timed, or whose live count moved)."""
+        keep = keep_live_grad and not dense_weight_grad and self.live_optimizer is not None
         for layer in self.layers.values():
             layer.dense_weight_grad = dense_weight_grad
+            layer.keeps_live_grad = keep and layer.weight.is_contiguous()  # the live step writes through a flat view
             layer.capturing = self.mode == "auto" and _needs_timing(layer)
+
+    def merge_shared_gradients(self) -> None:
+        """Once a step's backward is done, before its gradients are read: a weight that also received a dense
+        gradient from another use (tied weights) takes its live values into that ``.grad``, and the dense path
+        steps it."""
+        for layer in self.layers.values():
+            if layer.live_grad is not None and layer.weight.grad is not None:
+                self._to_dense_grad(layer)
+
+    def _to_dense_grad(self, layer: LayerKernels) -> None:
+        if layer.live_grad is None:
+            return
+        weight = layer.weight
+        if weight.grad is None:
+            weight.grad = layer.pattern.dense(layer.live_grad, weight.shape)
+        else:
+            weight.grad.view(-1).index_add_(0, layer.pattern.positions, layer.live_grad)
+        layer.live_grad = None
+
+    def _step_live(self) -> None:
+        layers = [layer for layer in self.layers.values() if layer.live_grad is not None]
+        step_live(self.live_optimizer, [LiveGradient(layer.weight, layer.pattern.positions, layer.live_grad)
+                                        for layer in layers])
+        for layer in layers:
+            layer.live_grad = None
 
     def end_step(self) -> None:
         """After a step's gradients were used: the next step's start over (every micro-batch of a step adds to
@@ -396,8 +448,8 @@ def _time_parts(layer: LayerKernels, repeats: int) -> dict[str, dict[str, float]
             k, pattern, pattern.values(weight_2d), _transpose(x), transposed=False)
         candidates["input_grad"][kernel] = lambda k=kernel: _sparse_product(
             k, pattern, pattern.values(weight_2d), _transpose(grad), transposed=True)
-        candidates["weight_grad"][kernel] = lambda k=kernel: _live_weight_grad(
-            k, pattern, pattern.values(weight_2d), _transpose(grad), _transpose(x), layer.weight.shape)
+        candidates["weight_grad"][kernel] = lambda k=kernel: pattern.dense(_live_weight_grad(
+            k, pattern, pattern.values(weight_2d), _transpose(grad), _transpose(x)), layer.weight.shape)
     with torch.no_grad():
         return {part: fastest(candidates[part], repeats)[1] for part in PARTS}
 
@@ -411,7 +463,7 @@ def _time_plans(layer: LayerKernels, plans: list[KernelPlan], repeats: int) -> d
     weight = layer.weight.detach().requires_grad_()
     bias = None if layer.module.bias is None else layer.module.bias.detach().requires_grad_()
     timed = copy.copy(layer)  # the layer's pattern under another plan, outside the model
-    timed.capturing, timed.dense_weight_grad = False, False
+    timed.capturing, timed.dense_weight_grad, timed.keeps_live_grad = False, False, False
 
     def step(plan: KernelPlan) -> Callable[[], None]:
         def run() -> None:
