@@ -12,11 +12,15 @@ Each configuration times, alternately in rounds so that all see the same machine
 - dense: ``nn.Linear`` with the masked weight (what every peer trains with);
 - torch CSR: our training path with every part through torch's CSR operations (MKL), the fallback where the
   native kernels cannot be built;
-- sparse: our kernels, every part native (``kernels="sparse"``);
+- sparse: our kernels, every part native (``kernels="sparse"``), the weight's gradient written into a dense
+  gradient (0 at dead positions), as on the steps that need one (``live_step=False``, DDP, mask updates);
+- sparse, live: the same, the weight's gradient kept as its live values only, as between mask updates with the
+  live step (the default on one process): what SparseProp returns too;
 - auto: our kernels with the plan "auto" picks by timing each part on these tensors (``kernels="auto"``);
 - SparseProp: ``sparseprop.modules.SparseLinear`` (IST-DASLab, float32, AVX2, built at install), which keeps its
-  live values as its parameter and returns their gradient only; ours returns the dense weight's gradient (0 at
-  dead positions), which the optimizer, DDP and checkpoints of an unchanged model need.
+  live values as its parameter and returns their gradient only.
+
+The optimizer's step is not in these times (the whole-step benchmark, ``sparse_training_step.py``, has it).
 
 The FLOP ratio (dense over sparse FLOPs of forward + backward, 1/density) is the ideal; "of ideal" is the
 measured speed-up over it. Medians of ``--repeats`` runs per round, median over rounds.
@@ -110,33 +114,39 @@ def fwd_bwd(module: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
     return run
 
 
-def clear(module: nn.Module, x: Tensor) -> Callable[[], None]:
+def clear(module: nn.Module, x: Tensor, kernels: TrainingKernels | None) -> Callable[[], None]:
     def run() -> None:
         x.grad = None
         for param in module.parameters():
             param.grad = None
+        for layer in kernels.layers.values() if kernels is not None else ():
+            layer.live_grad = None
     return run
 
 
-def candidates(shape: tuple[int, int], mask: Tensor, x: Tensor, grad: Tensor) -> dict[str, tuple[nn.Module, str]]:
-    """Kernel name -> (module, what it ran)."""
-    built = {"dense": (layer(shape, mask), "")}
-    for mode in ("torch csr", "sparse", "auto"):
+def candidates(shape: tuple[int, int], mask: Tensor, x: Tensor,
+               grad: Tensor) -> dict[str, tuple[nn.Module, str, TrainingKernels | None]]:
+    """Kernel name -> (module, what it ran, its kernels)."""
+    built = {"dense": (layer(shape, mask), "", None)}
+    for mode in ("torch csr", "sparse", "sparse, live", "auto"):
         module = layer(shape, mask)
-        kernels = TrainingKernels("sparse" if mode == "torch csr" else mode)
+        kernels = TrainingKernels("sparse" if mode in ("torch csr", "sparse, live") else mode)
         kernels.install({"weight": module}, {"weight": mask})
         if mode == "torch csr":
             kernels.layers["weight"].plan = KernelPlan("csr", "csr", "csr")
-        kernels.begin_step(dense_weight_grad=False)
+        live = mode == "sparse, live"
+        if live:
+            kernels.live_step(torch.optim.SGD(module.parameters(), lr=0.0))  # never stepped here
+        kernels.begin_step(dense_weight_grad=False, keep_live_grad=live)
         module(x).backward(grad)  # under "auto": the timing step
         kernels.decide()
         plan = kernels.plans()["weight"][0]
-        built[mode] = (module, plan.describe())
+        built[mode] = (module, plan.describe(), kernels)
     try:
         from sparseprop.modules import SparseLinear
     except ImportError:
         return built
-    built["sparseprop"] = (SparseLinear.from_dense(layer(shape, mask)), "")
+    built["sparseprop"] = (SparseLinear.from_dense(layer(shape, mask)), "", None)
     return built
 
 
@@ -155,9 +165,10 @@ def measure(shape: tuple[int, int], sparsity: float, rows: int, structure: str |
     for round_index in range(rounds):
         order = list(built)[round_index % len(built):] + list(built)[:round_index % len(built)]
         for key in order:
-            module = built[key][0]
+            module, _, kernels = built[key]
             fwd_bwd(module, x, grad)()  # warm
-            times[key].append(1e3 * median_seconds(fwd_bwd(module, x, grad), repeats, before=clear(module, x)))
+            times[key].append(1e3 * median_seconds(fwd_bwd(module, x, grad), repeats,
+                                                   before=clear(module, x, kernels)))
     medians = {key: statistics.median(values) for key, values in times.items()}
     density = float(masks[name].float().mean())
     return {
@@ -184,8 +195,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     results = []
-    header = ("| layer | rows | sparsity | mask | dense (ms) | torch CSR | ours sparse | ours auto (plan) | SparseProp | "
-              "FLOP ratio | auto of ideal |")
+    header = ("| layer | rows | sparsity | mask | dense (ms) | torch CSR | ours sparse | ours sparse, live | "
+              "ours auto (plan) | SparseProp | FLOP ratio | live of ideal |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for structure in args.structures:
@@ -198,9 +209,11 @@ def main() -> None:
                     ms, speed = result["ms"], result["speedup"]
                     peer = (f"{ms['sparseprop']:.2f} ({speed['sparseprop']:.2f}×)" if "sparseprop" in ms else "–")
                     print(f"| {result['shape']} | {rows} | {sparsity} | {result['structure']} | {ms['dense']:.2f} | "
-                          f"{ms['torch csr']:.2f} ({speed['torch csr']:.2f}×) | {ms['sparse']:.2f} ({speed['sparse']:.2f}×) | {ms['auto']:.2f} ({speed['auto']:.2f}×; "
-                          f"{result['auto_plan']}) | {peer} | {result['flop_ratio']:.1f} | "
-                          f"{speed['auto'] / result['flop_ratio']:.0%} |", flush=True)
+                          f"{ms['torch csr']:.2f} ({speed['torch csr']:.2f}×) | {ms['sparse']:.2f} "
+                          f"({speed['sparse']:.2f}×) | {ms['sparse, live']:.2f} ({speed['sparse, live']:.2f}×) | "
+                          f"{ms['auto']:.2f} ({speed['auto']:.2f}×; {result['auto_plan']}) | {peer} | "
+                          f"{result['flop_ratio']:.1f} | {speed['sparse, live'] / result['flop_ratio']:.0%} |",
+                          flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                        "threads": args.threads, "torch": torch.__version__, "results": results},

@@ -15,7 +15,7 @@ class, and Adamax, whose dense step moves the state of a dead weight (its infini
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -51,7 +51,6 @@ def step_live(optimizer: Optimizer, gradients: Sequence[LiveGradient]) -> None:
     not touched. The weights must not hold a ``.grad`` of their own (the optimizer's own step then skips them)."""
     if not gradients:
         return
-    group_of = {id(param): index for index, group in enumerate(optimizer.param_groups) for param in group["params"]}
     leaves: list[Tensor] = []
     by_group: dict[int, list[Tensor]] = {}
     state: dict[Tensor, dict] = {}
@@ -62,14 +61,8 @@ def step_live(optimizer: Optimizer, gradients: Sequence[LiveGradient]) -> None:
         state[leaf] = {key: value.view(-1).take(positions) if _per_weight(value, param) else value
                        for key, value in optimizer.state.get(param, {}).items()}
         leaves.append(leaf)
-        by_group.setdefault(group_of[id(param)], []).append(leaf)
-    # An optimizer of the same class over the compact tensors, with the groups' current hyperparameters (a
-    # scheduler may have moved them): its __init__ would check arguments it no longer needs, so the base class's
-    # sets it up from the real optimizer's defaults.
-    live = type(optimizer).__new__(type(optimizer))
-    Optimizer.__init__(live, [{**{key: value for key, value in optimizer.param_groups[index].items() if key != "params"},
-                                "params": group_leaves} for index, group_leaves in by_group.items()],
-                       dict(optimizer.defaults))
+        by_group.setdefault(group_index(optimizer, param), []).append(leaf)
+    live = optimizer_like(optimizer, by_group)
     live.state.update(state)
     live.step()
     with torch.no_grad():
@@ -85,6 +78,22 @@ def step_live(optimizer: Optimizer, gradients: Sequence[LiveGradient]) -> None:
                     dense.view(-1).index_copy_(0, positions, value)
                     value = dense
                 dense_state[key] = value
+
+
+def optimizer_like(optimizer: Optimizer, groups: Mapping[int, list[Tensor]]) -> Optimizer:
+    """An optimizer of ``optimizer``'s class, without state, over other tensors: each list of ``groups`` in a group
+    with the hyperparameters that group (by index) of ``optimizer`` has now (a scheduler may have moved them)."""
+    like = type(optimizer).__new__(type(optimizer))
+    # The class's __init__ would check its arguments again; the base class sets it up from the defaults it kept.
+    Optimizer.__init__(like, [{**{key: value for key, value in optimizer.param_groups[index].items() if key != "params"},
+                                "params": tensors} for index, tensors in groups.items()], dict(optimizer.defaults))
+    return like
+
+
+def group_index(optimizer: Optimizer, param: Tensor) -> int:
+    """The index of the param group that holds ``param``."""
+    return next(index for index, group in enumerate(optimizer.param_groups)
+                if any(p is param for p in group["params"]))
 
 
 def _per_weight(value: object, like: Tensor) -> bool:

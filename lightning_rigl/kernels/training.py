@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lightning_rigl.kernels import native
 from lightning_rigl.kernels.forms import LivePattern
-from lightning_rigl.kernels.live_step import LiveGradient, step_live
+from lightning_rigl.kernels.live_step import LiveGradient, group_index, optimizer_like, step_live
 from lightning_rigl.kernels.timing import choose, fastest, medians_ms
 
 KERNEL_MODES = ("dense", "sparse", "auto")
@@ -407,7 +407,9 @@ class TrainingKernels:
         for name, layer in timed.items():
             mixed = KernelPlan(*(choose(parts[name][part]) for part in PARTS))
             uniform = [KernelPlan(kernel, kernel, kernel) for kernel in sparse_kernels(layer.weight)]
-            wholes[name] = _time_plans(layer, list(dict.fromkeys([KernelPlan(), mixed, *uniform])), self.repeats)
+            optimizer = self.live_optimizer if layer.weight.is_contiguous() else None
+            wholes[name] = _time_plans(layer, list(dict.fromkeys([KernelPlan(), mixed, *uniform])), self.repeats,
+                                       optimizer)
         wholes = _combined(wholes, combine)
         for name, layer in timed.items():
             times = wholes[name]
@@ -454,16 +456,30 @@ def _time_parts(layer: LayerKernels, repeats: int) -> dict[str, dict[str, float]
         return {part: fastest(candidates[part], repeats)[1] for part in PARTS}
 
 
-def _time_plans(layer: LayerKernels, plans: list[KernelPlan], repeats: int) -> dict[str, float]:
+def _time_plans(layer: LayerKernels, plans: list[KernelPlan], repeats: int,
+                optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
     """Median time (ms) of the layer's forward and backward under each plan, by its description, on the tensors it
     recorded, its weight and input detached so that no gradient reaches the model; the dense plan through
-    ``F.linear``, as the plain layer computes."""
+    ``F.linear``, as the plain layer computes. Given the ``optimizer`` of a live step, each plan's time includes
+    its optimizer step on a copy of the weight: the live step where the plan computes the weight's gradient
+    sparse, the optimizer's dense step where it computes it dense."""
     x = layer.captured["x"].detach().requires_grad_()
     grad = layer.captured["grad"]
     weight = layer.weight.detach().requires_grad_()
     bias = None if layer.module.bias is None else layer.module.bias.detach().requires_grad_()
     timed = copy.copy(layer)  # the layer's pattern under another plan, outside the model
-    timed.capturing, timed.dense_weight_grad, timed.keeps_live_grad = False, False, False
+    timed.capturing, timed.dense_weight_grad, timed.keeps_live_grad = False, False, optimizer is not None
+    stepped = None if optimizer is None else layer.weight.detach().clone()
+    stepper = None if optimizer is None else optimizer_like(optimizer, {group_index(optimizer, layer.weight): [stepped]})
+
+    def optimizer_step() -> None:
+        if timed.live_grad is not None:
+            step_live(stepper, [LiveGradient(stepped, layer.pattern.positions, timed.live_grad)])
+            timed.live_grad = None
+        else:
+            stepped.grad = weight.grad
+            stepper.step()
+            stepped.grad = None
 
     def step(plan: KernelPlan) -> Callable[[], None]:
         def run() -> None:
@@ -472,6 +488,8 @@ def _time_plans(layer: LayerKernels, plans: list[KernelPlan], repeats: int) -> d
                 _LiveProduct.apply(x, weight, bias, timed).backward(grad)
             else:
                 F.linear(x, weight.reshape(layer.pattern.shape), bias).backward(grad)
+            if stepper is not None:
+                optimizer_step()
             x.grad = weight.grad = None
             if bias is not None:
                 bias.grad = None
