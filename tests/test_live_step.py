@@ -192,3 +192,39 @@ def test_an_update_that_replaces_its_optimizer_step_replaces_it_for_live_weights
         params[live_step] = dict(trainer.lightning_module.named_parameters())
     for name, param in params[False].items():
         torch.testing.assert_close(params[True][name], param, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_auto_times_each_plan_with_its_optimizer_step_on_a_copy(monkeypatch) -> None:
+    """With the live step on, "auto" times the dense plan with the optimizer's dense step and a plan with a sparse
+    weight gradient with the live step: on a copy of the weight, so that the model and its optimizer are as
+    before the timing."""
+    from lightning_rigl.kernels import TrainingKernels
+    from lightning_rigl.kernels import training
+
+    torch.manual_seed(0)
+    linear, mask = nn.Linear(32, 16), torch.rand(16, 32) < 0.2
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.1, momentum=0.9)
+    kernels = TrainingKernels("auto", repeats=1)
+    kernels.install({"weight": linear}, {"weight": mask})
+    kernels.live_step(optimizer)
+    kernels.begin_step(dense_weight_grad=False, keep_live_grad=True)  # the first step records its tensors
+    linear(torch.randn(8, 32)).backward(torch.randn(8, 16))
+    before = linear.weight.detach().clone()
+    steps = {"live": 0, "dense": 0}
+    live_step, dense_step = training.step_live, torch.optim.SGD.step
+
+    def count_live(*args, **kwargs):
+        steps["live"] += 1
+        return live_step(*args, **kwargs)
+
+    def count_dense(self, *args, **kwargs):
+        steps["dense"] += 1
+        return dense_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(training, "step_live", count_live)
+    monkeypatch.setattr(torch.optim.SGD, "step", count_dense)
+    kernels.decide()
+    assert steps["live"] > 0 and steps["dense"] > steps["live"]  # step_live runs an SGD step of its own too
+    assert torch.equal(linear.weight, before) and not optimizer.state
