@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_rigl.errors import ConfigError
-from lightning_rigl.lr_schedule import LRSchedule, check_lr_schedule, lr_factor
+from lightning_rigl.lr_schedule import LRSchedule, check_lr_schedule
 from lightning_rigl.models import create_model
-from lightning_rigl.models.sharding import shard_blocks
-
-OPTIMIZERS = ("sgd", "adamw")
+from lightning_rigl.models.sharding import shard_module
+from lightning_rigl.optimization import check_optimizer, configure_optimizer
 
 
 class ImageClassifier(pl.LightningModule):
@@ -70,7 +65,8 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_optimizer(optimizer, lr, momentum, nesterov, betas, weight_decay, label_smoothing)
+        check_optimizer(optimizer, lr, momentum, nesterov, betas, weight_decay)
+        _check_label_smoothing(label_smoothing)
         check_lr_schedule(lr_schedule, warmup_steps, lr_milestones, lr_gamma)
         self.save_hyperparameters()
         self.net = create_model(arch, num_classes=num_classes, width=width, **(arch_kwargs or {}))
@@ -87,13 +83,7 @@ class ImageClassifier(pl.LightningModule):
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``, shard the network with FSDP2 over the data-parallel mesh: one group
         per block (``shard_blocks``), the rest with this module. Under other strategies, nothing."""
-        mesh = self.device_mesh
-        if mesh is None or isinstance(self, FSDPModule):  # not sharded, or sharded already by an earlier fit
-            return
-        if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
-            mesh = mesh["data_parallel"]
-        shard_blocks(self.net, mesh)
-        fully_shard(self, mesh=mesh)
+        shard_module(self, self.net, self.device_mesh)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
@@ -119,46 +109,12 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = _decay_groups(self.net, hp.weight_decay)
-        if hp.optimizer == "adamw":
-            optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        else:
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
-        total_steps = None
-        if hp.lr_schedule == "cosine":
-            estimate = self.trainer.estimated_stepping_batches
-            total_steps = int(estimate) if math.isfinite(estimate) else None
-        scheduler = LambdaLR(
-            optimizer,
-            lambda step: lr_factor(
-                step, hp.lr_schedule, warmup_steps=hp.warmup_steps, milestones=hp.lr_milestones,
-                gamma=hp.lr_gamma, total_steps=total_steps,
-            ),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizer(self, self.net, optimizer=hp.optimizer, lr=hp.lr, momentum=hp.momentum,
+                                   nesterov=hp.nesterov, betas=hp.betas, weight_decay=hp.weight_decay,
+                                   lr_schedule=hp.lr_schedule, warmup_steps=hp.warmup_steps,
+                                   lr_milestones=hp.lr_milestones, lr_gamma=hp.lr_gamma)
 
 
-def _decay_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two parameter groups: weight decay on parameters of rank >= 2, none on normalisation parameters and
-    biases."""
-    decay = [p for p in net.parameters() if p.ndim >= 2]
-    no_decay = [p for p in net.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _check_optimizer(optimizer: str, lr: float, momentum: float, nesterov: bool, betas: Sequence[float],
-                     weight_decay: float, label_smoothing: float) -> None:
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"Unknown optimizer {optimizer!r}: use one of {OPTIMIZERS}.")
-    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
-        raise ConfigError(f"betas must be two decays in [0, 1), got {tuple(betas)}.")
-    if lr <= 0:
-        raise ConfigError(f"lr must be > 0, got {lr}.")
-    if not 0 <= momentum < 1:
-        raise ConfigError(f"momentum must be in [0, 1), got {momentum}.")
-    if optimizer == "sgd" and nesterov and momentum == 0:
-        raise ConfigError("nesterov=True needs momentum > 0: set model.momentum or model.nesterov false.")
-    if weight_decay < 0:
-        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}.")
+def _check_label_smoothing(label_smoothing: float) -> None:
     if not 0 <= label_smoothing < 1:
         raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")

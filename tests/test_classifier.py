@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rigl import ImageClassifier
-from lightning_rigl.classifier import _decay_groups
+from lightning_rigl.optimization import decay_groups
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.lr_schedule import lr_factor
 
@@ -70,7 +70,7 @@ def test_bad_settings_fail_at_construction(kwargs: dict, match: str) -> None:
 
 def test_weight_decay_spares_batchnorm_and_biases() -> None:
     net = ImageClassifier(arch="wrn22_2", num_classes=10).net
-    decay, no_decay = _decay_groups(net, 5e-4)
+    decay, no_decay = decay_groups(net, 5e-4)
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     decayed, spared = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
     assert decayed | spared == {id(p) for p in net.parameters()} and not decayed & spared

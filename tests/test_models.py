@@ -19,8 +19,11 @@ from lightning_rigl.models import (
 )
 
 # (channels, height, width) of a test input, and the class count, per model: 28×28×1 for the Fashion-MNIST
-# nets, 32×32×3 for the CIFAR nets, 64×64×3 (instead of 224×224, to stay fast) for the ImageNet nets.
+# nets, 32×32×3 for the CIFAR nets, 64×64×3 (instead of 224×224, to stay fast) for the ImageNet nets; for the
+# language models, (tokens,) of a sequence and the vocabulary.
 INPUTS = {
+    "gpt_tiny": ((16,), 256),
+    "gpt2_small": ((16,), 50257),
     "lenet300_100": ((1, 28, 28), 10),
     "small_cnn": ((1, 28, 28), 10),
     "wrn22_2": ((3, 32, 32), 10),
@@ -62,10 +65,17 @@ def test_registry_lists_every_model_sorted() -> None:
 def test_forward_shape_and_every_parameter_gets_a_finite_gradient(name: str) -> None:
     torch.manual_seed(0)
     shape, num_classes = INPUTS[name]
-    model = create_model(name, num_classes, width=0.25 if name == "vit_b_16" else 1.0)  # 224×224 at full width: slow
-    logits = model(torch.randn(2, *shape))
-    assert logits.shape == (2, num_classes)
-    nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    # 224×224 at full width, or GPT-2 small's 124M parameters: slow
+    model = create_model(name, num_classes, width=0.25 if name in ("vit_b_16", "gpt2_small") else 1.0)
+    if name.startswith("gpt"):  # next-token logits at every position
+        tokens = torch.randint(0, num_classes, (2, *shape))
+        logits = model(tokens)
+        assert logits.shape == (2, *shape, num_classes)
+        nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    else:
+        logits = model(torch.randn(2, *shape))
+        assert logits.shape == (2, num_classes)
+        nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     non_finite = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
     assert missing == [] and non_finite == []
@@ -111,6 +121,14 @@ def _vit_parameters(in_channels: int, patch: int, tokens: int, layers: int, hidd
             + 2 * hidden + hidden * num_classes + num_classes)
 
 
+def _gpt_parameters(vocabulary: int, context: int, layers: int, hidden: int, mlp: int) -> int:
+    """Token and position embeddings; per block two LayerNorms (scale and shift), the query, key, value and output
+    projections (with biases) and the two MLP layers (with biases); the final LayerNorm; no head of its own (tied
+    to the token embedding)."""
+    block = 2 * 2 * hidden + 4 * (hidden * hidden + hidden) + (hidden * mlp + mlp) + (mlp * hidden + hidden)
+    return vocabulary * hidden + context * hidden + layers * block + 2 * hidden
+
+
 PARAMETER_COUNTS = {
     # (num_classes, parameters at width 1)
     "lenet300_100": (10, (784 * 300 + 300) + (300 * 100 + 100) + (100 * 10 + 10)),  # 266,610
@@ -124,6 +142,9 @@ PARAMETER_COUNTS = {
     "vit_tiny": (10, _vit_parameters(1, 4, 49, 4, 64, 128, 10)),
     # torchvision's ViT_B_16_Weights.IMAGENET1K_V1.meta["num_params"]: 86,567,656.
     "vit_b_16": (1000, _vit_parameters(3, 16, 196, 12, 768, 3072, 1000)),
+    "gpt_tiny": (256, _gpt_parameters(256, 256, 4, 192, 768)),
+    # GPT-2 small (Radford et al., 2019) with the byte-pair vocabulary: 124,439,808, as published.
+    "gpt2_small": (50257, _gpt_parameters(50257, 1024, 12, 768, 3072)),
 }
 
 
@@ -135,6 +156,8 @@ def test_hand_arithmetic_gives_the_quoted_totals() -> None:
     assert PARAMETER_COUNTS["mobilenet_v1"][1] == 4_231_976
     assert PARAMETER_COUNTS["vit_tiny"][1] == 139_018
     assert PARAMETER_COUNTS["vit_b_16"][1] == 86_567_656
+    assert PARAMETER_COUNTS["gpt_tiny"][1] == 1_878_144
+    assert PARAMETER_COUNTS["gpt2_small"][1] == 124_439_808
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -21,8 +21,9 @@ def default_download_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning_rigl"
 
 
-class ImageDataModule(pl.LightningDataModule):
-    """Serves the train, validation and test sets that a subclass builds in ``_fit_sets`` and ``_test_set``.
+class DataModule(pl.LightningDataModule):
+    """Serves the train, validation and test sets (of images, of token windows) that a subclass builds in
+    ``_fit_sets`` and ``_test_set``.
 
     The training loader's order is a function of the seed and the epoch alone (:class:`EpochShuffle`, which
     shards it among DDP processes), so a resumed run sees the batches the uninterrupted one would have. The
@@ -33,7 +34,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     Args:
         data_dir: the dataset's folder; each subclass says what it must hold and what ``None`` means.
-        batch_size: images per batch and per process (DDP rank), >= 1.
+        batch_size: examples per batch and per process (DDP rank), >= 1.
         num_workers: loader worker processes per process, >= 0 (0 loads in the main process).
 
     Raises:
@@ -119,7 +120,7 @@ def hold_out(size: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.T
     return order[val_size:], order[:val_size]
 
 
-class HoldOutDataModule(ImageDataModule):
+class HoldOutDataModule(DataModule):
     """A data module whose validation set, if any, is held out from the training split.
 
     Training images go through ``_train_transform`` (augmentation, as a function of the run's seed, the epoch and
@@ -127,7 +128,7 @@ class HoldOutDataModule(ImageDataModule):
     ``_eval_transform``, so validation sees no augmentation.
 
     Args:
-        data_dir, batch_size, num_workers: as in :class:`ImageDataModule`.
+        data_dir, batch_size, num_workers: as in :class:`DataModule`.
         val_size: number of training images held out for validation, >= 0; 0 means no validation set.
         seed: seeds the hold-out split only (the shuffling and the augmentation follow ``seed_everything``).
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from torchvision import datasets, transforms
 
 from lightning_rigl.data.augment import Transformed
-from lightning_rigl.data.base import ImageDataModule
+from lightning_rigl.data.base import DataModule
 from lightning_rigl.errors import ConfigError
 
 # Per-channel pixel mean and std of ImageNet's training images, on the [0, 1] scale.
@@ -20,7 +20,7 @@ def class_folders(path: Path) -> list[str]:
     return sorted(entry.name for entry in path.iterdir() if entry.is_dir())
 
 
-class ImageNetDataModule(ImageDataModule):
+class ImageNetDataModule(DataModule):
     """ImageFolder trees ``<data_dir>/train/<class>/*.JPEG`` and ``<data_dir>/val/<class>/*.JPEG``.
 
     Training images get a random resized crop of ``image_size`` pixels and a random horizontal flip, drawn from

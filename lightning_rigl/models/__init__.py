@@ -5,13 +5,14 @@ training code; each takes ``num_classes`` and ``width`` (a multiplier on every h
 """
 
 # Importing the model modules registers their models.
-from lightning_rigl.models import lenet, mobilenet, resnet, small_cnn, vit, wide_resnet
+from lightning_rigl.models import gpt, lenet, mobilenet, resnet, small_cnn, vit, wide_resnet
 from lightning_rigl.models.registry import ModelConfig, create_model, list_models, register_model
 from lightning_rigl.models.width import count_parameters, match_width, scale_channels, sparse_parameter_count
 
 __all__ = [
     "ModelConfig",
     "count_parameters",
+    "gpt",
     "create_model",
     "lenet",
     "list_models",

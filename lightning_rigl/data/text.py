@@ -1,0 +1,292 @@
+"""Text for causal language models: a folder of text files (or one file), split by document, tokenized once into
+memory-mapped token files, served as windows of ``context + 1`` tokens.
+
+The default corpus is one every machine with Python has and nobody here wrote: the Python standard library's own
+source files, without its tests and without installed packages (about 12 MB with Python 3.11). It changes between
+Python versions, so the version and a digest of the corpus go into every run's results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lightning_rigl.data.base import DataModule, default_download_dir
+from lightning_rigl.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+BYTE = "byte"
+# A single file is cut into documents of about this many bytes (at line ends), so that it can be split too.
+FILE_PIECE_BYTES = 1 << 16
+# Folders of the standard library that hold its tests, and of installed packages.
+_NOT_THE_STDLIB = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
+_CACHE_VERSION = 1  # of the token files' layout: a change here rebuilds every cache
+
+
+@dataclass(frozen=True)
+class Document:
+    """A piece of the corpus: its name (a path relative to the corpus root, and a piece number for one file) and
+    its bytes."""
+
+    name: str
+    data: bytes
+
+
+def stdlib_root() -> Path:
+    """The folder of this Python's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_documents() -> list[Document]:
+    """The standard library's ``.py`` files, sorted by path, without tests and installed packages."""
+    root = stdlib_root()
+    paths = sorted(path for path in root.rglob("*.py")
+                   if not _NOT_THE_STDLIB.intersection(path.relative_to(root).parts[:-1])
+                   and not path.name.startswith("test_"))
+    return [Document(path.relative_to(root).as_posix(), path.read_bytes()) for path in paths]
+
+
+def folder_documents(path: Path) -> tuple[list[Document], list[str]]:
+    """The text files under ``path`` (a folder, read recursively and sorted by path; or one file, cut into pieces
+    of about ``FILE_PIECE_BYTES`` at line ends), and the names of the files skipped as not text (not UTF-8, or
+    holding a NUL byte).
+
+    Raises:
+        ConfigError: ``path`` does not exist.
+    """
+    if not path.exists():
+        raise ConfigError(f"data.text_dir {str(path)!r} does not exist: give a folder of text files or one text file.")
+    if path.is_file():
+        files = [path]
+        root = path.parent
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".")
+                                                                            for part in p.relative_to(path).parts))
+        root = path
+    documents, skipped = [], []
+    for file in files:
+        data = file.read_bytes()
+        name = file.relative_to(root).as_posix()
+        if not _is_text(data):
+            skipped.append(name)
+        elif path.is_file():
+            documents.extend(Document(f"{name}#{index}", piece) for index, piece in enumerate(_pieces(data)))
+        elif data:
+            documents.append(Document(name, data))
+    return documents, skipped
+
+
+def _is_text(data: bytes) -> bool:
+    if b"\0" in data:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _pieces(data: bytes) -> Iterator[bytes]:
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start + FILE_PIECE_BYTES)
+        end = len(data) if end < 0 else end + 1
+        yield data[start:end]
+        start = end
+
+
+def split_of(name: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split ("train", "val" or "test") of the document ``name``: a hash of the seed and the name alone, so
+    that a document keeps its split whatever else the corpus holds or in which order it is read."""
+    draw = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") / 2**64
+    if draw < test_fraction:
+        return "test"
+    return "val" if draw < test_fraction + val_fraction else "train"
+
+
+class Tokenizer:
+    """Bytes to token ids: "byte" (each byte its own token, a vocabulary of 256) or a Hugging Face tokenizer by
+    name (the ``transformers`` extra, the tokenizer already in the local cache)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tokenizer = None
+        if name == BYTE:
+            self.vocab_size = 256
+            return
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ConfigError(f"data.tokenizer={name!r} needs the transformers package (pip install "
+                              "'lightning-rigl[transformers]'); data.tokenizer=byte needs nothing.") from None
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as error:
+            raise ConfigError(f"could not load the tokenizer {name!r} ({str(error).splitlines()[0]}). Name one in "
+                              "the local Hugging Face cache, or use data.tokenizer=byte.") from None
+        self.vocab_size = len(self._tokenizer)
+
+    def encode(self, data: bytes) -> np.ndarray:
+        if self._tokenizer is None:
+            return np.frombuffer(data, dtype=np.uint8)
+        return np.asarray(self._tokenizer(data.decode("utf-8"))["input_ids"], dtype=np.int64)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The smallest unsigned type that holds every id."""
+        return np.dtype(np.uint8 if self.vocab_size <= 256 else np.uint16 if self.vocab_size <= 65536 else np.uint32)
+
+
+class TokenWindows(Dataset):
+    """Consecutive windows of a token file: item ``i`` is (tokens ``[i·c, i·c + c)``, the same shifted by one),
+    ``c`` the context; the last window ends where the tokens do (a remainder shorter than a window is left out)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, context: int) -> None:
+        self.tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+        self.context = context
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.context)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        start = index * self.context
+        window = torch.from_numpy(self.tokens[start:start + self.context + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+class TextDataModule(DataModule):
+    """A causal language model's data: the documents of a corpus split by a seeded hash of their names into
+    train/validation/test, each split's documents tokenized and concatenated once into a memory-mapped file
+    (cached under ``cache_dir`` by a digest of the corpus, the tokenizer and the split), served as windows of
+    ``context`` input tokens and their next tokens. The training order is a function of the run's seed and the
+    epoch, and its position goes into checkpoints (exact resume), as for the image data modules.
+
+    Args:
+        text_dir: a folder of text files (read recursively; hidden files and files that are not UTF-8 text are
+            skipped, with a warning), or one text file (cut into pieces of about 64 KiB at line ends, so that it
+            can be split); None: the Python standard library's source (see the module's docstring).
+        tokenizer: "byte" (a vocabulary of 256, nothing to download) or a Hugging Face tokenizer's name.
+        context: tokens a window gives the model, >= 1.
+        batch_size: windows per batch and per process, >= 1.
+        val_fraction, test_fraction: the expected shares of documents held out, each in [0, 1), together < 1.
+        seed: seeds the split.
+        cache_dir: where the token files go; None: ``~/.cache/lightning_rigl/text``.
+        num_workers: loader worker processes per process.
+
+    Attributes (after ``prepare_data`` and ``setup``):
+        vocab_size: the tokenizer's vocabulary, which the model's output layer must match.
+        corpus: what the run read: the source, the Python version for the default corpus, the digest, files
+            and bytes, tokens per split and bytes per token (for bits per byte).
+
+    Raises:
+        ConfigError: a setting out of range (here); a missing, empty or non-text ``text_dir``, a split without a
+            single window, or a tokenizer that cannot be loaded (at ``prepare_data``/``setup``).
+    """
+
+    def __init__(self, text_dir: str | None = None, tokenizer: str = BYTE, context: int = 256, batch_size: int = 32,
+                 val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
+                 cache_dir: str | None = None, num_workers: int = 0) -> None:
+        super().__init__(text_dir, batch_size, num_workers)
+        if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+            raise ConfigError(f"data.context must be an integer >= 1 (tokens per window), got {context!r}.")
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 <= fraction < 1:
+                raise ConfigError(f"data.{name} must be in [0, 1), got {fraction!r}.")
+        if val_fraction + test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction + data.test_fraction must be < 1 (the rest trains), got "
+                              f"{val_fraction + test_fraction}.")
+        self.tokenizer_name = tokenizer
+        self.context = context
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_download_dir() / "text"
+        self.vocab_size = 256 if tokenizer == BYTE else 0  # known before setup for bytes; else read at setup
+        self.corpus: dict = {}
+
+    def prepare_data(self) -> None:
+        """Tokenize the corpus into the cache, unless it is there already (on one process per node)."""
+        self._cached()
+
+    def _cached(self) -> Path:
+        """The cache folder of this corpus, tokenizer and split, built if missing; ``corpus`` filled in."""
+        documents, source = self._documents()
+        digest = _digest(documents)
+        key = hashlib.sha256(json.dumps([_CACHE_VERSION, digest, self.tokenizer_name, self.seed, self.val_fraction,
+                                         self.test_fraction]).encode()).hexdigest()[:16]
+        folder = self.cache_root / key
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            tokenizer = Tokenizer(self.tokenizer_name)
+            meta = {"vocab_size": tokenizer.vocab_size, "dtype": tokenizer.dtype.name, **source,
+                    "digest": digest, "files": len({doc.name.split("#")[0] for doc in documents}),
+                    "bytes": sum(len(doc.data) for doc in documents), "splits": {}}
+            folder.mkdir(parents=True, exist_ok=True)
+            rank_zero_info(f"TextDataModule: tokenizing {meta['bytes'] / 1e6:.1f} MB into {folder}")
+            for split in SPLITS:
+                chosen = [doc for doc in documents
+                          if split_of(doc.name, self.seed, self.val_fraction, self.test_fraction) == split]
+                tokens = [tokenizer.encode(doc.data) for doc in chosen]
+                joined = np.concatenate(tokens).astype(tokenizer.dtype) if tokens else np.zeros(0, tokenizer.dtype)
+                partial = folder / f"{split}.bin.partial"
+                joined.tofile(partial)
+                partial.replace(folder / f"{split}.bin")
+                size = sum(len(doc.data) for doc in chosen)
+                meta["splits"][split] = {"documents": len(chosen), "bytes": size, "tokens": int(joined.size),
+                                         "bytes_per_token": size / joined.size if joined.size else None}
+            partial = folder / "meta.json.partial"
+            partial.write_text(json.dumps(meta, indent=1))
+            partial.replace(meta_path)
+        self.corpus = json.loads(meta_path.read_text())
+        self.vocab_size = self.corpus["vocab_size"]
+        return folder
+
+    def _documents(self) -> tuple[list[Document], dict]:
+        if self.data_dir is None:
+            return stdlib_documents(), {"source": "python-stdlib", "python": platform.python_version(),
+                                        "path": str(stdlib_root())}
+        documents, skipped = folder_documents(self.data_dir)
+        if skipped:
+            rank_zero_warn(f"TextDataModule: skipped {len(skipped)} file(s) that are not UTF-8 text, e.g. "
+                           f"{skipped[:3]}.")
+        if not documents:
+            raise ConfigError(f"data.text_dir {str(self.data_dir)!r} holds no text: no non-empty UTF-8 file"
+                              f"{f' ({len(skipped)} other files skipped)' if skipped else ''}. Point it at a folder "
+                              "of text files or at one text file.")
+        return documents, {"source": str(self.data_dir)}
+
+    def _fit_sets(self) -> tuple[Dataset, Dataset | None]:
+        folder = self._cached()
+        train = self._windows(folder, "train")
+        return train, (self._windows(folder, "val") if self.val_fraction > 0 else None)
+
+    def _test_set(self) -> Dataset:
+        return self._windows(self._cached(), "test")
+
+    def _windows(self, folder: Path, split: str) -> TokenWindows:
+        windows = TokenWindows(folder / f"{split}.bin", np.dtype(self.corpus["dtype"]), self.context)
+        if len(windows) == 0:
+            tokens = self.corpus["splits"][split]["tokens"]
+            larger = "" if split == "train" else f", a larger data.{split}_fraction"
+            raise ConfigError(f"the {split} split holds {tokens} tokens, not one window of data.context="
+                              f"{self.context} + 1: use a larger corpus{larger} or a smaller data.context.")
+        return windows
+
+
+def _digest(documents: Sequence[Document]) -> str:
+    """SHA-256 over every document's name and bytes, in order."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(doc.name.encode() + b"\0" + len(doc.data).to_bytes(8, "big") + doc.data)
+    return digest.hexdigest()

@@ -1,0 +1,209 @@
+"""Language models: the GPT decoders (causal masking, the tied head), the text data module (split by document,
+the token cache, its errors) and `CausalLM` trained by a real Trainer with the sparse callbacks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from methods import METHODS
+from torch.nn import functional as F
+
+from lightning_rigl import RigL, Static
+from lightning_rigl.data.text import TextDataModule, folder_documents, split_of, stdlib_documents
+from lightning_rigl.errors import ConfigError
+from lightning_rigl.language_model import CausalLM
+from lightning_rigl.models import create_model
+from lightning_rigl.sparsity.targets import sparsifiable_parameters
+
+PROJECTIONS = ("attention.query", "attention.key", "attention.value", "attention.output", "mlp.fc", "mlp.proj")
+
+
+def test_a_later_token_cannot_change_an_earlier_logit() -> None:
+    torch.manual_seed(0)
+    model = create_model("gpt_tiny", 256, context=32).eval()
+    tokens = torch.randint(0, 256, (2, 32))
+    changed = tokens.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 256
+    before, after = model(tokens), model(changed)
+    torch.testing.assert_close(after[:, :20], before[:, :20], rtol=0, atol=1e-6)
+    assert (after[:, 20:] - before[:, 20:]).abs().amax(dim=-1).min() > 1e-4  # every later position sees it
+
+
+def test_a_sequence_longer_than_the_context_is_refused() -> None:
+    model = create_model("gpt_tiny", 256, context=8)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_the_default_selection_takes_the_projections_and_keeps_the_tied_embedding_dense() -> None:
+    model = create_model("gpt_tiny", 256)
+    assert list(sparsifiable_parameters(model)) == [f"blocks.{b}.{p}.weight" for b in range(4) for p in PROJECTIONS]
+    # The head is the token embedding's weight, read a second time: its gradient sums both uses.
+    tokens = torch.randint(0, 256, (1, 8))
+    model(tokens).sum().backward()
+    unused_rows = torch.ones(256, dtype=torch.bool)
+    unused_rows[tokens.flatten()] = False
+    assert model.token_embedding.weight.grad[unused_rows].abs().sum() > 0  # from the head alone
+
+
+def write_corpus(folder, documents: int = 30, size: int = 3000) -> None:
+    """A folder of small text files (nested, with a hidden file and a binary file that must be skipped)."""
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "lambda", "class", "import", "self", "value", "x", "+", "(", ")", ":"]
+    (folder / "pkg").mkdir(parents=True)
+    for index in range(documents):
+        text = " ".join(rng.choice(words, size // 5)) + "\n"
+        (folder / ("pkg" if index % 3 else ".") / f"doc{index:02d}.py").write_text(text[:size])
+    (folder / ".hidden").write_text("never read")
+    (folder / "image.bin").write_bytes(bytes(range(256)))
+
+
+def test_documents_go_to_one_split_each_by_a_seeded_hash_of_their_names(tmp_path) -> None:
+    write_corpus(tmp_path)
+    documents, skipped = folder_documents(tmp_path)
+    assert skipped == ["image.bin"] and len(documents) == 30
+    assert all(not doc.name.startswith(".") for doc in documents)
+    splits = [split_of(doc.name, 0, 0.2, 0.2) for doc in documents]
+    assert set(splits) == {"train", "val", "test"}
+    # The split of a document depends on its name and the seed alone: not on the other documents, nor on the order.
+    assert [split_of(doc.name, 0, 0.2, 0.2) for doc in reversed(documents)] == splits[::-1]
+    assert splits != [split_of(doc.name, 1, 0.2, 0.2) for doc in documents]
+
+
+def _module(folder, cache, **kwargs) -> TextDataModule:
+    options = {"text_dir": str(folder), "context": 16, "batch_size": 4, "val_fraction": 0.2, "test_fraction": 0.2,
+               "cache_dir": str(cache)}
+    return TextDataModule(**{**options, **kwargs})
+
+
+def test_the_token_files_hold_each_splits_documents_in_order_and_are_reused(tmp_path) -> None:
+    write_corpus(tmp_path / "corpus")
+    data = _module(tmp_path / "corpus", tmp_path / "cache")
+    data.prepare_data()
+    data.setup("fit")
+    documents, _ = folder_documents(tmp_path / "corpus")
+    expected = b"".join(doc.data for doc in documents if split_of(doc.name, 0, 0.2, 0.2) == "train")
+    assert bytes(data.train_set.tokens) == expected
+    inputs, targets = data.train_set[1]
+    assert inputs.dtype == torch.long and torch.equal(inputs[1:], targets[:-1])
+    assert bytes(inputs.tolist()) == expected[16:32]
+    assert len(data.train_set) == (len(expected) - 1) // 16
+    corpus = data.corpus
+    assert corpus["files"] == 30 and corpus["splits"]["train"]["bytes_per_token"] == 1.0
+    assert len(corpus["digest"]) == 64 and corpus["source"] == str(tmp_path / "corpus")
+    # The same corpus again: the same digest and the same cache; a changed document: another of each.
+    again = _module(tmp_path / "corpus", tmp_path / "cache")
+    again.prepare_data()
+    assert again.corpus == corpus and len(list((tmp_path / "cache").iterdir())) == 1
+    (tmp_path / "corpus" / "doc00.py").write_text("changed")
+    changed = _module(tmp_path / "corpus", tmp_path / "cache")
+    changed.prepare_data()
+    assert changed.corpus["digest"] != corpus["digest"] and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_one_file_is_cut_into_documents_at_line_ends(tmp_path) -> None:
+    text = "".join(f"line {index} " + "x" * 50 + "\n" for index in range(5000))  # about 300 KB
+    (tmp_path / "book.txt").write_text(text)
+    documents, _ = folder_documents(tmp_path / "book.txt")
+    assert len(documents) > 3 and all(doc.data.endswith(b"\n") for doc in documents)
+    assert b"".join(doc.data for doc in documents) == text.encode()
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    (lambda folder: None, "does not exist"),
+    (lambda folder: folder.mkdir(), "holds no text"),
+    (lambda folder: (folder.mkdir(), (folder / "a.bin").write_bytes(b"\x00\xff" * 10)), r"holds no text.*1 other"),
+])
+def test_a_missing_empty_or_binary_folder_is_a_clear_error(tmp_path, setup, message) -> None:
+    setup(tmp_path / "corpus")
+    with pytest.raises(ConfigError, match=message):
+        _module(tmp_path / "corpus", tmp_path / "cache").prepare_data()
+
+
+def test_a_split_without_a_window_says_what_to_change(tmp_path) -> None:
+    write_corpus(tmp_path / "corpus", documents=3, size=40)
+    data = _module(tmp_path / "corpus", tmp_path / "cache", context=200, val_fraction=0.0, test_fraction=0.0)
+    data.prepare_data()
+    with pytest.raises(ConfigError, match="train split holds .* a smaller data.context"):
+        data.setup("fit")
+
+
+@pytest.mark.parametrize(("option", "value"), [("context", 0), ("val_fraction", 1.0), ("test_fraction", -0.1)])
+def test_bad_settings_fail_at_construction(tmp_path, option, value) -> None:
+    with pytest.raises(ConfigError, match=f"data.{option}"):
+        _module(tmp_path, tmp_path / "cache", **{option: value})
+
+
+def test_the_default_corpus_is_the_standard_library_without_tests_or_packages() -> None:
+    names = [doc.name for doc in stdlib_documents()]
+    assert "os.py" in names and "json/decoder.py" in names
+    assert not any(part in ("test", "tests", "site-packages") for name in names for part in name.split("/")[:-1])
+    assert not any(name.split("/")[-1].startswith("test_") for name in names)
+
+
+def _train(tmp_path, callbacks, steps: int = 6, **model_kwargs) -> tuple[pl.Trainer, CausalLM, TextDataModule]:
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        write_corpus(corpus)
+    data = _module(corpus, tmp_path / "cache")
+    torch.manual_seed(0)
+    model = CausalLM(context=16, width=0.25, lr=3e-3, **model_kwargs)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                         val_check_interval=steps, num_sanity_val_steps=0, limit_val_batches=4)
+    trainer.fit(model, data)
+    return trainer, model, data
+
+
+def test_causal_lm_reports_loss_perplexity_and_bits(tmp_path) -> None:
+    trainer, model, data = _train(tmp_path, [])
+    metrics = trainer.callback_metrics
+    loss = float(metrics["val/loss"])
+    assert 0 < loss < math.log(256) + 1  # about log(256) at the start, lower after a few steps
+    assert float(metrics["val/perplexity"]) == pytest.approx(math.exp(loss), rel=1e-5)
+    assert float(metrics["val/bits_per_token"]) == pytest.approx(loss / math.log(2), rel=1e-5)
+    assert float(metrics["val/bits_per_byte"]) == pytest.approx(loss / math.log(2), rel=1e-5)  # a byte a token
+    # The loss is the mean over every validation token: the batches' losses weighted by their token counts.
+    losses, counts = [], []
+    with torch.no_grad():
+        for inputs, targets in trainer.val_dataloaders:
+            losses.append(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum"))
+            counts.append(targets.numel())
+            if len(counts) == 4:
+                break
+    assert loss == pytest.approx(float(sum(losses)) / sum(counts), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["static", "rigl", "set", "srigl", "pruning"])
+def test_the_sparse_callbacks_train_a_gpt(tmp_path, method: str) -> None:
+    sparse = METHODS[method]()
+    _, model, _ = _train(tmp_path, [sparse], steps=10)
+    assert set(sparse.masks) == {f"net.blocks.{b}.{p}.weight" for b in range(4) for p in PROJECTIONS}
+    for name, mask in sparse.masks.items():
+        weight = model.get_parameter(name)
+        assert not weight[~mask].any(), name
+        assert int(mask.sum()) == sparse.live_counts[name]
+
+
+def test_a_sparsified_tied_embedding_has_one_mask_for_both_uses(tmp_path) -> None:
+    """Named with ``include``, the tied weight gets one mask; the lookup and the head read the same masked
+    matrix, so a token's dead embedding entries are dead in its output row too."""
+    sparse = Static(distribution={"net.token_embedding.weight": 0.5}, include=["net.token_embedding.weight"])
+    _, model, _ = _train(tmp_path, [sparse], steps=4)
+    assert list(sparse.masks) == ["net.token_embedding.weight"]
+    mask, weight = sparse.masks["net.token_embedding.weight"], model.net.token_embedding.weight
+    assert int(mask.sum()) == weight.numel() // 2 and not weight[~mask].any()
+    hidden = torch.randn(1, 3, weight.shape[1])
+    head = F.linear(hidden, weight)  # what GPT.forward computes from the last hidden state
+    torch.testing.assert_close(head, hidden @ (weight * mask).t())
+
+
+def test_sparse_kernels_and_the_live_step_train_a_gpt(tmp_path) -> None:
+    sparse = RigL(sparsity=0.9, update_interval=4, kernels="sparse")
+    _train(tmp_path, [sparse], steps=8)
+    assert sparse.live_step_used == "live weights"
+    assert all(used == "native" for used in sparse.kernels_used.values())
