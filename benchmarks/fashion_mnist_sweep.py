@@ -14,10 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
-
-from lightning_rigl import ImageClassifier
-from lightning_rigl.cli import DEFAULT_CONFIG, RigLCLI
+from lightning_rigl.cli import DEFAULT_CONFIG, make_cli
 
 METHODS = {"Static": "lightning_rigl.Static", "SET": "lightning_rigl.SET", "RigL": "lightning_rigl.RigL"}
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -39,11 +36,8 @@ def callbacks_config(folder: Path, method: str | None, sparsity: float, seed: in
 
 def run(folder: Path, method: str | None, sparsity: float, seed: int) -> float:
     """Test top-1 accuracy of one run."""
-    cli = RigLCLI(
-        ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, save_config_callback=None,
-        args=["fit", "--config", str(DEFAULT_CONFIG), "--config", str(callbacks_config(folder, method, sparsity, seed)),
-              "--seed_everything", str(seed), *QUIET],
-    )
+    cli = make_cli(["fit", "--config", str(DEFAULT_CONFIG), "--config", str(callbacks_config(folder, method, sparsity, seed)),
+                    "--seed_everything", str(seed), *QUIET], save_config_callback=None)
     return float(cli.trainer.callback_metrics["test/acc_top1"])
 
 

@@ -16,12 +16,14 @@ from lightning_rigl.callbacks import (
     Static,
 )
 from lightning_rigl.classifier import ImageClassifier
+from lightning_rigl.language_model import CausalLM
 from lightning_rigl.resume import AtomicCheckpointIO, ExactResume, RequeueAtStepEnd
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AtomicCheckpointIO",
+    "CausalLM",
     "SET",
     "SNFS",
     "SNIP",

@@ -1,4 +1,5 @@
-"""The `lightning-rigl` command: LightningCLI over `ImageClassifier`, the data modules and the sparse callbacks.
+"""The `lightning-rigl` command: LightningCLI over the LightningModules (`ImageClassifier` unless a config names
+`CausalLM`), the data modules and the sparse callbacks.
 
     lightning-rigl fit                                   # the default: RigL 90% ERK on Fashion-MNIST
     lightning-rigl fit --config recipes/cifar10_wrn22_2/rigl_erk_s90.yaml [--multiplier 2]
@@ -30,7 +31,6 @@ from lightning_rigl import report
 from lightning_rigl.callbacks import SparseTraining
 from lightning_rigl.callbacks.sparse_training import LAYER_DENSITY, saved_state
 from lightning_rigl.checkpoints import is_sharded_checkpoint, read_checkpoint
-from lightning_rigl.classifier import ImageClassifier
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.export import command as export_command
 from lightning_rigl.plots import Line, Panel, plot_densities, plot_panels
@@ -109,7 +109,13 @@ class RigLCLI(LightningCLI):
         )
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final weights and print a summary.")
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        # The model section names its class (ImageClassifier when it does not); each link applies where the chosen
+        # model and data module both have the value: classes for a classifier, the vocabulary and context for a
+        # language model.
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.context", "model.init_args.context", apply_on="instantiate")
+        parser.set_defaults({"model": {"class_path": "lightning_rigl.ImageClassifier"}})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -253,7 +259,7 @@ def scale_step_counts(config: Namespace, multiplier: float) -> None:
     def scaled(steps: int) -> int:
         return max(1, round(steps * multiplier))
 
-    trainer, model = config.trainer, config.model
+    trainer, model = config.trainer, config.model.init_args
     if trainer.max_steps is not None and trainer.max_steps > 0:
         trainer.max_steps = scaled(trainer.max_steps)
     if trainer.max_epochs is not None and trainer.max_epochs > 0:
@@ -289,6 +295,22 @@ def _is_overlay(config: Path) -> bool:
     return isinstance(content, dict) and "model" not in content and "data" not in content
 
 
+def make_cli(args: Sequence[str] | None, **options: Any) -> RigLCLI:
+    """The command's LightningCLI on ``args`` (None: the command line); ``options`` replace LightningCLI's
+    arguments (``run=False`` to build without running)."""
+    settings: dict[str, Any] = {
+        "args": args,
+        "seed_everything_default": 0,
+        "trainer_defaults": {"callbacks": [ExactResume(), RequeueAtStepEnd()],
+                             "plugins": [{"class_path": "lightning_rigl.AtomicCheckpointIO"}]},
+        "save_config_kwargs": {"overwrite": True},
+        "parser_kwargs": parser_kwargs(),
+        "parser_class": RigLArgumentParser,
+    }
+    return RigLCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                   **{**settings, **options})
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-rigl`` console script. Configuration mistakes exit with status 2 and
     the message of the error, without a traceback."""
@@ -304,18 +326,7 @@ def main(args: Sequence[str] | None = None) -> None:
     else:
         args = with_default_config(args)
     try:
-        RigLCLI(
-            ImageClassifier,
-            pl.LightningDataModule,
-            subclass_mode_data=True,
-            args=args,
-            seed_everything_default=0,
-            trainer_defaults={"callbacks": [ExactResume(), RequeueAtStepEnd()],
-                              "plugins": [{"class_path": "lightning_rigl.AtomicCheckpointIO"}]},
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs=parser_kwargs(),
-            parser_class=RigLArgumentParser,
-        )
+        make_cli(args)
     except Exception as error:
         # jsonargparse wraps errors raised while it builds the classes; our ConfigError is in the chain.
         cause = _config_error(error)

@@ -20,7 +20,7 @@ from fake_datasets import write_fashion_mnist
 from pytorch_lightning.cli import LightningArgumentParser
 
 from lightning_rigl import SET, SNFS, SNIP, GradualMagnitudePruning, ImageClassifier, LotteryTicket, RigL, Static
-from lightning_rigl.cli import DEFAULT_CONFIG, RigLCLI, main, save_density_plots, with_default_config
+from lightning_rigl.cli import DEFAULT_CONFIG, RigLCLI, main, make_cli, save_density_plots, with_default_config
 from lightning_rigl.data import FashionMNISTDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,8 +86,7 @@ def test_default_config_is_inserted_without_a_config_or_under_an_overlay(tmp_pat
 
 
 def _parse(*args: str) -> RigLCLI:
-    return RigLCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, run=False,
-                   args=list(args), save_config_callback=None)
+    return make_cli(list(args), run=False, save_config_callback=None)
 
 
 @pytest.mark.parametrize("multiplier", [1, 2, 5])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import SPARSE_NAMES, TinyNet, make_data, train
+from conftest import SPARSE_NAMES, TinyNet, train
 from methods import METHODS
 from torch import nn
 

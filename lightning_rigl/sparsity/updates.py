@@ -58,11 +58,6 @@ def drop_and_grow(mask: Tensor, weights: Tensor, grow_scores: Tensor, n_drop: in
     return MaskChange(removed=where_true(dropped, ~flat.take(dropped)), added=where_true(grown, ~regrown))
 
 
-def where_true(values: Tensor, keep: Tensor) -> Tensor:
-    """``values[keep]`` for 1-D tensors; index_select is faster than boolean indexing."""
-    return values.index_select(0, keep.nonzero().squeeze(1))
-
-
 @torch.no_grad()
 def prune(mask: Tensor, scores: Tensor, n_keep: int) -> MaskChange:
     """Keep the ``n_keep`` live connections with the largest ``scores``; the other live ones die. Updates
