@@ -330,6 +330,8 @@ def _quantity(record: Mapping[str, Any], key: str) -> float | None:
     if key == "test_top1":
         value = record["test"].get("test/acc_top1")
         return None if value is None else 100.0 * value
+    if key == "test_bits_per_byte":
+        return record["test"].get("test/bits_per_byte")
     if key == "train_flops":
         ratio = record["train_ratio"]
         return None if ratio is None else ratio * record["multiplier"]
@@ -351,12 +353,24 @@ _MEASURED = (
     ("test top-1 (%)", "test_top1", "{:.2f}"),
     ("step (ms)", "step_ms", "{:.2f}"),
 )
+# Language models' columns, in a report that holds a language-model run.
+_LANGUAGE_MEASURED = (
+    ("test bits/byte", "test_bits_per_byte", "{:.4f}"),
+    ("tokens/s", "tokens_per_second", "{:.0f}"),
+)
+
+
+def _measured(rows: Sequence[Row]) -> tuple[tuple[str, str, str], ...]:
+    """The measured columns of a report of ``rows``."""
+    language = any(row.mean_std("test_bits_per_byte") is not None for row in rows)
+    return _MEASURED + _LANGUAGE_MEASURED if language else _MEASURED
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """The paper-style table: one line per row, "mean ± std" where the runs differ."""
+    measured = _measured(rows)
     header = ["model", "data", "method", "distribution", "sparsity", "multiplier", "kernels", "runs",
-              *(title for title, _, _ in _MEASURED)]
+              *(title for title, _, _ in measured)]
     if any(row.note for row in rows):
         header.append("differs in")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -365,7 +379,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
         cells = [record["model"], record["data"] or "", record["method"], record["distribution"] or "",
                  f"{record['sparsity']:.4g}", f"{record['multiplier']:g}x", record.get("kernels", "dense"),
                  str(len(row.runs))]
-        for _, key, number in _MEASURED:
+        for _, key, number in measured:
             stats = row.mean_std(key)
             if stats is None:
                 cells.append("n/a")
@@ -382,7 +396,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
 def write_csv(rows: Sequence[Row], path: Path) -> Path:
     """One line per row: the table's columns, each measured quantity's mean, std and count, and the folders."""
     names = ["model", "data", "method", "distribution", "sparsity", "multiplier", "runs"]
-    for _, key, _ in _MEASURED:
+    measured = _measured(rows)
+    for _, key, _ in measured:
         names += [key, f"{key}_std", f"{key}_n"]
     names += ["differs_in", "folders"]
     with path.open("w", newline="") as file:
@@ -392,7 +407,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
             record = row.first
             line: dict[str, Any] = {key: record[key] for key in names[:6]}
             line.update(runs=len(row.runs), differs_in=row.note, folders=" ".join(str(r.folder) for r in row.runs))
-            for _, key, _ in _MEASURED:
+            for _, key, _ in measured:
                 stats = row.mean_std(key)
                 line.update(dict(zip((key, f"{key}_std", f"{key}_n"), stats or ("", "", 0))))
             writer.writerow(line)

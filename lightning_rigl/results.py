@@ -20,7 +20,6 @@ from torch import nn
 from lightning_rigl.callbacks import DynamicSparseTraining, LotteryTicket, SparseTraining, SRigL
 from lightning_rigl.callbacks.sparse_training import FORWARD_RATIO, SIZE_BYTES, TRAIN_RATIO
 from lightning_rigl.flops import forward_flops, model_size_bytes
-from lightning_rigl.models import create_model
 
 RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
@@ -59,11 +58,12 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
     if not sparse:
         removed = _parameters_removed(model)
         # A Small-Dense model trains and infers at its own FLOPs: a fraction of the full-width model's.
-        ratio = 1.0 if removed == 0 else _narrowed_flop_ratio(model, _example_shape(trainer))
+        ratio = 1.0 if removed == 0 else _narrowed_flop_ratio(model, _example(trainer))
         record.update(method="Dense" if removed == 0 else "Small-Dense", distribution=None, sparsity=removed,
                       achieved_sparsity=removed, seed=None, train_ratio=ratio, forward_ratio=ratio,
                       size_bytes=model_size_bytes(model), densities={}, kernels="dense", layer_kernels={},
                       optimizer_step="dense", step_ms=None)
+        record.update(_language_model_record(trainer, record))
         return record
     (callback,) = sparse
     distribution, sparsity = _distribution(callback)
@@ -87,7 +87,30 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
     else:
         costs = callback.cost_metrics(model)
         record.update(train_ratio=costs[TRAIN_RATIO], forward_ratio=costs[FORWARD_RATIO], size_bytes=costs[SIZE_BYTES])
+    record.update(_language_model_record(trainer, record))
     return record
+
+
+def _language_model_record(trainer: pl.Trainer, record: Mapping[str, Any]) -> dict[str, Any]:
+    """For a run on text (a data module with a ``corpus``): the corpus it read, FLOPs per token of inference and
+    of training (the full-width dense model's forward FLOPs per token, attention's products included, times the
+    run's ratios; training as the paper counts it, over the steps run) and tokens per second (per process, from
+    the median batch time; None without one). Nothing for other runs."""
+    corpus = getattr(trainer.datamodule, "corpus", None)
+    example = _example(trainer)
+    if not corpus or example is None:
+        return {}
+    model = trainer.lightning_module
+    tokens = example.numel()
+    dense = forward_flops(_full_width_model(model) or model.net, example) / tokens
+    forward_ratio, train_ratio = record["forward_ratio"], record["train_ratio"]
+    step_ms = record["step_ms"]
+    return {
+        "corpus": corpus,
+        "forward_flops_per_token": None if forward_ratio is None else forward_ratio * dense,
+        "train_flops_per_token": None if train_ratio is None else 3 * train_ratio * dense,
+        "tokens_per_second": None if not step_ms else trainer.datamodule.batch_size * tokens / (step_ms / 1e3),
+    }
 
 
 def _full_width_model(model: pl.LightningModule) -> nn.Module | None:
@@ -96,7 +119,8 @@ def _full_width_model(model: pl.LightningModule) -> nn.Module | None:
     hparams = model.hparams
     if float(hparams.get("width", 1.0)) == 1.0 or "arch" not in hparams:
         return None
-    return create_model(hparams["arch"], num_classes=hparams["num_classes"], **(hparams.get("arch_kwargs") or {}))
+    return type(model)(**{**{key: value for key, value in hparams.items() if not key.startswith("_")},
+                          "width": 1.0}).net
 
 
 def _parameters_removed(model: pl.LightningModule) -> float:
@@ -108,24 +132,24 @@ def _parameters_removed(model: pl.LightningModule) -> float:
     return 1.0 - sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in full.parameters())
 
 
-def _narrowed_flop_ratio(model: pl.LightningModule, example_shape: tuple[int, ...] | None) -> float | None:
+def _narrowed_flop_ratio(model: pl.LightningModule, example: torch.Tensor | None) -> float | None:
     """A narrowed model's forward FLOPs over its full-width model's, for one example (also its training FLOPs
-    over the full model's, both trained densely); None when no example shape is known."""
+    over the full model's, both trained densely); None when no example is known."""
     full = _full_width_model(model)
-    if full is None or example_shape is None:
+    if full is None or example is None:
         return None
-    return forward_flops(model, example_shape) / forward_flops(full, example_shape)
+    return forward_flops(model.net, example) / forward_flops(full, example)
 
 
-def _example_shape(trainer: pl.Trainer) -> tuple[int, ...] | None:
-    """The shape of one training example of the trainer's data module (``train_set[0]``'s first tensor), if it
-    has one."""
+def _example(trainer: pl.Trainer) -> torch.Tensor | None:
+    """One training example of the trainer's data module (``train_set[0]``'s first tensor) as a batch of one, if
+    it has one: images or token ids."""
     dataset = getattr(trainer.datamodule, "train_set", None)
     if dataset is None:
         return None
     example = dataset[0]
     inputs = example[0] if isinstance(example, (tuple, list)) else example
-    return tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else None
+    return inputs.unsqueeze(0) if isinstance(inputs, torch.Tensor) else None
 
 
 def _distribution(callback: SparseTraining) -> tuple[str, float | None]:

@@ -50,9 +50,15 @@ def checkpoint_summary(masks: Mapping[str, Tensor], test_metrics: Mapping[str, f
 
 
 def _accuracy_lines(test_metrics: Mapping[str, float]) -> list[str]:
+    """The test accuracy of a classifier; the loss, perplexity and bits of a language model."""
     accuracy = ", ".join(f"{key.split('_')[-1]} {value:.4f}" for key, value in sorted(test_metrics.items())
                          if key.startswith("test/acc"))
-    return [f"  test accuracy: {accuracy}"] if accuracy else []
+    lines = [f"  test accuracy: {accuracy}"] if accuracy else []
+    if "test/perplexity" in test_metrics:
+        bits = test_metrics.get("test/bits_per_byte")
+        lines.append(f"  test: loss {test_metrics['test/loss']:.4f} nats per token, perplexity "
+                     f"{test_metrics['test/perplexity']:.3f}" + ("" if bits is None else f", {bits:.4f} bits per byte"))
+    return lines
 
 
 def _density_table(masks: Mapping[str, Tensor], densities: Mapping[str, float] | None = None,

@@ -61,7 +61,9 @@ class Setup:
         num_classes: the dataset's classes (for the Small-Dense width search).
         data: the data module's ``class_path`` and ``init_args``.
         trainer: Trainer arguments (step counts of the 1x run).
-        model: ImageClassifier arguments besides ``arch`` and ``width``.
+        model: the LightningModule's arguments besides ``arch`` and ``width``.
+        model_class: the LightningModule's ``class_path``; empty: ``ImageClassifier`` (the command's default, so
+            that the model section holds its arguments alone).
         stop_at: T_end of the 1x run, in optimizer steps: masks are updated only at steps before it.
         pruning: (start, stop, interval) of gradual magnitude pruning in optimizer steps of the 1x run.
         pruning_source: where that schedule comes from (written into the pruning recipes' headers).
@@ -90,6 +92,7 @@ class Setup:
     uniform_over_masks: bool = False
     global_masks_first: bool = False
     notes: tuple[str, ...] = ()
+    model_class: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,7 @@ def recipe(setup: Setup, row: Row) -> dict[str, Any]:
     if row.sharded:
         trainer |= sharded_trainer(setup)
     config["trainer"] = {**trainer, "logger": logger, "callbacks": callbacks}
-    config["model"] = model
+    config["model"] = {"class_path": setup.model_class, "init_args": model} if setup.model_class else model
     config["data"] = setup.data
     return config
 
@@ -585,6 +588,80 @@ IMAGENET_VIT = Setup(
 )
 
 
+# Language models. The study's GPT: gpt_tiny (4 blocks of 192 features, 1.9M parameters) on the Python standard
+# library's source at byte level, on a budget the study can afford on two CPU cores.
+PYTHON_GPT_STEPS = 1000  # 4.1M tokens: 1,000 batches of 16 windows of 256 bytes, about 0.4 of an epoch
+LM_NOTES = ("Language-model training: AdamW (its m and v cleared wherever a mask changes), linear warm-up then "
+            "cosine, gradients clipped to norm 1 after the masks zero the dead ones. The tied token embedding and "
+            "output head stays dense; the query, key, value, output and MLP projections are sparse.",)
+PYTHON_GPT = Setup(
+    folder="python_gpt_tiny",
+    source="this project's language-model study (gpt_tiny, contexts of 256 bytes, on this Python's standard "
+    "library source; batch 16, 1,000 steps = 4.1M tokens, AdamW lr 1e-3 betas 0.9/0.95 weight decay 0.1, 100 "
+    "warm-up steps then cosine, gradients clipped to norm 1; RigL's ΔT 100, α 0.3 cosine, T_end at 75%)",
+    arch="gpt_tiny",
+    num_classes=256,
+    data={"class_path": "lightning_rigl.data.TextDataModule",
+          "init_args": {"tokenizer": "byte", "context": 256, "batch_size": 16}},
+    trainer={"max_steps": PYTHON_GPT_STEPS, "gradient_clip_val": 1.0, "val_check_interval": 250,
+             "limit_val_batches": 50},
+    model={"optimizer": "adamw", "lr": 0.001, "betas": [0.9, 0.95], "weight_decay": 0.1, "lr_schedule": "cosine",
+           "warmup_steps": 100},
+    model_class="lightning_rigl.CausalLM",
+    stop_at=PYTHON_GPT_STEPS * 3 // 4,
+    srigl_args={"min_salient_fraction": 0.95},  # as for the transformers of the official SRigL runs
+    uniform_over_masks=True,
+    notes=(*LM_NOTES,
+           "uniform: every projection at the sparsity (the first one is no input layer here).",
+           "The corpus (data.text_dir unset) is this Python's standard library without its tests; its version and "
+           "digest go into results.json. Validation every 250 steps on 50 batches; test after fit on the test "
+           "split's documents.",
+           "Run the whole study with benchmarks/reproduce.py --study lm, which sets the seeds and the folders."),
+)
+
+GPT2_STEPS = 19073  # 10B tokens in batches of 524,288
+GPT2_SMALL = Setup(
+    folder="gpt2_small",
+    source="the schedule of the GPT-2 (124M) reproductions of nanoGPT and llm.c as we read it (10B tokens in "
+    "batches of 524,288 = 64 sequences of 1,024 tokens x 8 accumulated, 19,073 steps, AdamW lr 6e-4 betas "
+    "0.9/0.95 weight decay 0.1, 700 warm-up steps then cosine, gradients clipped to norm 1, bf16); RigL's ΔT 100, "
+    "α 0.3 cosine, T_end at 75%",
+    arch="gpt2_small",
+    num_classes=50257,
+    data={"class_path": "lightning_rigl.data.TextDataModule",
+          "init_args": {"text_dir": "data/fineweb", "tokenizer": "gpt2", "context": 1024, "batch_size": 64,
+                        "val_fraction": 0.001, "test_fraction": 0.001}},
+    trainer={"max_steps": GPT2_STEPS, "accumulate_grad_batches": 8, "gradient_clip_val": 1.0,
+             "precision": "bf16-mixed", "val_check_interval": 2000, "limit_val_batches": 20},
+    model={"optimizer": "adamw", "lr": 0.0006, "betas": [0.9, 0.95], "weight_decay": 0.1, "lr_schedule": "cosine",
+           "warmup_steps": 700},
+    model_class="lightning_rigl.CausalLM",
+    stop_at=GPT2_STEPS * 3 // 4,
+    uniform_over_masks=True,
+    notes=(*LM_NOTES,
+           "Not run here (no GPU was lent): a starting point, not a reproduction. Put about 10B tokens of text "
+           "(FineWeb's sample-10BT, say, as text files) in data/fineweb; the tokenizer is Hugging Face's gpt2 (the "
+           "transformers extra, the tokenizer in the local cache). The text module reads the whole corpus into "
+           "memory once to tokenize it: give it a machine with the memory for it.",),
+)
+
+
+def _lm_rows(sparsities: tuple[float, ...]) -> list[Row]:
+    rows = [Row("dense")]
+    for sparsity in sparsities:
+        rows += [Row(method, sparsity, distribution) for distribution in ("erk", "uniform")
+                 for method in ("static", "set", "rigl")]
+        rows += [Row("srigl", sparsity, "erk"), Row("rigl", sparsity, "erk", 2)]
+    return rows
+
+
+def _gpt2_rows() -> list[Row]:
+    rows = [Row("dense"), Row("dense", sharded=True)]
+    for sparsity in (0.5, 0.75, 0.9):
+        rows += [Row("rigl", sparsity, "erk"), Row("rigl", sparsity, "erk", sharded=True)]
+    return rows
+
+
 def _vit_rows(sparsities: tuple[float, ...]) -> list[Row]:
     rows = [Row("dense")] + [Row(method, sparsity, distribution) for sparsity in sparsities
                              for distribution in ("erk", "uniform") for method in ("static", "set", "rigl")]
@@ -604,6 +681,8 @@ def all_recipes() -> dict[Path, str]:
         (CIFAR10_VIT, _vit_rows((0.9,))),
         (IMAGENET_VIT, [Row("dense"), Row("rigl", 0.9, "uniform"), Row("rigl", 0.9, "erk"),
                         Row("srigl", 0.9, "erk"), Row("rigl", 0.9, "uniform", sharded=True)]),
+        (PYTHON_GPT, _lm_rows((0.75, 0.9))),
+        (GPT2_SMALL, _gpt2_rows()),
     ]
     return {RECIPES / setup.folder / f"{row.name}.yaml": render(setup, row) for setup, rows in tables for row in rows}
 

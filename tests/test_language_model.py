@@ -3,16 +3,21 @@ the token cache, its errors) and `CausalLM` trained by a real Trainer with the s
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from methods import METHODS
 from torch.nn import functional as F
 
 from lightning_rigl import RigL, Static
+from lightning_rigl.callbacks.sparse_training import saved_state
 from lightning_rigl.data.text import TextDataModule, folder_documents, split_of, stdlib_documents
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.language_model import CausalLM
@@ -207,3 +212,67 @@ def test_sparse_kernels_and_the_live_step_train_a_gpt(tmp_path) -> None:
     _train(tmp_path, [sparse], steps=8)
     assert sparse.live_step_used == "live weights"
     assert all(used == "native" for used in sparse.kernels_used.values())
+
+
+LM_RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "python_gpt_tiny"
+
+
+@pytest.mark.parametrize("recipe", ["dense", "static_erk_s90", "set_uniform_s75", "rigl_erk_s90", "srigl_erk_s90"])
+def test_the_gpt_recipes_train_through_the_command(tmp_path, monkeypatch, capsys, recipe: str) -> None:
+    """Each method's recipe as written, on a small text folder, shortened: the summary's language-model line,
+    results.json's corpus and costs, and the checkpoint's masks exact with their weights 0."""
+    from lightning_rigl.cli import main
+
+    write_corpus(tmp_path / "corpus", documents=60)
+    monkeypatch.chdir(tmp_path)
+    dynamic = ["--trainer.callbacks.init_args.update_interval", "3", "--trainer.callbacks.init_args.stop_at", "7"] \
+        if recipe.startswith(("set", "rigl", "srigl")) else []
+    main(["fit", "--config", str(LM_RECIPES / f"{recipe}.yaml"), "--data.text_dir", "corpus", "--data.cache_dir",
+          "cache", "--data.context", "32", "--data.batch_size", "4", "--trainer.max_steps", "8",
+          "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar",
+          "false", *dynamic])
+    out = capsys.readouterr().out
+    assert re.search(r"test: loss \d+\.\d{4} nats per token, perplexity \d+\.\d{3}, \d+\.\d{4} bits per byte", out)
+    folder = Path("runs", "python_gpt_tiny", recipe, "version_0")
+    record = json.loads((folder / "results.json").read_text())
+    assert record["corpus"]["source"] == "corpus" and len(record["corpus"]["digest"]) == 64
+    assert record["test"]["test/bits_per_byte"] > 0 and record["forward_flops_per_token"] > 0
+    if recipe == "dense":
+        assert record["forward_flops_per_token"] == pytest.approx(record["train_flops_per_token"] / 3)
+        return
+    assert record["forward_flops_per_token"] < record["train_flops_per_token"] / 3 * 1.01
+    assert record["tokens_per_second"] > 0
+    (checkpoint,) = (folder / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, weights_only=False)
+    masks = saved_state(state)["masks"]
+    assert len(masks) == 24
+    for name, mask in masks.items():
+        assert not state["state_dict"][name][~mask].any(), name
+
+
+def test_a_gpt_run_resumed_from_the_middle_ends_where_the_uninterrupted_one_does(tmp_path, monkeypatch) -> None:
+    """The RigL recipe with dropout in every block, through the command: 8 steps straight, and 8 steps resumed
+    from the checkpoint of step 4 (mask updates at 3 and 6, on both sides); the same weights bit for bit."""
+    from lightning_rigl.cli import main
+
+    write_corpus(tmp_path / "corpus", documents=60)
+    monkeypatch.chdir(tmp_path)
+    for run in ("straight", "resumed"):
+        overlay = tmp_path / f"{run}.yaml"
+        overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+            {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": f"{run}/checkpoints", "filename": "{step}", "every_n_train_steps": 4,
+                           "save_top_k": -1}},
+            {"class_path": "lightning_rigl.RigL",
+             "init_args": {"sparsity": 0.9, "distribution": "erk", "update_interval": 3, "stop_at": 7}}]}}))
+        resume = ["--ckpt_path", "straight/checkpoints/step=4.ckpt"] if run == "resumed" else []
+        main(["fit", "--config", str(LM_RECIPES / "rigl_erk_s90.yaml"), "--config", str(overlay),
+              "--data.text_dir", "corpus", "--data.cache_dir", "cache", "--data.context", "32",
+              "--data.batch_size", "4", "--model.arch_kwargs", '{"dropout": 0.1}', "--trainer.max_steps", "8",
+              "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--test_after_fit",
+              "false", "--trainer.logger.init_args.save_dir", f"{run}/runs", *resume])
+    straight, resumed = (torch.load(f"{run}/checkpoints/step=8.ckpt", weights_only=False) for run in ("straight",
+                                                                                                     "resumed"))
+    assert saved_state(straight)["num_updates"] == 2
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
