@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -239,13 +240,13 @@ class TextDataModule(DataModule):
                           if split_of(doc.name, self.seed, self.val_fraction, self.test_fraction) == split]
                 tokens = [tokenizer.encode(doc.data) for doc in chosen]
                 joined = np.concatenate(tokens).astype(tokenizer.dtype) if tokens else np.zeros(0, tokenizer.dtype)
-                partial = folder / f"{split}.bin.partial"
+                partial = folder / f"{split}.bin.{os.getpid()}.partial"  # processes of a node may race here
                 joined.tofile(partial)
                 partial.replace(folder / f"{split}.bin")
                 size = sum(len(doc.data) for doc in chosen)
                 meta["splits"][split] = {"documents": len(chosen), "bytes": size, "tokens": int(joined.size),
                                          "bytes_per_token": size / joined.size if joined.size else None}
-            partial = folder / "meta.json.partial"
+            partial = folder / f"meta.json.{os.getpid()}.partial"
             partial.write_text(json.dumps(meta, indent=1))
             partial.replace(meta_path)
         self.corpus = json.loads(meta_path.read_text())
