@@ -73,6 +73,29 @@ class TinyViT(TinyNet):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+class TinyGPT(TinyNet):
+    """A one-block GPT (16 features in 2 heads, the head tied to the token embedding) on TinyNet's data: the first
+    16 pixels of each image, rounded to 8 levels, read as a sequence of tokens; next-token loss, AdamW."""
+
+    def __init__(self, lr: float = 0.01) -> None:
+        from lightning_rigl.models.gpt import GPT, GPTConfig
+
+        super().__init__(optimizer="adamw", lr=lr)
+        self.features = nn.Identity()
+        self.classifier = GPT(GPTConfig(num_classes=8, context=15, layers=1, heads=2, hidden=16, mlp=32))
+
+    @staticmethod
+    def tokens(images: torch.Tensor) -> torch.Tensor:
+        return (images.flatten(1)[:, :16] * 2).round().clamp(-4, 3).long() + 4
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.tokens(images)[:, :-1])
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        tokens = self.tokens(batch[0])
+        return nn.functional.cross_entropy(self(batch[0]).flatten(0, 1), tokens[:, 1:].flatten())
+
+
 def make_data(n: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32) -> TensorDataset:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 8, 8, generator=gen, dtype=dtype)
