@@ -21,7 +21,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.multiprocessing as mp
-from conftest import TinyViT, make_data, train
+from conftest import TinyGPT, TinyViT, make_data, train
 from methods import CHANGING, METHODS
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from lightning_rigl import GradualMagnitudePruning, LotteryTicket, RigL, Static
 from lightning_rigl.checkpoints import SHARDED_TENSORS, read_checkpoint
 from lightning_rigl.cli import checkpoint_masks
-from lightning_rigl.models.sharding import shard_blocks
+from lightning_rigl.models.sharding import shard_blocks, shard_module
 from lightning_rigl.sparsity.sharding import gather, is_sharded
 
 STEPS = 10
@@ -54,6 +54,17 @@ class ShardedTinyViT(TinyViT):
 
     def validation_step(self, batch, batch_idx):
         return self.training_step(batch, batch_idx)
+
+
+class ShardedTinyGPT(TinyGPT):
+    """TinyGPT sharded as ``CausalLM`` shards a decoder (``shard_module``: each block, then the root)."""
+
+    def configure_model(self) -> None:
+        shard_module(self, self.classifier, self.device_mesh)
+
+
+# Methods trained on a GPT as well (plain under DDP, sharded under FSDP2).
+GPT_RUNS = {f"{method}_gpt": METHODS[method] for method in ("rigl", "srigl")}
 
 
 class BlocksOnlyTinyViT(TinyViT):
@@ -106,7 +117,7 @@ class StopAfter(pl.Callback):
 
 
 def _methods(ticket: str) -> dict:
-    return {**METHODS, "lottery": lambda: LotteryTicket(checkpoint=ticket)}
+    return {**METHODS, "lottery": lambda: LotteryTicket(checkpoint=ticket), **GPT_RUNS}
 
 
 def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str) -> None:
@@ -128,8 +139,8 @@ def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str
                 logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             )
             try:
-                trainer.fit((ShardedTinyViT if sharded else TinyViT)(),
-                            DataLoader(make_data(64), batch_size=16, shuffle=False))
+                models = (TinyGPT, ShardedTinyGPT) if method in GPT_RUNS else (TinyViT, ShardedTinyViT)
+                trainer.fit(models[sharded](), DataLoader(make_data(64), batch_size=16, shuffle=False))
             except Exception as error:
                 torch.save({"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}, out)
     # Stopped after RESUME_AT steps, saved in both of Lightning's forms, resumed to the end.
@@ -218,7 +229,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [*METHODS, *GPT_RUNS])
 def test_sharded_masks_equal_the_ddp_masks_at_every_step(runs: Path, method: str) -> None:
     saved = {(strategy, rank): torch.load(runs / method / f"{strategy}_rank{rank}.pt", weights_only=True)
              for strategy in STRATEGIES for rank in (0, 1)}
@@ -240,7 +251,7 @@ def test_sharded_masks_equal_the_ddp_masks_at_every_step(runs: Path, method: str
         assert record["live"] == {name: int(mask.sum()) for name, mask in record["masks"][-1].items()}, key
         for name, mask in record["masks"][-1].items():  # dead weights at exactly 0 after the last step
             assert not record["params"][name][~mask].any(), f"{key}: dead weights of {name} moved"
-    if method in CHANGING and not method.startswith("snip"):  # SNIP changes at step 0 only
+    if method.removesuffix("_gpt") in CHANGING and not method.startswith("snip"):  # SNIP changes at step 0 only
         first, last = reference["masks"][0], reference["masks"][-1]
         assert any(not torch.equal(first[name], last[name]) for name in first)
 
