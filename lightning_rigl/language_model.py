@@ -113,9 +113,5 @@ class CausalLM(pl.LightningModule):
         return corpus["splits"][split]["bytes_per_token"] if corpus else None
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return configure_optimizer(self, self.net, optimizer=hp.optimizer, lr=hp.lr, momentum=hp.momentum,
-                                   nesterov=hp.nesterov, betas=hp.betas, weight_decay=hp.weight_decay,
-                                   lr_schedule=hp.lr_schedule, warmup_steps=hp.warmup_steps,
-                                   lr_milestones=hp.lr_milestones, lr_gamma=hp.lr_gamma)
+        return configure_optimizer(self, self.net, self.hparams)
 

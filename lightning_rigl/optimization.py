@@ -4,7 +4,7 @@ matrices only, linear warm-up then step, cosine or constant decay, per optimizer
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -18,24 +18,26 @@ from lightning_rigl.lr_schedule import LRSchedule, lr_factor
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def configure_optimizer(module: pl.LightningModule, net: nn.Module, *, optimizer: str, lr: float, momentum: float,
-                        nesterov: bool, betas: Sequence[float], weight_decay: float, lr_schedule: LRSchedule,
-                        warmup_steps: int, lr_milestones: Sequence[int], lr_gamma: float) -> dict[str, Any]:
-    """``configure_optimizers``'s answer for ``net``, the network ``module`` trains: the optimizer over
-    ``decay_groups`` and a per-step ``LambdaLR`` of ``lr_factor`` (cosine decays to 0 at the run's last step,
-    from the trainer's estimate)."""
-    groups = decay_groups(net, weight_decay)
-    if optimizer == "adamw":
-        built: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+def configure_optimizer(module: pl.LightningModule, net: nn.Module, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``configure_optimizers``'s answer for ``net``, the network ``module`` trains, from ``settings`` (the
+    module's hyperparameters: ``optimizer``, ``lr``, ``momentum``, ``nesterov``, ``betas``, ``weight_decay``,
+    ``lr_schedule``, ``warmup_steps``, ``lr_milestones``, ``lr_gamma``, checked by ``check_optimizer`` and
+    ``check_lr_schedule``): the optimizer over ``decay_groups`` and a per-step ``LambdaLR`` of ``lr_factor``
+    (cosine decays to 0 at the run's last step, from the trainer's estimate)."""
+    groups = decay_groups(net, settings["weight_decay"])
+    if settings["optimizer"] == "adamw":
+        built: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=settings["lr"], betas=tuple(settings["betas"]))
     else:
-        built = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        built = torch.optim.SGD(groups, lr=settings["lr"], momentum=settings["momentum"],
+                                nesterov=settings["nesterov"])
+    schedule: LRSchedule = settings["lr_schedule"]
     total_steps = None
-    if lr_schedule == "cosine":
+    if schedule == "cosine":
         estimate = module.trainer.estimated_stepping_batches
         total_steps = int(estimate) if math.isfinite(estimate) else None
-    scheduler = LambdaLR(built, lambda step: lr_factor(step, lr_schedule, warmup_steps=warmup_steps,
-                                                       milestones=lr_milestones, gamma=lr_gamma,
-                                                       total_steps=total_steps))
+    scheduler = LambdaLR(built, lambda step: lr_factor(step, schedule, warmup_steps=settings["warmup_steps"],
+                                                       milestones=settings["lr_milestones"],
+                                                       gamma=settings["lr_gamma"], total_steps=total_steps))
     return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

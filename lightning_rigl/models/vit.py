@@ -11,7 +11,7 @@ from torchvision.models import VisionTransformer
 
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.models.registry import ModelConfig, register_model
-from lightning_rigl.models.width import scale_channels
+from lightning_rigl.models.width import scale_channels, scale_heads
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ViTConfig(ModelConfig):
 
     @property
     def scaled_hidden(self) -> int:
-        return self.heads * max(1, math.floor(scale_channels(self.hidden, self.width) / self.heads + 0.5))
+        return scale_heads(self.hidden, self.heads, self.width)
 
 
 def build_vit(config: ViTConfig) -> VisionTransformer:
