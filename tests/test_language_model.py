@@ -281,3 +281,17 @@ def test_a_gpt_run_resumed_from_the_middle_ends_where_the_uninterrupted_one_does
     assert saved_state(straight)["num_updates"] == 2
     for name, value in straight["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), name
+
+
+def test_a_loader_worker_maps_the_token_file_instead_of_receiving_a_copy(tmp_path) -> None:
+    import pickle
+
+    write_corpus(tmp_path / "corpus")
+    data = _module(tmp_path / "corpus", tmp_path / "cache")
+    data.prepare_data()
+    data.setup("fit")
+    windows = data.train_set
+    first = windows[0]
+    assert len(pickle.dumps(windows)) < 1000 < len(bytes(windows.tokens))
+    copy = pickle.loads(pickle.dumps(windows))
+    assert all(torch.equal(a, b) for a, b in zip(copy[0], first))

@@ -151,14 +151,25 @@ class Tokenizer:
 
 class TokenWindows(Dataset):
     """Consecutive windows of a token file: item ``i`` is (tokens ``[i·c, i·c + c)``, the same shifted by one),
-    ``c`` the context; the last window ends where the tokens do (a remainder shorter than a window is left out)."""
+    ``c`` the context; the last window ends where the tokens do (a remainder shorter than a window is left out).
+    The file is memory-mapped where it is read: a loader worker maps it again rather than receive a copy."""
 
     def __init__(self, path: Path, dtype: np.dtype, context: int) -> None:
-        self.tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
-        self.context = context
+        self.path, self.dtype, self.context = path, dtype, context
+        self.size = path.stat().st_size // dtype.itemsize
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r") if self.size else np.zeros(0, self.dtype)
+        return self._tokens
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
 
     def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.context)
+        return max(0, (self.size - 1) // self.context)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         start = index * self.context
