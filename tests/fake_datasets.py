@@ -13,6 +13,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -140,3 +141,15 @@ def write_imagenet_folder(
                 pixels = _pixels((size[1], size[0], 3), seed + 1000 * c + i + (500 if split == "val" else 0))
                 Image.fromarray(pixels.numpy()).save(folder / f"{name}_{i}.JPEG", format="JPEG")
     return root
+
+
+def write_text_folder(folder: Path, documents: int = 30, size: int = 3000) -> None:
+    """A folder of small text files (nested, with a hidden file and a binary file that must be skipped)."""
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "lambda", "class", "import", "self", "value", "x", "+", "(", ")", ":"]
+    (folder / "pkg").mkdir(parents=True)
+    for index in range(documents):
+        text = " ".join(rng.choice(words, size // 5)) + "\n"
+        (folder / ("pkg" if index % 3 else ".") / f"doc{index:02d}.py").write_text(text[:size])
+    (folder / ".hidden").write_text("never read")
+    (folder / "image.bin").write_bytes(bytes(range(256)))

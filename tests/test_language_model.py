@@ -8,11 +8,11 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from fake_datasets import write_text_folder
 from methods import METHODS
 from torch.nn import functional as F
 
@@ -55,20 +55,8 @@ def test_the_default_selection_takes_the_projections_and_keeps_the_tied_embeddin
     assert model.token_embedding.weight.grad[unused_rows].abs().sum() > 0  # from the head alone
 
 
-def write_corpus(folder, documents: int = 30, size: int = 3000) -> None:
-    """A folder of small text files (nested, with a hidden file and a binary file that must be skipped)."""
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "lambda", "class", "import", "self", "value", "x", "+", "(", ")", ":"]
-    (folder / "pkg").mkdir(parents=True)
-    for index in range(documents):
-        text = " ".join(rng.choice(words, size // 5)) + "\n"
-        (folder / ("pkg" if index % 3 else ".") / f"doc{index:02d}.py").write_text(text[:size])
-    (folder / ".hidden").write_text("never read")
-    (folder / "image.bin").write_bytes(bytes(range(256)))
-
-
 def test_documents_go_to_one_split_each_by_a_seeded_hash_of_their_names(tmp_path) -> None:
-    write_corpus(tmp_path)
+    write_text_folder(tmp_path)
     documents, skipped = folder_documents(tmp_path)
     assert skipped == ["image.bin"] and len(documents) == 30
     assert all(not doc.name.startswith(".") for doc in documents)
@@ -86,7 +74,7 @@ def _module(folder, cache, **kwargs) -> TextDataModule:
 
 
 def test_the_token_files_hold_each_splits_documents_in_order_and_are_reused(tmp_path) -> None:
-    write_corpus(tmp_path / "corpus")
+    write_text_folder(tmp_path / "corpus")
     data = _module(tmp_path / "corpus", tmp_path / "cache")
     data.prepare_data()
     data.setup("fit")
@@ -130,7 +118,7 @@ def test_a_missing_empty_or_binary_folder_is_a_clear_error(tmp_path, setup, mess
 
 
 def test_a_split_without_a_window_says_what_to_change(tmp_path) -> None:
-    write_corpus(tmp_path / "corpus", documents=3, size=40)
+    write_text_folder(tmp_path / "corpus", documents=3, size=40)
     data = _module(tmp_path / "corpus", tmp_path / "cache", context=200, val_fraction=0.0, test_fraction=0.0)
     data.prepare_data()
     with pytest.raises(ConfigError, match="train split holds .* a smaller data.context"):
@@ -153,7 +141,7 @@ def test_the_default_corpus_is_the_standard_library_without_tests_or_packages() 
 def _train(tmp_path, callbacks, steps: int = 6, **model_kwargs) -> tuple[pl.Trainer, CausalLM, TextDataModule]:
     corpus = tmp_path / "corpus"
     if not corpus.exists():
-        write_corpus(corpus)
+        write_text_folder(corpus)
     data = _module(corpus, tmp_path / "cache")
     torch.manual_seed(0)
     model = CausalLM(context=16, width=0.25, lr=3e-3, **model_kwargs)
@@ -228,7 +216,7 @@ def test_the_gpt_recipes_train_through_the_command(tmp_path, monkeypatch, capsys
     results.json's corpus and costs, and the checkpoint's masks exact with their weights 0."""
     from lightning_rigl.cli import main
 
-    write_corpus(tmp_path / "corpus", documents=60)
+    write_text_folder(tmp_path / "corpus", documents=60)
     monkeypatch.chdir(tmp_path)
     dynamic = ["--trainer.callbacks.init_args.update_interval", "3", "--trainer.callbacks.init_args.stop_at", "7"] \
         if recipe.startswith(("set", "rigl", "srigl")) else []
@@ -260,7 +248,7 @@ def test_a_gpt_run_resumed_from_the_middle_ends_where_the_uninterrupted_one_does
     from the checkpoint of step 4 (mask updates at 3 and 6, on both sides); the same weights bit for bit."""
     from lightning_rigl.cli import main
 
-    write_corpus(tmp_path / "corpus", documents=60)
+    write_text_folder(tmp_path / "corpus", documents=60)
     monkeypatch.chdir(tmp_path)
     for run in ("straight", "resumed"):
         overlay = tmp_path / f"{run}.yaml"
@@ -286,7 +274,7 @@ def test_a_gpt_run_resumed_from_the_middle_ends_where_the_uninterrupted_one_does
 def test_a_loader_worker_maps_the_token_file_instead_of_receiving_a_copy(tmp_path) -> None:
     import pickle
 
-    write_corpus(tmp_path / "corpus")
+    write_text_folder(tmp_path / "corpus")
     data = _module(tmp_path / "corpus", tmp_path / "cache")
     data.prepare_data()
     data.setup("fit")
