@@ -21,22 +21,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rigl.errors import ConfigError
-from lightning_rigl.models.registry import ModelConfig, register_model
-from lightning_rigl.models.width import scale_channels, scale_heads
+from lightning_rigl.models.registry import register_model
+from lightning_rigl.models.transformer import TransformerConfig
 
 
 @dataclass(frozen=True)
-class GPTConfig(ModelConfig):
+class GPTConfig(TransformerConfig):
     """A decoder of ``layers`` blocks over contexts of up to ``context`` tokens of a ``num_classes``-token
     vocabulary; ``hidden`` features in ``heads`` heads, ``mlp`` hidden units in each block's MLP, ``dropout`` on
     the embeddings, the attention weights and each residual branch. ``width`` scales ``hidden`` (to a multiple of
     ``heads``) and ``mlp``."""
 
     context: int = 1024
-    layers: int = 12
-    heads: int = 12
-    hidden: int = 768
-    mlp: int = 3072
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -47,10 +43,6 @@ class GPTConfig(ModelConfig):
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}.")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}.")
-
-    @property
-    def scaled_hidden(self) -> int:
-        return scale_heads(self.hidden, self.heads, self.width)
 
 
 class CausalSelfAttention(nn.Module):
@@ -111,7 +103,7 @@ class GPT(nn.Module):
         self.token_embedding = nn.Embedding(config.num_classes, hidden)
         self.position_embedding = nn.Embedding(config.context, hidden)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(hidden, config.heads, scale_channels(config.mlp, config.width),
+        self.blocks = nn.ModuleList(Block(hidden, config.heads, config.scaled_mlp,
                                           config.dropout) for _ in range(config.layers))
         self.norm = nn.LayerNorm(hidden)
         self._init_weights(config.layers)

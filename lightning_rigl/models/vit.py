@@ -10,12 +10,12 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 from lightning_rigl.errors import ConfigError
-from lightning_rigl.models.registry import ModelConfig, register_model
-from lightning_rigl.models.width import scale_channels, scale_heads
+from lightning_rigl.models.registry import register_model
+from lightning_rigl.models.transformer import TransformerConfig
 
 
 @dataclass(frozen=True)
-class ViTConfig(ModelConfig):
+class ViTConfig(TransformerConfig):
     """A ViT of ``layers`` encoder blocks on ``in_channels``×``image_size``² images cut into ``patch_size``²
     patches; ``hidden`` features in ``heads`` heads, ``mlp`` hidden units in each block's MLP. ``width`` scales
     ``hidden`` (to a multiple of ``heads``) and ``mlp``."""
@@ -23,20 +23,12 @@ class ViTConfig(ModelConfig):
     in_channels: int = 3
     image_size: int = 224
     patch_size: int = 16
-    layers: int = 12
-    heads: int = 12
-    hidden: int = 768
-    mlp: int = 3072
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; "
                               "pick sizes that tile the image.")
-
-    @property
-    def scaled_hidden(self) -> int:
-        return scale_heads(self.hidden, self.heads, self.width)
 
 
 def build_vit(config: ViTConfig) -> VisionTransformer:
@@ -45,7 +37,7 @@ def build_vit(config: ViTConfig) -> VisionTransformer:
     hidden = config.scaled_hidden
     model = VisionTransformer(image_size=config.image_size, patch_size=config.patch_size, num_layers=config.layers,
                               num_heads=config.heads, hidden_dim=hidden,
-                              mlp_dim=scale_channels(config.mlp, config.width), num_classes=config.num_classes)
+                              mlp_dim=config.scaled_mlp, num_classes=config.num_classes)
     if config.in_channels != 3:
         model.conv_proj = nn.Conv2d(config.in_channels, hidden, kernel_size=config.patch_size,
                                     stride=config.patch_size)

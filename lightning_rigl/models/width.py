@@ -26,12 +26,6 @@ def scale_channels(channels: int, width: float) -> int:
     return max(1, math.floor(channels * width + 0.5))
 
 
-def scale_heads(hidden: int, heads: int, width: float) -> int:
-    """A transformer's ``hidden`` features times ``width``, rounded half up to a multiple of ``heads`` (at least
-    one feature per head)."""
-    return heads * max(1, math.floor(scale_channels(hidden, width) / heads + 0.5))
-
-
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (scalars) of ``model``, each shared parameter once."""
     return sum(p.numel() for p in model.parameters())
