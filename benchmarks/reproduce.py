@@ -67,12 +67,14 @@ class Job:
 
 
 def jobs(study: str, quick: bool, seeds: int) -> list[Job]:
-    """Every run of the study (a folder of recipes/), pruning runs before lottery tickets."""
+    """Every run of the study (a folder of recipes/), in the order they start: the quick set (dense and 90%)
+    before the other sparsities, and within each, seed after seed with pruning runs before lottery tickets, so
+    that a study stopped early holds whole seeds of the central comparison."""
     recipes = sorted(path.stem for path in (REPO / "recipes" / study).glob("*.yaml"))
-    if quick:
-        recipes = [name for name in recipes if name == "dense" or f"_{QUICK_SPARSITY}" in name]
-    ordered = sorted(recipes, key=lambda name: (name.startswith("lottery"), name))
-    return [Job(study, recipe, seed) for recipe in ordered for seed in range(seeds)]
+    quick_set = [name for name in recipes if name == "dense" or f"_{QUICK_SPARSITY}" in name]
+    every = [Job(study, recipe, seed) for recipe in (quick_set if quick else recipes) for seed in range(seeds)]
+    return sorted(every, key=lambda job: (job.recipe not in quick_set, job.seed, job.recipe.startswith("lottery"),
+                                          job.recipe))
 
 
 def run_config(job: Job, output: Path) -> Path:
