@@ -73,7 +73,6 @@ def main() -> None:
 
     if kernels is not None:
         hook += median_seconds(lambda: rigl.on_train_batch_start(trainer, model, (x, y), 0), args.repeats * 10)
-        hook += median_seconds(lambda: rigl.on_train_batch_end(trainer, model, {}, (x, y), 0), args.repeats * 10)
     hook += median_seconds(lambda: rigl.on_before_optimizer_step(trainer, model, optimizer), args.repeats * 10,
                            before=after_a_backward if kernels is not None else None)
     n_sparse = sum(m.numel() for m in rigl.masks.values())

@@ -43,6 +43,7 @@ from lightning_rigl.resume import (
     slurm_job,
 )
 from lightning_rigl.summary import checkpoint_summary, fit_summary
+from lightning_rigl.timing import BatchTimer
 
 DEFAULT_CONFIG = files("lightning_rigl") / "configs" / "default.yaml"
 _SUBCOMMANDS = ("fit", "validate", "test")
@@ -153,13 +154,15 @@ class RigLCLI(LightningCLI):
         if self.config.fit.test_after_fit:
             results = run_test_on_final_weights(self.trainer, self.model, self.datamodule)
             test_metrics = results[0] if results else {}
-            if self.trainer.is_global_zero:
-                print(fit_summary(self.trainer, test_metrics))
+        record = {} if not self.trainer.is_global_zero else run_results(self.trainer, test_metrics,
+                                                                           self.config.fit.scaled_by)
+        if self.config.fit.test_after_fit and self.trainer.is_global_zero:
+            print(fit_summary(self.trainer, test_metrics, record))
         if not self.trainer.loggers:
             return  # no run folder to write the record and the plot in
         log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
         if self.trainer.is_global_zero and log_dir:
-            write_results(log_dir, run_results(self.trainer, test_metrics, self.config.fit.scaled_by))
+            write_results(log_dir, record)
             save_density_plots(self.trainer, Path(log_dir))
 
 
@@ -301,7 +304,7 @@ def make_cli(args: Sequence[str] | None, **options: Any) -> RigLCLI:
     settings: dict[str, Any] = {
         "args": args,
         "seed_everything_default": 0,
-        "trainer_defaults": {"callbacks": [ExactResume(), RequeueAtStepEnd()],
+        "trainer_defaults": {"callbacks": [ExactResume(), RequeueAtStepEnd(), BatchTimer()],
                              "plugins": [{"class_path": "lightning_rigl.AtomicCheckpointIO"}]},
         "save_config_kwargs": {"overwrite": True},
         "parser_kwargs": parser_kwargs(),

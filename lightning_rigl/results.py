@@ -20,6 +20,7 @@ from torch import nn
 from lightning_rigl.callbacks import DynamicSparseTraining, LotteryTicket, SparseTraining, SRigL
 from lightning_rigl.callbacks.sparse_training import FORWARD_RATIO, SIZE_BYTES, TRAIN_RATIO
 from lightning_rigl.flops import forward_flops, model_size_bytes
+from lightning_rigl.timing import batch_timer
 
 RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         record.update(method="Dense" if removed == 0 else "Small-Dense", distribution=None, sparsity=removed,
                       achieved_sparsity=removed, seed=None, train_ratio=ratio, forward_ratio=ratio,
                       size_bytes=model_size_bytes(model), densities={}, kernels="dense", layer_kernels={},
-                      optimizer_step="dense", step_ms=None)
+                      optimizer_step="dense", step_ms=_batch_ms(trainer))
         record.update(_language_model_record(trainer, record))
         return record
     (callback,) = sparse
@@ -78,7 +79,7 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         kernels=callback.kernels,
         layer_kernels=dict(callback.kernels_used),
         optimizer_step=callback.live_step_used or "dense",
-        step_ms=callback.step_time_ms(),
+        step_ms=_batch_ms(trainer),
     )
     if callback.structure is not None:
         record.update(structure=str(callback.structure), ablated_neurons=callback.ablated_neurons())
@@ -89,6 +90,12 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
         record.update(train_ratio=costs[TRAIN_RATIO], forward_ratio=costs[FORWARD_RATIO], size_bytes=costs[SIZE_BYTES])
     record.update(_language_model_record(trainer, record))
     return record
+
+
+def _batch_ms(trainer: pl.Trainer) -> float | None:
+    """The median training batch time of the run (ms); None without the command's timer or before any batch."""
+    timer = batch_timer(trainer)
+    return None if timer is None else timer.median_ms()
 
 
 def _language_model_record(trainer: pl.Trainer, record: Mapping[str, Any]) -> dict[str, Any]:

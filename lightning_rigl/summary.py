@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 from torch import Tensor
@@ -10,31 +11,48 @@ from torch import Tensor
 from lightning_rigl.callbacks import SparseTraining
 from lightning_rigl.callbacks.sparse_training import FORWARD_RATIO, SIZE_BYTES, TRAIN_RATIO
 from lightning_rigl.sparsity import mask_densities
+from lightning_rigl.timing import batch_timer
 
 
-def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float]) -> str:
+def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float], record: Mapping[str, Any]) -> str:
     """A short report of a finished run. ``test_metrics`` is one dict of ``trainer.test``'s result (may be
-    empty when no test set was run)."""
-    lines = ["", "Summary", *_accuracy_lines(test_metrics)]
+    empty when no test set was run); ``record`` is the run's ``results.json`` record (its costs per token, for a
+    language model)."""
+    lines = ["", "Summary", *_accuracy_lines(test_metrics), *_per_token_lines(record)]
     total = sum(p.numel() for p in trainer.lightning_module.parameters())
     sparse = [cb for cb in trainer.callbacks if isinstance(cb, SparseTraining)]
+    timer = batch_timer(trainer)
+    batch_time = "" if timer is None or timer.median_ms() is None else (
+        f"a training batch took {timer.median_ms():.2f} ms (median of {len(timer.batch_ms)}, forward to optimizer "
+        "step)")
     if not sparse:
-        lines.append(f"  dense training: {total:,} parameters")
+        lines.append(f"  dense training: {total:,} parameters" + (f"; {batch_time}" if batch_time else ""))
         return "\n".join(lines)
     for callback in sparse:
         lines.extend(_sparse_lines(callback, total))
-        step = callback.step_time_ms()
-        if step is not None:
+        if batch_time:
             optimizer_step = f", optimizer step: {callback.live_step_used}" if callback.live_step_used else ""
             lines.insert(len(lines) - len(callback.masks) - 1,
-                         f"  kernels: {callback.kernels}{optimizer_step}; a training batch took {step:.2f} ms (median of "
-                         f"{len(callback.step_times_ms)}, forward to optimizer step)")
+                         f"  kernels: {callback.kernels}{optimizer_step}; {batch_time}")
         if callback.flops is not None:
             costs = callback.cost_metrics(trainer.lightning_module)
             lines.insert(len(lines) - len(callback.masks) - 1,
                          f"  costs: training FLOPs {costs[TRAIN_RATIO]:.2f}x dense, inference FLOPs "
                          f"{costs[FORWARD_RATIO]:.2f}x, size {costs[SIZE_BYTES] / 1e6:.3f} MB")
     return "\n".join(lines)
+
+
+def _per_token_lines(record: Mapping[str, Any]) -> list[str]:
+    """A language model's costs per token: FLOPs of inference and of training, and the tokens trained per second
+    (per process); nothing for other runs."""
+    if "tokens_per_second" not in record:
+        return []
+    parts = [f"{label} {record[key] / 1e6:.2f} MFLOPs" for label, key in
+             (("inference", "forward_flops_per_token"), ("training", "train_flops_per_token"))
+             if record[key] is not None]
+    if record["tokens_per_second"] is not None:
+        parts.append(f"{record['tokens_per_second']:,.0f} tokens/s trained")
+    return [f"  per token: {', '.join(parts)}"] if parts else []
 
 
 def checkpoint_summary(masks: Mapping[str, Tensor], test_metrics: Mapping[str, float]) -> str:

@@ -230,11 +230,17 @@ def test_the_gpt_recipes_train_through_the_command(tmp_path, monkeypatch, capsys
     record = json.loads((folder / "results.json").read_text())
     assert record["corpus"]["source"] == "corpus" and len(record["corpus"]["digest"]) == 64
     assert record["test"]["test/bits_per_byte"] > 0 and record["forward_flops_per_token"] > 0
+    # Dense runs are timed too: tokens per second is a batch's tokens over the median batch time.
+    assert record["tokens_per_second"] == pytest.approx(4 * 32 / (record["step_ms"] / 1e3))
+    per_token = re.search(r"per token: inference (\d+\.\d\d) MFLOPs, training (\d+\.\d\d) MFLOPs, ([\d,]+) tokens/s "
+                          r"trained", out)
+    assert per_token and float(per_token[1]) == pytest.approx(record["forward_flops_per_token"] / 1e6, abs=0.006)
+    assert int(per_token[3].replace(",", "")) == round(record["tokens_per_second"])
+    assert re.search(r"a training batch took \d+\.\d\d ms \(median of 8,", out)
     if recipe == "dense":
         assert record["forward_flops_per_token"] == pytest.approx(record["train_flops_per_token"] / 3)
         return
     assert record["forward_flops_per_token"] < record["train_flops_per_token"] / 3 * 1.01
-    assert record["tokens_per_second"] > 0
     (checkpoint,) = (folder / "checkpoints").glob("*.ckpt")
     state = torch.load(checkpoint, weights_only=False)
     masks = saved_state(state)["masks"]

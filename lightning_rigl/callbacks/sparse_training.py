@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -205,8 +203,6 @@ class SparseTraining(Callback, ABC):
         self.empty_rows: dict[str, int] = {}  # neurons (rows) without a live weight
         self.training_kernels: TrainingKernels | None = None  # the sparse kernels installed during fit
         self.kernels_used: dict[str, str] = {}  # each sparse layer's kernels, as reported ("csr", "dense (why)")
-        self.step_times_ms: list[float] = []  # wall time of each training batch of this fit, from start to end
-        self._batch_started: float | None = None
         self._restored_plans: dict[str, Any] | None = None
 
     @property
@@ -396,14 +392,6 @@ class SparseTraining(Callback, ABC):
         if self.training_kernels is not None:
             step = trainer.global_step
             self.training_kernels.begin_step(self.reads_dense_gradient(step), not self.may_change_masks(step))
-        self._batch_started = time.perf_counter()
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self._batch_started is not None:
-            self.step_times_ms.append(1e3 * (time.perf_counter() - self._batch_started))
-            self._batch_started = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -572,7 +560,6 @@ class SparseTraining(Callback, ABC):
         """Give the sparse layers their sparse kernels (kernels="sparse" or "auto"), where they can run; note in
         ``kernels_used`` why a layer keeps dense ones."""
         self.kernels_used = dict.fromkeys(self._params, "dense")
-        self.step_times_ms = []
         if self.kernels == "dense":
             return
         reason = _why_no_sparse_kernels(trainer, pl_module, self._params)
@@ -626,10 +613,6 @@ class SparseTraining(Callback, ABC):
         if self.training_kernels is not None:
             self.training_kernels.remove()
             self.training_kernels = None
-
-    def step_time_ms(self) -> float | None:
-        """Median wall time of this fit's training batches (ms, forward to optimizer step; None before any)."""
-        return statistics.median(self.step_times_ms) if self.step_times_ms else None
 
     def _check_fit(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """What can only be checked once the optimizer and the run's length are known."""
