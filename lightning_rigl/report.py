@@ -168,6 +168,7 @@ def load_run(folder: Path) -> Run:
         raise ValueError(f"{config_file} does not parse ({type(error).__name__})") from None
     seeds = {key: value for key, value in _flatten(config) if _SEED_KEY.search(key)}
     seeds["record.seed"] = record.get("seed")
+    record.setdefault("validation", _last_validation(folder / "metrics.csv"))
     return Run(folder, record, _settings(config), _forward_curve(folder / "metrics.csv"), seeds)
 
 
@@ -186,6 +187,12 @@ def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
         return
     for key, item in items:
         yield from _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+
+
+def _last_validation(metrics: Path) -> dict[str, float]:
+    """The last value of each validation metric ("val/...") in a CSV logger's metrics.csv: the final validation
+    of the run, or of the last one it logged (empty without the file)."""
+    return {f"val/{name}": points[-1][1] for name, points in logged_series(metrics, "val/").items() if points}
 
 
 def _forward_curve(metrics: Path) -> list[tuple[int, float]]:
@@ -332,6 +339,11 @@ def _quantity(record: Mapping[str, Any], key: str) -> float | None:
         return None if value is None else 100.0 * value
     if key == "test_bits_per_byte":
         return record["test"].get("test/bits_per_byte")
+    if key == "val_bits_per_byte":
+        return record.get("validation", {}).get("val/bits_per_byte")
+    if key == "forward_mflops_per_token":
+        flops = record.get("forward_flops_per_token")
+        return None if flops is None else flops / 1e6
     if key == "train_flops":
         ratio = record["train_ratio"]
         return None if ratio is None else ratio * record["multiplier"]
@@ -355,6 +367,8 @@ _MEASURED = (
 )
 # Language models' columns, in a report that holds a language-model run.
 _LANGUAGE_MEASURED = (
+    ("inference MFLOPs/token", "forward_mflops_per_token", "{:.3f}"),
+    ("val bits/byte", "val_bits_per_byte", "{:.4f}"),
     ("test bits/byte", "test_bits_per_byte", "{:.4f}"),
     ("tokens/s", "tokens_per_second", "{:.0f}"),
 )
@@ -362,8 +376,11 @@ _LANGUAGE_MEASURED = (
 
 def _measured(rows: Sequence[Row]) -> tuple[tuple[str, str, str], ...]:
     """The measured columns of a report of ``rows``."""
+    classifier = any(row.mean_std("test_top1") is not None for row in rows)
     language = any(row.mean_std("test_bits_per_byte") is not None for row in rows)
-    return _MEASURED + _LANGUAGE_MEASURED if language else _MEASURED
+    # A report of language models alone has no accuracy column; a classifier without a test keeps its "n/a".
+    measured = tuple(column for column in _MEASURED if classifier or not language or column[1] != "test_top1")
+    return measured + _LANGUAGE_MEASURED if language else measured
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
@@ -423,34 +440,55 @@ def write_figures(rows: Sequence[Row], folder: Path) -> list[Path]:
     return [save_figure(figure, folder / name) for name, figure in figures(rows).items()]
 
 
+@dataclass(frozen=True)
+class Quality:
+    """What the figures plot against sparsity and training FLOPs: a run's result on its test split."""
+
+    key: str  # the quantity of a row (Row.values)
+    name: str  # its figures' file names begin with it
+    title: str
+    axis: str
+    reference: str  # how a dense row's reference line labels its mean
+
+
+# Classifiers' top-1 accuracy, language models' bits per byte: each in figures of its own.
+QUALITIES = (
+    Quality("test_top1", "accuracy", "test top-1", "test top-1 (%)", "{:.2f}%"),
+    Quality("test_bits_per_byte", "bits_per_byte", "test bits per byte", "test bits per byte (lower is better)",
+            "{:.3f}"),
+)
+
+
 def figures(rows: Sequence[Row]) -> dict[str, Any]:
     """The report's figures by file name (matplotlib figures), after the reproducibility report's: accuracy
     against sparsity (its Figure 1; one panel per layer distribution), accuracy against training FLOPs (Figure 3;
     one panel per sparsity, a line through each method's multipliers), every row's final density per layer (a
-    heat map) and forward FLOPs over training for runs whose density moves (Figure 4 left). Each method keeps
-    one colour and marker in every figure; hollow markers are uniform distributions, dashed lines longer
-    training. A figure with nothing to show is left out.
+    heat map) and forward FLOPs over training for runs whose density moves (Figure 4 left). Language models'
+    rows get the first two with their test bits per byte in place of accuracy (``bits_per_byte_vs_*.png``).
+    Each method keeps one colour and marker in every figure; hollow markers are uniform distributions, dashed
+    lines longer training. A figure with nothing to show is left out.
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed.
     """
     looks = _method_looks(rows)
     drawn = {}
-    panels = _sparsity_panels(rows, looks)
-    if panels:
-        drawn["accuracy_vs_sparsity.png"] = draw_panels(
-            panels, xlabel="sparsity (log scale of the density)", ylabel="test top-1 (%)",
-            title="test top-1 against sparsity (mean ± std over seeds)",
-            legend=_legend(rows, looks, by_multiplier=True), xscale="log", invert_x=True, share_y=True,
-            clip_outliers=True)
-    panels = _flops_panels(rows, looks)
-    if panels:
-        xs = [p[0] for panel in panels for line in panel.lines for p in line.points if p[0] > 0]
-        drawn["accuracy_vs_training_flops.png"] = draw_panels(
-            panels, xlabel="training FLOPs (x dense at 1x)", ylabel="test top-1 (%)",
-            title="test top-1 against training FLOPs (mean ± std over seeds; a line joins 1x, 2x, ... of a method)",
-            legend=_legend(rows, looks, by_multiplier=False, with_dense=True),
-            xscale="log" if xs and max(xs) > 10 * min(xs) else "linear", clip_outliers=True, dodge=True)
+    for quality in QUALITIES:
+        panels = _sparsity_panels(rows, looks, quality)
+        if panels:
+            drawn[f"{quality.name}_vs_sparsity.png"] = draw_panels(
+                panels, xlabel="sparsity (log scale of the density)", ylabel=quality.axis,
+                title=f"{quality.title} against sparsity (mean ± std over seeds)",
+                legend=_legend(rows, looks, by_multiplier=True), xscale="log", invert_x=True, share_y=True,
+                clip_outliers=True)
+        panels = _flops_panels(rows, looks, quality)
+        if panels:
+            xs = [p[0] for panel in panels for line in panel.lines for p in line.points if p[0] > 0]
+            drawn[f"{quality.name}_vs_training_flops.png"] = draw_panels(
+                panels, xlabel="training FLOPs (x dense at 1x)", ylabel=quality.axis,
+                title=f"{quality.title} against training FLOPs (mean ± std over seeds; lines join 1x, 2x, ...)",
+                legend=_legend(rows, looks, by_multiplier=False, with_dense=True),
+                xscale="log" if xs and max(xs) > 10 * min(xs) else "linear", clip_outliers=True, dodge=True)
     grids = _density_grids(rows)
     for panel, grid in grids.items():
         title = "final density per layer (fraction of live weights; mean over seeds)"
@@ -548,22 +586,22 @@ def _percent(sparsity: float) -> str:
     return f"{100 * sparsity:.4g}%"
 
 
-def _references(rows: Sequence[Row]) -> dict[str, dict[str, float]]:
-    """Per panel, the dense rows' mean accuracy as labelled reference lines."""
+def _references(rows: Sequence[Row], quality: Quality) -> dict[str, dict[str, float]]:
+    """Per panel, the dense rows' mean ``quality`` as labelled reference lines."""
     references: dict[str, dict[str, float]] = defaultdict(dict)
     for row in rows:
-        accuracy = row.mean_std("test_top1")
-        if row.first["method"] == "Dense" and accuracy is not None:
+        value = row.mean_std(quality.key)
+        if row.first["method"] == "Dense" and value is not None:
             multiplier = "" if row.first["multiplier"] == 1 else f" {row.first['multiplier']:g}x"
-            references[row.panel][f"dense{multiplier} {accuracy[0]:.2f}%"] = accuracy[0]
+            references[row.panel][f"dense{multiplier} {quality.reference.format(value[0])}"] = value[0]
     return references
 
 
-def _sparsity_panels(rows: Sequence[Row], looks: Mapping[str, Look]) -> list[Panel]:
+def _sparsity_panels(rows: Sequence[Row], looks: Mapping[str, Look], quality: Quality) -> list[Panel]:
     """One panel per model/data and layer distribution (rows without one, such as Small-Dense, in every panel
-    of their model): each row's accuracy against its density, 1 - sparsity, on a log scale."""
-    sparse = [row for row in rows if row.first["sparsity"] > 0 and row.mean_std("test_top1") is not None]
-    references = _references(rows)
+    of their model): each row's ``quality`` against its density, 1 - sparsity, on a log scale."""
+    sparse = [row for row in rows if row.first["sparsity"] > 0 and row.mean_std(quality.key) is not None]
+    references = _references(rows, quality)
     ticks = _sparsity_ticks(row.first["sparsity"] for row in sparse)
     styles = _multiplier_styles(rows)
     panels: dict[tuple[str, Any], Panel] = {}
@@ -583,18 +621,18 @@ def _sparsity_panels(rows: Sequence[Row], looks: Mapping[str, Look]) -> list[Pan
             if line_key not in lines:
                 lines[line_key] = Line([], _row_look(row, looks, styles[row.first["multiplier"]]), row.label)
                 panels[key].lines.append(lines[line_key])
-            accuracy = row.mean_std("test_top1")
-            lines[line_key].points.append((1 - row.first["sparsity"], accuracy[0], accuracy[1]))
+            value = row.mean_std(quality.key)
+            lines[line_key].points.append((1 - row.first["sparsity"], value[0], value[1]))
     for line in lines.values():
         line.points.sort(reverse=True)
     return list(panels.values())
 
 
-def _flops_panels(rows: Sequence[Row], looks: Mapping[str, Look]) -> list[Panel]:
-    """One panel per model/data and sparsity: each row's accuracy against its training FLOPs, a line through
+def _flops_panels(rows: Sequence[Row], looks: Mapping[str, Look], quality: Quality) -> list[Panel]:
+    """One panel per model/data and sparsity: each row's ``quality`` against its training FLOPs, a line through
     the multipliers of a method and distribution; the dense rows as a point and a reference line in each."""
-    measured = [row for row in rows if row.mean_std("test_top1") is not None and row.mean_std("train_flops")]
-    references = _references(rows)
+    measured = [row for row in rows if row.mean_std(quality.key) is not None and row.mean_std("train_flops")]
+    references = _references(rows, quality)
     ticks = _sparsity_ticks(row.first["sparsity"] for row in measured if row.first["sparsity"] > 0)
     several_models = len({row.panel for row in measured}) > 1
     panels: dict[tuple[str, float], Panel] = {}
@@ -614,8 +652,8 @@ def _flops_panels(rows: Sequence[Row], looks: Mapping[str, Look]) -> list[Panel]
             if line_key not in lines:
                 lines[line_key] = Line([], _row_look(row, looks), row.label)
                 panels[key].lines.append(lines[line_key])
-            accuracy, flops = row.mean_std("test_top1"), row.mean_std("train_flops")
-            lines[line_key].points.append((flops[0], accuracy[0], accuracy[1]))
+            value, flops = row.mean_std(quality.key), row.mean_std("train_flops")
+            lines[line_key].points.append((flops[0], value[0], value[1]))
             lines[line_key].notes.append(f"{row.first['multiplier']:g}x")
     for line in lines.values():
         order = sorted(range(len(line.points)), key=lambda i: line.points[i][0])

@@ -3,9 +3,11 @@ the token cache, its errors) and `CausalLM` trained by a real Trainer with the s
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -210,20 +212,29 @@ def test_sparse_kernels_and_the_live_step_train_a_gpt(tmp_path) -> None:
 LM_RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "python_gpt_tiny"
 
 
-@pytest.mark.parametrize("recipe", ["dense", "static_erk_s90", "set_uniform_s75", "rigl_erk_s90", "srigl_erk_s90"])
-def test_the_gpt_recipes_train_through_the_command(tmp_path, monkeypatch, capsys, recipe: str) -> None:
-    """Each method's recipe as written, on a small text folder, shortened: the summary's language-model line,
-    results.json's corpus and costs, and the checkpoint's masks exact with their weights 0."""
+def train_recipe(recipe: str, *args: str) -> Path:
+    """A recipe of python_gpt_tiny as written, shortened, through the command on the text folder ``corpus`` of
+    the working folder: 8 steps of 4 windows of 32 bytes, validated twice. Returns the run's folder."""
     from lightning_rigl.cli import main
 
-    write_text_folder(tmp_path / "corpus", documents=60)
-    monkeypatch.chdir(tmp_path)
     dynamic = ["--trainer.callbacks.init_args.update_interval", "3", "--trainer.callbacks.init_args.stop_at", "7"] \
         if recipe.startswith(("set", "rigl", "srigl")) else []
     main(["fit", "--config", str(LM_RECIPES / f"{recipe}.yaml"), "--data.text_dir", "corpus", "--data.cache_dir",
           "cache", "--data.context", "32", "--data.batch_size", "4", "--trainer.max_steps", "8",
           "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar",
-          "false", *dynamic])
+          "false", *dynamic, *args])
+    version = next((value for key, value in zip(args, args[1:]) if key == "--trainer.logger.init_args.version"),
+                   "version_0")
+    return Path("runs", "python_gpt_tiny", recipe, version)
+
+
+@pytest.mark.parametrize("recipe", ["dense", "static_erk_s90", "set_uniform_s75", "rigl_erk_s90", "srigl_erk_s90"])
+def test_the_gpt_recipes_train_through_the_command(tmp_path, monkeypatch, capsys, recipe: str) -> None:
+    """Each method's recipe as written, on a small text folder, shortened: the summary's language-model line,
+    results.json's corpus and costs, and the checkpoint's masks exact with their weights 0."""
+    write_text_folder(tmp_path / "corpus", documents=60)
+    monkeypatch.chdir(tmp_path)
+    train_recipe(recipe)
     out = capsys.readouterr().out
     assert re.search(r"test: loss \d+\.\d{4} nats per token, perplexity \d+\.\d{3}, \d+\.\d{4} bits per byte", out)
     folder = Path("runs", "python_gpt_tiny", recipe, "version_0")
@@ -247,6 +258,40 @@ def test_the_gpt_recipes_train_through_the_command(tmp_path, monkeypatch, capsys
     assert len(masks) == 24
     for name, mask in masks.items():
         assert not state["state_dict"][name][~mask].any(), name
+
+
+def test_the_report_of_language_model_runs_shows_their_bits_per_byte_in_the_table_and_the_figures(
+        tmp_path, monkeypatch) -> None:
+    """Two seeds of a sparse recipe and a dense run: the report's language-model columns (the final validation's
+    bits per byte read from the run's log, the test's from its record), no accuracy column, and figures of test
+    bits per byte against sparsity and training FLOPs that plot each row's mean; the run records keep them."""
+    from lightning_rigl.report import collect, figures, markdown_table, read_records, write_records
+
+    write_text_folder(tmp_path / "corpus", documents=60)
+    monkeypatch.chdir(tmp_path)
+    dense = train_recipe("dense")
+    sparse = [train_recipe("static_erk_s90", "--seed_everything", str(seed), "--trainer.callbacks.init_args.seed",
+                           str(seed), "--trainer.logger.init_args.version", f"seed_{seed}") for seed in (0, 1)]
+    report = collect(["runs"])
+    dense_row, static_row = report.rows
+    logged = [[float(line["val/bits_per_byte"]) for line in csv.DictReader((folder / "metrics.csv").open())
+               if line["val/bits_per_byte"]] for folder in (dense, *sparse)]
+    assert all(len(values) == 2 for values in logged)  # validated at steps 4 and 8: the report takes the last
+    assert dense_row.mean_std("val_bits_per_byte")[0] == pytest.approx(logged[0][-1])
+    assert static_row.mean_std("val_bits_per_byte")[:2] == pytest.approx(
+        (statistics.fmean([logged[1][-1], logged[2][-1]]), statistics.stdev([logged[1][-1], logged[2][-1]])))
+    header = markdown_table(report.rows).splitlines()[0]
+    assert "val bits/byte" in header and "test bits/byte" in header and "test top-1" not in header
+    drawn = figures(report.rows)
+    assert {"bits_per_byte_vs_sparsity.png", "bits_per_byte_vs_training_flops.png"} <= set(drawn)
+    assert not any(name.startswith("accuracy") for name in drawn)
+    test_mean = static_row.mean_std("test_bits_per_byte")[0]
+    for name in ("bits_per_byte_vs_sparsity.png", "bits_per_byte_vs_training_flops.png"):
+        plotted = [float(y) for axes in drawn[name].axes for line in axes.get_lines() for y in line.get_ydata()]
+        assert any(y == pytest.approx(test_mean) for y in plotted), name
+    again = read_records(write_records([run for row in report.rows for run in row.runs], tmp_path / "records.json"))
+    assert [run.record["validation"] for run in again] == [run.record["validation"] for row in report.rows
+                                                           for run in row.runs]
 
 
 def test_a_gpt_run_resumed_from_the_middle_ends_where_the_uninterrupted_one_does(tmp_path, monkeypatch) -> None:
