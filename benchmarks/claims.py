@@ -5,8 +5,10 @@ A difference no larger than the larger of the two standard deviations over seeds
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_rigl.report import RECORDS_FILE, Report, Row, markdown_table
@@ -25,38 +27,60 @@ def find(rows: Sequence[Row], method: str, distribution: str | None, sparsity: f
     return None
 
 
-def accuracy(row: Row) -> str:
-    stats = row.mean_std("test_top1")
-    return "n/a" if stats is None else f"{stats[0]:.2f} ± {stats[1]:.2f}%"
+@dataclass(frozen=True)
+class Metric:
+    """The result the claims compare: a quantity of a row (``Row.values``), which way is better, how it reads."""
+
+    key: str
+    higher_is_better: bool
+    noun: str  # "accuracy": what a claim says a method matches
+    unit: str  # written after the mean ± std
+    digits: int
+
+    def worse(self, a: float, b: float) -> float:
+        """How much worse ``a`` is than ``b`` (negative: better)."""
+        return b - a if self.higher_is_better else a - b
 
 
-def compare(a: Row | None, b: Row | None) -> tuple[str, float]:
-    """"wins", "ties" or "loses" for ``a`` against ``b`` on test top-1, and the difference in points."""
-    if a is None or b is None or a.mean_std("test_top1") is None or b.mean_std("test_top1") is None:
+TOP1 = Metric("test_top1", True, "accuracy", "%", 2)
+BITS = Metric("test_bits_per_byte", False, "bits per byte", " bits/byte", 4)
+
+
+def result(row: Row, metric: Metric = TOP1) -> str:
+    stats = row.mean_std(metric.key)
+    return "n/a" if stats is None else f"{stats[0]:.{metric.digits}f} ± {stats[1]:.{metric.digits}f}{metric.unit}"
+
+
+def compare(a: Row | None, b: Row | None, metric: Metric = TOP1) -> tuple[str, float]:
+    """"wins", "ties" or "loses" for ``a`` against ``b`` on ``metric`` (test top-1 by default), and the difference
+    of the means, ``a`` minus ``b``, in the metric's units."""
+    if a is None or b is None or a.mean_std(metric.key) is None or b.mean_std(metric.key) is None:
         return "n/a", 0.0
-    (mean_a, std_a, _), (mean_b, std_b, _) = a.mean_std("test_top1"), b.mean_std("test_top1")
+    (mean_a, std_a, _), (mean_b, std_b, _) = a.mean_std(metric.key), b.mean_std(metric.key)
     difference = mean_a - mean_b
     if abs(difference) <= max(std_a, std_b):
         return "ties", difference
-    return ("wins" if difference > 0 else "loses"), difference
+    return ("loses" if metric.worse(mean_a, mean_b) > 0 else "wins"), difference
 
 
-def versus(a: Row | None, b: Row | None, label_a: str, label_b: str) -> str:
+def versus(a: Row | None, b: Row | None, label_a: str, label_b: str, metric: Metric = TOP1) -> str:
     if a is None or b is None:
         return f"{label_a} against {label_b}: not run"
-    verdict, difference = compare(a, b)
-    return f"{label_a} {accuracy(a)} {verdict} against {label_b} {accuracy(b)} ({difference:+.2f})"
+    verdict, difference = compare(a, b, metric)
+    return (f"{label_a} {result(a, metric)} {verdict} against {label_b} {result(b, metric)} "
+            f"({difference:+.{metric.digits}f})")
 
 
-def erk_against_uniform(rows: Sequence[Row], sparsity: float, uniform: str) -> tuple[str, str]:
-    """RigL ERK against RigL ``uniform`` (the distribution's recorded name) at ``sparsity``: a line with their
-    accuracies and their inference and training FLOPs, and the verdict ("wins", "ties", "loses" or "n/a")."""
-    erk, other = find(rows, "RigL", "erk", sparsity), find(rows, "RigL", uniform, sparsity)
+def erk_against_uniform(rows: Sequence[Row], sparsity: float, uniform: str, metric: Metric = TOP1,
+                        method: str = "RigL") -> tuple[str, str]:
+    """``method`` ERK against ``method`` ``uniform`` (the distribution's recorded name) at ``sparsity``: a line with
+    their results and their inference and training FLOPs, and the verdict ("wins", "ties", "loses" or "n/a")."""
+    erk, other = find(rows, method, "erk", sparsity), find(rows, method, uniform, sparsity)
     if erk is None or other is None:
         return f"{at(sparsity)}: not run.", "n/a"
     costs = "; ".join(f"{what} FLOPs ERK {erk.mean_std(key)[0]:.3f}x, uniform {other.mean_std(key)[0]:.3f}x"
                       for what, key in (("inference", "forward_flops"), ("training", "train_flops")))
-    return f"{at(sparsity)}: {versus(erk, other, 'ERK', 'uniform')}; {costs}.", compare(erk, other)[0]
+    return f"{at(sparsity)}: {versus(erk, other, 'ERK', 'uniform', metric)}; {costs}.", compare(erk, other, metric)[0]
 
 
 def at(sparsity: float) -> str:
@@ -108,7 +132,7 @@ def claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
             continue
         gap_one, gap_two = -compare(one, dense)[1], -compare(two, dense)[1]
         held &= gap_two < gap_one or compare(two, dense)[0] in ("ties", "wins")
-        lines.append(f"{at(s)}: dense {accuracy(dense)}; gap to RigL 1x {gap_one:+.2f}, to RigL 2x {gap_two:+.2f} "
+        lines.append(f"{at(s)}: dense {result(dense)}; gap to RigL 1x {gap_one:+.2f}, to RigL 2x {gap_two:+.2f} "
                      f"(RigL 2x {compare(two, dense)[0]} against dense).")
     paragraphs.append(_claim("RigL 2x closes the gap to dense (ERK).", lines, "held" if held else "did not hold"))
 
@@ -157,7 +181,7 @@ def claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
     return paragraphs + srigl_claim(rows, sparsities)
 
 
-def srigl_claim(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
+def srigl_claim(rows: Sequence[Row], sparsities: Sequence[float], metric: Metric = TOP1) -> list[str]:
     """SRigL (constant fan-in, ablation) against RigL and Static at ERK, with its ablated neurons and its inference
     FLOPs; no paragraph when the study has no SRigL row."""
     lines, held = [], True
@@ -167,14 +191,15 @@ def srigl_claim(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
             continue
         ablated = srigl.mean_std("ablated_neurons")
         flops = srigl.mean_std("forward_flops")
-        lines.append(f"{at(s)}: {versus(srigl, rigl, 'SRigL', 'RigL')}; {versus(srigl, static, 'SRigL', 'Static')}; "
+        lines.append(f"{at(s)}: {versus(srigl, rigl, 'SRigL', 'RigL', metric)}; "
+                     f"{versus(srigl, static, 'SRigL', 'Static', metric)}; "
                      + ("" if ablated is None else f"ablated neurons {ablated[0]:.1f} (mean over seeds); ")
                      + ("" if flops is None else f"inference FLOPs {flops[0]:.3f}x dense") + ".")
-        held &= compare(srigl, rigl)[0] in ("wins", "ties")
+        held &= compare(srigl, rigl, metric)[0] in ("wins", "ties")
     if not lines:
         return []
-    return [_claim("SRigL (constant fan-in, neuron ablation) matches RigL's accuracy (Lasby et al. 2024; ERK, 1x).",
-                   lines, "held" if held else "did not hold")]
+    return [_claim(f"SRigL (constant fan-in, neuron ablation) matches RigL's {metric.noun} (Lasby et al. 2024; ERK, "
+                   "1x).", lines, "held" if held else "did not hold")]
 
 
 def _claim(claim: str, lines: Sequence[str], verdict: str) -> str:
@@ -221,19 +246,10 @@ def write_vit_section(report: Report, figures: Path, path: Path, seeds: int) -> 
     """The ViT study's section of the study's page: its claims, its table and its figures (copied next to the
     page as ``vit_*.png``, with its runs' records as ``vit_records.json``), in place of the page's earlier ViT
     section; the rest of the page is kept."""
-    assets = path.parent / path.stem
-    assets.mkdir(parents=True, exist_ok=True)
-    images = []
-    for figure in sorted(figures.glob("*.png")):
-        shutil.copy(figure, assets / f"vit_{figure.name}")
-        images.append(f"![vit_{figure.stem}]({assets.name}/vit_{figure.name})")
-    records = assets / f"vit_{RECORDS_FILE}"
-    if (figures / RECORDS_FILE).resolve() != records.resolve():
-        shutil.copy(figures / RECORDS_FILE, records)
+    images, records = _copy_assets(figures, path, "vit_")
     sparsities = [s for s in VIT_SPARSITIES if any(abs(r.first["sparsity"] - s) < 1e-9 for r in report.rows)]
     redraw = f"python benchmarks/reproduce.py --study vit --from-records {records} --docs {path}"
-    section = "\n\n".join([
-        VIT_HEADING,
+    _replace_section(path, VIT_HEADING, "\n\n".join([
         "Written by `python benchmarks/reproduce.py --study vit --docs " + str(path) + "`: `vit_tiny` (torchvision's "
         "VisionTransformer, patches of 4×4, 4 blocks of 64 features in 4 heads, 139,018 parameters) on the real "
         "Fashion-MNIST, trained as transformers are (AdamW, 100 warm-up steps then cosine, gradients clipped to "
@@ -247,27 +263,172 @@ def write_vit_section(report: Report, figures: Path, path: Path, seeds: int) -> 
         markdown_table(report.rows),
         "### The ViT figures",
         *images,
-    ])
-    page = path.read_text() if path.exists() else ""
-    kept = page.split(VIT_HEADING)[0].rstrip()
-    path.write_text((kept + "\n\n" if kept else "") + section + "\n")
+    ]))
     return path
+
+
+LM_HEADING = "## A language model"
+LM_SPARSITIES = (0.75, 0.9)
+# The study's sections after the Fashion-MNIST page's own text, in this order; each is rewritten by its study.
+STUDY_HEADINGS = (VIT_HEADING, LM_HEADING)
+
+
+def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
+    """The paper's questions for the language model, on test bits per byte (lower is better): one paragraph
+    each, as ``claims`` writes them; a question none of whose rows ran is "not run"."""
+    paragraphs = []
+    lines, outcomes = [], []
+    for s in sparsities:
+        for distribution in ("erk", "uniform"):
+            rigl, set_, static = (find(rows, m, distribution, s) for m in ("RigL", "SET", "Static"))
+            lines.append(f"{at(s)} {distribution}: {versus(rigl, set_, 'RigL', 'SET', BITS)}; "
+                         f"{versus(set_, static, 'SET', 'Static', BITS)}.")
+            if None not in (rigl, set_, static):
+                outcomes.append(compare(rigl, set_, BITS)[0] == "wins" and compare(set_, static, BITS)[0] == "wins")
+    paragraphs.append(_claim("RigL beats SET beats Static.", lines, _held(outcomes)))
+
+    lines, outcomes = [], []
+    for s in sparsities:
+        for method in ("RigL", "SET", "Static"):
+            line, verdict = erk_against_uniform(rows, s, "uniform", BITS, method)
+            lines.append(f"{method} {line}")
+            if method == "RigL" and verdict != "n/a":
+                outcomes.append(verdict == "wins")
+    paragraphs.append(_claim(
+        "ERK beats uniform at the same parameter count (RigL; SET and Static shown too).", lines,
+        _held(outcomes) + ". Every sparse layer here is a projection applied once per token, so FLOPs follow "
+        "parameters and ERK spends what uniform spends"))
+
+    lines, outcomes = [], []
+    dense = find(rows, "Dense", None, 0.0)
+    for s in sparsities:
+        one, two = find(rows, "RigL", "erk", s, 1), find(rows, "RigL", "erk", s, 2)
+        if dense is None or one is None or two is None:
+            lines.append(f"{at(s)}: not run.")
+            continue
+        means = {name: row.mean_std(BITS.key)[0] for name, row in (("dense", dense), ("1x", one), ("2x", two))}
+        gap_one, gap_two = BITS.worse(means["1x"], means["dense"]), BITS.worse(means["2x"], means["dense"])
+        outcomes.append(compare(two, one, BITS)[0] == "wins")
+        lines.append(f"{at(s)}: dense {result(dense, BITS)}; {versus(two, one, 'RigL 2x', 'RigL 1x', BITS)}; the gap "
+                     f"to dense {gap_one:.4f} bits/byte at 1x, {gap_two:.4f} at 2x ({1 - gap_two / gap_one:.0%} of it "
+                     f"closed) for {two.mean_std('train_flops')[0]:.2f}x dense training FLOPs.")
+    paragraphs.append(_claim("RigL at 2x the steps narrows the gap to dense (ERK).", lines, _held(outcomes)))
+
+    lines = []
+    for s in sparsities:
+        for distribution in ("erk", "uniform"):
+            lines.append(f"{at(s)} {distribution}: "
+                         f"{versus(find(rows, 'RigL', distribution, s), dense, 'RigL', 'dense', BITS)}.")
+    paragraphs.append(_claim("How far sparse training stays from dense (RigL).", lines, "see each line"))
+    return paragraphs + srigl_claim(rows, sparsities, BITS)
+
+
+def _held(outcomes: Sequence[bool]) -> str:
+    """A claim's verdict from its comparisons that ran."""
+    if not outcomes:
+        return "not run"
+    return "held" if all(outcomes) else "did not hold"
+
+
+def write_lm_section(report: Report, figures: Path, path: Path, seeds: int) -> Path:
+    """The language-model study's section of the study's page: how it ran, its claims, its costs per token, its
+    table and its figures (copied next to the page as ``lm_*.png``, with its runs' records as
+    ``lm_records.json``), in place of the page's earlier section of it; the rest of the page is kept."""
+    images, records = _copy_assets(figures, path, "lm_")
+    sparsities = [s for s in LM_SPARSITIES if any(abs(r.first["sparsity"] - s) < 1e-9 for r in report.rows)]
+    corpus = report.rows[0].first["corpus"]
+    runs = sorted(len(row.runs) for row in report.rows)
+    counted = f"{seeds} seeds each" if runs[0] == runs[-1] == seeds else f"{runs[0]} to {runs[-1]} seeds a row " \
+        "(the table's runs column)"
+    redraw = f"python benchmarks/reproduce.py --study lm --from-records {records} --docs {path}"
+    _replace_section(path, LM_HEADING, "\n\n".join([
+        f"Written by `python benchmarks/reproduce.py --study lm --docs {path}`: `gpt_tiny` (4 pre-norm blocks of "
+        "192 features in 6 heads, context 256, 1,878,144 parameters with the tied byte embedding) trained on the "
+        f"source of the Python {corpus['python']} standard library without its tests ({corpus['files']} files, "
+        f"{corpus['bytes'] / 1e6:.1f} MB, digest `{corpus['digest'][:12]}…`; split by document: "
+        f"{corpus['splits']['train']['bytes'] / 1e6:.2f} MB to train, {corpus['splits']['val']['bytes'] / 1e6:.2f} MB "
+        f"to validate, {corpus['splits']['test']['bytes'] / 1e6:.2f} MB to test), byte-level, every recipe of "
+        "`recipes/python_gpt_tiny/` with one token budget: 1,000 steps of 16 windows of 256 bytes, 4.1M tokens (2x "
+        f"runs twice that), {counted}. AdamW (betas 0.9/0.95, weight decay 0.1), 100 warm-up steps then cosine from "
+        "1e-3, gradients clipped to norm 1. The sparse runs mask the query, key, value, output and MLP projections "
+        "(24 layers); the tied embedding and head, the position embedding, norms and biases stay dense. `uniform` "
+        "puts every projection at the sparsity. The result is the test split's bits per byte (its 0.89M bytes; "
+        "lower is better); the table also gives the last validation (50 batches of the validation split). Ties "
+        f"as above: a difference no larger than the larger standard deviation. Drawn from `{records}`; `{redraw}` "
+        "draws it again without training.",
+        *lm_claims(report.rows, sparsities),
+        "### Costs per token",
+        _lm_costs(report.rows),
+        "### The language-model table",
+        markdown_table(report.rows),
+        "### The language-model figures",
+        *images,
+    ]))
+    return path
+
+
+def _lm_costs(rows: Sequence[Row]) -> str:
+    """FLOPs per token and throughput of the language-model rows, as a paragraph."""
+    dense = find(rows, "Dense", None, 0.0)
+    flops = {}
+    for s in LM_SPARSITIES:
+        row = find(rows, "RigL", "erk", s)
+        if row is not None:
+            flops[s] = row.mean_std("forward_flops_per_token")[0]
+    speeds = [row.mean_std("tokens_per_second") for row in rows if row.mean_std("tokens_per_second") is not None]
+    text = ("" if dense is None else
+            f"Dense inference costs {dense.mean_std('forward_flops_per_token')[0] / 1e6:.2f}M FLOPs per token and "
+            f"training {dense.mean_std('train_flops_per_token')[0] / 1e6:.2f}M (three forward passes' worth, the "
+            "paper's accounting). ")
+    text += "; ".join(f"At {at(s)} (RigL ERK) inference costs {value / 1e6:.2f}M" for s, value in flops.items())
+    text += (". Attention's two products of activations (q·kᵀ and the weighted sum of the values, 0.79M FLOPs per "
+             "token at a context of 256) and the dense tied head do not shrink with the weights, so 90% sparse "
+             "projections buy far less than a 10× saving.")
+    if speeds:
+        low, high = min(speed[0] for speed in speeds), max(speed[0] for speed in speeds)
+        text += (f" Throughput: {low:,.0f} to {high:,.0f} tokens per second per run (the table's tokens/s: the median "
+                 "batch, one thread per run, two runs sharing the two cores and at times other work, so compare "
+                 "within a row's spread), every run with dense kernels: at "
+                 "these layer sizes (192↔768, 4,096 rows) sparse kernels are slower on this CPU, and `\"auto\"` keeps "
+                 "them dense.")
+    return text
+
+
+def _copy_assets(figures: Path, path: Path, prefix: str) -> tuple[list[str], Path]:
+    """The report's figures and its run records copied next to the page ``path`` (in the folder of its name,
+    each name prefixed); the figures' image lines and the records' path."""
+    assets = path.parent / path.stem
+    assets.mkdir(parents=True, exist_ok=True)
+    images = []
+    for figure in sorted(figures.glob("*.png")):
+        shutil.copy(figure, assets / f"{prefix}{figure.name}")
+        images.append(f"![{prefix}{figure.stem}]({assets.name}/{prefix}{figure.name})")
+    records = assets / f"{prefix}{RECORDS_FILE}"
+    if (figures / RECORDS_FILE).resolve() != records.resolve():
+        shutil.copy(figures / RECORDS_FILE, records)
+    return images, records
+
+
+def _replace_section(path: Path, heading: str, text: str) -> None:
+    """Writes ``text`` as the page's section ``heading`` (one of STUDY_HEADINGS, or "" for the page's own text
+    before them), replacing what it held; the other sections are kept, in STUDY_HEADINGS' order."""
+    page = path.read_text() if path.exists() else ""
+    pieces = re.split("^(" + "|".join(map(re.escape, STUDY_HEADINGS)) + ")$", page, flags=re.MULTILINE)
+    sections = {"": pieces[0].strip(), **{pieces[i]: pieces[i + 1].strip() for i in range(1, len(pieces), 2)}}
+    sections[heading] = text.strip()
+    parts = [sections[""]] if sections[""] else []
+    parts += [f"{name}\n\n{sections[name]}" for name in STUDY_HEADINGS if name in sections]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(parts) + "\n")
 
 
 def write_reproduction_doc(report: Report, figures: Path, path: Path, seeds: int, quick: bool) -> Path:
     """The study's page: how it was run, the claims, the table and the figures, copied next to the page with the
     run records they were drawn from (``records.json``, from which ``--from-records`` redraws them)."""
     sparsities = [s for s in SPARSITIES if any(abs(r.first["sparsity"] - s) < 1e-9 for r in report.rows)]
-    assets = path.parent / path.stem
-    assets.mkdir(parents=True, exist_ok=True)
-    images = []
-    for figure in sorted(figures.glob("*.png")):
-        shutil.copy(figure, assets / figure.name)
-        images.append(f"![{figure.stem}]({assets.name}/{figure.name})")
-    if (figures / RECORDS_FILE).resolve() != (assets / RECORDS_FILE).resolve():
-        shutil.copy(figures / RECORDS_FILE, assets / RECORDS_FILE)
+    images, records = _copy_assets(figures, path, "")
     command = "python benchmarks/reproduce.py" + (" --quick" if quick else "") + " --docs " + str(path)
-    redraw = f"python benchmarks/reproduce.py --from-records {assets / RECORDS_FILE} --docs {path}"
+    redraw = f"python benchmarks/reproduce.py --from-records {records} --docs {path}"
     text = "\n\n".join([
         "# The paper's claims on Fashion-MNIST",
         f"Written by `{command}` (`make reproduce`): LeNet-300-100 on the real Fashion-MNIST (55,000 training "
@@ -275,7 +436,7 @@ def write_reproduction_doc(report: Report, figures: Path, path: Path, seeds: int
         f"step budget (4,300 steps; 2x runs twice that), {seeds} seeds each, on this project's 2-core CPU machine. "
         "Accuracies are test top-1, mean ± standard deviation over seeds; a difference no larger than the larger "
         "of the two standard deviations is called a tie. The figures and this page are drawn from the runs' "
-        f"records in `{assets / RECORDS_FILE}`; `{redraw}` draws them again without training.",
+        f"records in `{records}`; `{redraw}` draws them again without training.",
         "## The claims",
         *claims(report.rows, sparsities),
         "## The table",
@@ -285,10 +446,6 @@ def write_reproduction_doc(report: Report, figures: Path, path: Path, seeds: int
         markdown_table(report.rows),
         "## Figures",
         *images,
-    ]) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else ""
-    if VIT_HEADING in old:  # the ViT study's section, written by its own run
-        text = text.rstrip() + "\n\n" + VIT_HEADING + old.split(VIT_HEADING, 1)[1]
-    path.write_text(text)
+    ])
+    _replace_section(path, "", text)  # the ViT and language-model sections, written by their own studies, stay
     return path

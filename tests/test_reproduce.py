@@ -118,3 +118,68 @@ def test_the_vit_claims_and_its_section_beside_the_lenet_page(tmp_path: Path) ->
     assert page.read_text() == text
     claims.write_reproduction_doc(report, figures, page, seeds=3, quick=False)  # the LeNet page keeps it
     assert page.read_text().count("## A vision transformer") == 1 and "3 seeds each" in page.read_text()
+
+
+def lm_row(method: str, bits: list[float], distribution: str | None = "erk", sparsity: float = 0.9,
+           multiplier: float = 1, train: float = 0.3) -> Row:
+    runs = [Run(Path(f"{method}{i}"), {"model": "gpt_tiny", "data": "TextDataModule", "method": method,
+                                       "distribution": distribution, "sparsity": sparsity,
+                                       "achieved_sparsity": sparsity, "multiplier": multiplier,
+                                       "test": {"test/bits_per_byte": b}, "train_ratio": train, "forward_ratio": 0.28,
+                                       "size_bytes": 1.0, "densities": {}}, {}, [])
+            for i, b in enumerate(bits)]
+    return Row(runs)
+
+
+def test_fewer_bits_per_byte_win() -> None:
+    verdict, difference = claims.compare(lm_row("RigL", [3.20, 3.21]), lm_row("SET", [3.30, 3.31]), claims.BITS)
+    assert verdict == "wins" and difference == pytest.approx(-0.1)
+    assert claims.compare(lm_row("SET", [3.30, 3.31]), lm_row("RigL", [3.20, 3.21]), claims.BITS)[0] == "loses"
+    assert claims.compare(lm_row("RigL", [3.20, 3.22]), lm_row("SET", [3.21, 3.23]), claims.BITS)[0] == "ties"
+
+
+def test_the_language_model_claims_read_bits_per_byte_and_say_not_run_for_missing_rows() -> None:
+    rows = [lm_row("Dense", [2.60, 2.61], None, 0.0, train=1.0)]
+    for distribution, shift in (("erk", 0.0), ("uniform", 0.1)):
+        rows += [lm_row("RigL", [3.20 + shift, 3.21 + shift], distribution),
+                 lm_row("SET", [3.25 + shift, 3.26 + shift], distribution),
+                 lm_row("Static", [3.30 + shift, 3.31 + shift], distribution)]
+    rows.append(lm_row("RigL", [3.00, 3.01], multiplier=2))
+    paragraphs = claims.lm_claims(rows, [0.9, 0.75])
+    assert paragraphs[0].startswith("**RigL beats SET beats Static.** Here: held.")  # 75% not run: not counted
+    assert ("90% erk: RigL 3.2050 ± 0.0071 bits/byte wins against SET 3.2550 ± 0.0071 bits/byte (-0.0500)"
+            in paragraphs[0]) and "75% erk: RigL against SET: not run" in paragraphs[0]
+    assert "Here: held" in paragraphs[1] and "RigL 90%: ERK 3.2050 ± 0.0071 bits/byte wins against uniform" \
+        in paragraphs[1]
+    # The gap to dense: 0.600 at 1x, 0.400 at 2x, a third of it closed, for 2 x 0.3 = 0.60x dense training FLOPs.
+    assert "Here: held" in paragraphs[2] and "the gap to dense 0.6000 bits/byte at 1x, 0.4000 at 2x (33% of it " \
+        "closed) for 0.60x dense training FLOPs" in paragraphs[2]
+    assert claims.lm_claims(rows[:1], [0.9])[0].startswith("**RigL beats SET beats Static.** Here: not run.")
+    worse_set = [row if row.first["method"] != "SET" else lm_row("SET", [3.40, 3.41], row.first["distribution"])
+                 for row in rows]
+    assert claims.lm_claims(worse_set, [0.9])[0].startswith("**RigL beats SET beats Static.** Here: did not hold.")
+
+
+def test_each_study_rewrites_its_own_section_of_the_page_and_keeps_the_others(tmp_path: Path) -> None:
+    page, figures = tmp_path / "reproduction.md", tmp_path / "report"
+    figures.mkdir()
+    (figures / "records.json").write_text("{}")
+    (figures / "bits_per_byte_vs_sparsity.png").write_bytes(b"png")
+    page.write_text("# The paper's claims\n\nthe LeNet study\n")
+    vit_rows = [row("Dense", [88, 88.2], None, 0.0), row("RigL", [86, 86.2])]
+    corpus = {"python": "3.11.7", "files": 3, "bytes": 3e6, "digest": "ab" * 32,
+              "splits": {split: {"bytes": 1e6} for split in ("train", "val", "test")}}
+    lm_rows = [lm_row("Dense", [2.6, 2.61], None, 0.0), lm_row("RigL", [3.2, 3.21])]
+    for run in lm_rows[0].runs + lm_rows[1].runs:
+        run.record.update(corpus=corpus, forward_flops_per_token=1e6, train_flops_per_token=3e6)
+    claims.write_lm_section(claims.Report(lm_rows), figures, page, seeds=2)
+    claims.write_vit_section(claims.Report(vit_rows), figures, page, seeds=2)
+    text = page.read_text()
+    assert text.index("the LeNet study") < text.index("## A vision transformer") < text.index("## A language model")
+    assert (tmp_path / "reproduction" / "lm_bits_per_byte_vs_sparsity.png").exists()
+    assert "Python 3.11.7" in text and "2 seeds each" in text
+    claims.write_lm_section(claims.Report(lm_rows), figures, page, seeds=2)  # again: replaced, not repeated
+    claims.write_reproduction_doc(claims.Report(vit_rows), figures, page, seeds=3, quick=False)
+    again = page.read_text()
+    assert again.count("## A language model") == again.count("## A vision transformer") == 1
+    assert again.split("## A vision transformer")[1] == text.split("## A vision transformer")[1]
