@@ -96,6 +96,50 @@ class TinyGPT(TinyNet):
         return nn.functional.cross_entropy(self(batch[0]).flatten(0, 1), tokens[:, 1:].flatten())
 
 
+def tiny_huggingface_lm(arch: str, tie_head: bool = False) -> nn.Module:
+    """A Hugging Face causal LM from a tiny config, without a download: "gpt2" (Conv1D projections stored
+    (in, out), the head tied to the token embedding) or "llama" (bias-free Linear projections, grouped-query
+    attention: keys and values of 8 features; its head untied unless ``tie_head``). No dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=8, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                          eos_token_id=0))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=8, max_position_embeddings=16, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        tie_word_embeddings=tie_head, bos_token_id=0, eos_token_id=0,
+                                        pad_token_id=0))
+
+
+class TinyHuggingFace(TinyNet):
+    """A tiny Hugging Face causal LM (``tiny_huggingface_lm``) on TinyNet's data read as tokens as TinyGPT reads
+    them, trained on the model's own next-token loss with AdamW."""
+
+    def __init__(self, arch: str = "gpt2", lr: float = 0.01) -> None:
+        super().__init__(optimizer="adamw", lr=lr)
+        self.features = nn.Identity()
+        self.classifier = tiny_huggingface_lm(arch)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(input_ids=TinyGPT.tokens(images)).logits
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        tokens = TinyGPT.tokens(batch[0])
+        return self.classifier(input_ids=tokens, labels=tokens).loss
+
+
+class TinyGPT2(TinyHuggingFace):
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__("gpt2", lr)
+
+
+class TinyLlama(TinyHuggingFace):
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__("llama", lr)
+
+
 def make_data(n: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32) -> TensorDataset:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 8, 8, generator=gen, dtype=dtype)

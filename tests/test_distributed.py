@@ -17,7 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.multiprocessing as mp
-from conftest import TinyGPT, TinyNet, TinyViT, make_data
+from conftest import TinyGPT, TinyGPT2, TinyLlama, TinyNet, TinyViT, make_data
 from methods import CHANGING, METHODS
 from torch.utils.data import DataLoader
 
@@ -26,7 +26,10 @@ from lightning_rigl import Static
 STEPS = 10
 RANK_DEPENDENT = "static_seeded_by_rank"
 TRANSFORMER_RUNS = {**{f"{method}_vit": (METHODS[method], TinyViT) for method in ("rigl", "set")},
-                    **{f"{method}_gpt": (METHODS[method], TinyGPT) for method in ("rigl", "srigl")}}
+                    **{f"{method}_gpt": (METHODS[method], TinyGPT) for method in ("rigl", "srigl")},
+                    # Hugging Face models: GPT-2's Conv1D weights stored (in, out), Llama's bias-free Linear.
+                    **{f"{method}_gpt2": (METHODS[method], TinyGPT2) for method in ("rigl", "srigl")},
+                    "rigl_llama": (METHODS["rigl"], TinyLlama)}
 # Sparse kernels inside DDP; under "auto" the processes sum their timings, so that all choose the same kernels.
 KERNEL_RUNS = {f"{method}_{kernels}": (functools.partial(METHODS[method], kernels=kernels), TinyNet)
                for method, kernels in (("rigl", "sparse"), ("set", "sparse"), ("srigl", "sparse"), ("rigl", "auto"),

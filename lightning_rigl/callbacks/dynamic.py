@@ -146,7 +146,7 @@ class DynamicSparseTraining(SparseTraining):
         """Drop ``n_drop`` of the layer's live weights and grow ``n_grow`` by ``scores``, in ``masks[name]``: the
         smallest |w| go, the largest scores not kept come (within the structure). A method with another rule
         for which connections change (SRigL's ablation) overrides this."""
-        return drop_and_grow(self.masks[name], weights, scores, n_drop, n_grow, self.structure)
+        return drop_and_grow(self.masks[name], weights, scores, n_drop, n_grow, self.layer_structure(name))
 
     def densities_move(self) -> bool:
         """Whether updates change layer densities (then logged at every update): under redistribution."""

@@ -41,8 +41,13 @@ from lightning_rigl.sparsity.sharding import (
     unsupported_sharding,
     write_local,
 )
-from lightning_rigl.sparsity.structure import Structure, parse_structure
-from lightning_rigl.sparsity.targets import resolve_custom, resolve_patterns, sparsifiable_parameters
+from lightning_rigl.sparsity.structure import Structure, oriented, parse_structure
+from lightning_rigl.sparsity.targets import (
+    neurons_in_columns,
+    resolve_custom,
+    resolve_patterns,
+    sparsifiable_parameters,
+)
 
 Result = TypeVar("Result")
 
@@ -164,6 +169,7 @@ class SparseTraining(Callback, ABC):
         self.custom_sparsity = dict(custom_sparsity or {})
         self.erk_power_scale = float(erk_power_scale)
         self.structure: Structure | None = parse_structure(structure)
+        self.neurons_in_columns: set[str] = set()  # the sparse weights stored (in, out): Hugging Face Conv1D
         if self.structure is not None and not self.supports_structure:
             raise ConfigError(f"{type(self).__name__} does not keep a structure: structure={structure!r} is for "
                               "Static, SET, RigL and SRigL. Leave structure unset.")
@@ -228,7 +234,7 @@ class SparseTraining(Callback, ABC):
     def initial_masks(self) -> dict[str, Tensor]:
         """Masks at the first step of a fresh run, whole (the base class shards them): random positions, exactly
         ``live_count`` live per layer."""
-        return random_masks(self._params, self.densities, self.seed, self.structure)
+        return random_masks(self._params, self.densities, self.seed, self.structure, self.neurons_in_columns)
 
     def reads_dense_gradient(self, step: int) -> bool:
         """Whether the mask decision of optimizer step ``step`` reads the gradient at dead positions too (then its
@@ -498,7 +504,8 @@ class SparseTraining(Callback, ABC):
         for name, shape in shapes.items():
             numel = math.prod(shape)
             budget = self.budgets[name]
-            rounded[name] = 1.0 if budget == numel else self.structure.layer_count(name, shape, budget) / numel
+            structure = self.layer_structure(name)
+            rounded[name] = 1.0 if budget == numel else structure.layer_count(name, shape, budget) / numel
         return rounded
 
     def global_density(self) -> float:
@@ -510,13 +517,14 @@ class SparseTraining(Callback, ABC):
         return {name: self.live_counts[name] / mask.numel() for name, mask in self.masks.items()}
 
     def ablated_neurons(self) -> int:
-        """Neurons (rows of the sparse weights) without a live weight, over every layer."""
+        """Neurons (rows of the sparse weights; columns of those stored (in, out)) without a live weight, over
+        every layer."""
         return sum(self.empty_rows.values())
 
     def _record(self, name: str, whole: Tensor) -> None:
         """Note what the layer's whole mask, just decided, holds (``live_counts``, ``empty_rows``) and, for a
         sharded layer, its digest for the agreement check."""
-        rows = whole.reshape(whole.shape[0], -1)
+        rows = self.neuron_matrix(name, whole)
         self.live_counts[name] = int(rows.sum())
         self.empty_rows[name] = int((~rows.any(1)).sum())
         if is_sharded(self._params[name]):
@@ -629,7 +637,18 @@ class SparseTraining(Callback, ABC):
                            "will be kept. Lower it (0 keeps the initial weights).")
 
     def _select(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
-        return sparsifiable_parameters(pl_module, include=self.include, exclude=self.exclude)
+        params = sparsifiable_parameters(pl_module, include=self.include, exclude=self.exclude)
+        self.neurons_in_columns = neurons_in_columns(pl_module, params)
+        return params
+
+    def layer_structure(self, name: str) -> Structure | None:
+        """The structure as the sparse layer ``name`` holds it: read transposed where neurons are columns."""
+        return oriented(self.structure, name in self.neurons_in_columns)
+
+    def neuron_matrix(self, name: str, whole: Tensor) -> Tensor:
+        """The whole mask (or any tensor of the shape) of sparse layer ``name`` as (neurons, weights per neuron)."""
+        matrix = whole.t() if name in self.neurons_in_columns else whole
+        return matrix.reshape(matrix.shape[0], -1)
 
     def _place_restored_state(self, step: int | None) -> None:
         """Masks and state restored from a checkpoint (whole tensors), or kept from an earlier fit: checked
@@ -665,7 +684,7 @@ class SparseTraining(Callback, ABC):
             mask = self.masks.get(name)
             expected = live_count(param.numel(), self.densities.get(name, 1.0))
             broken = None if mask is None or self.structure is None or expected == param.numel() else \
-                self.structure.violation(gather(mask))
+                self.layer_structure(name).violation(gather(mask))
             if mask is None or mask.shape != param.shape or self.live_counts[name] != expected or broken:
                 raise RuntimeError(
                     f"The masks in the checkpoint do not fit this configuration (parameter {name!r}: expected "

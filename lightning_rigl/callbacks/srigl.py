@@ -14,7 +14,7 @@ from lightning_rigl.callbacks.rigl import RigL
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.sparsity.ablation import constant_fan_in_update, neurons_to_keep, salient_per_neuron
 from lightning_rigl.sparsity.masks import MaskChange
-from lightning_rigl.sparsity.structure import CONSTANT_FAN_IN, rows_and_fan_in
+from lightning_rigl.sparsity.structure import CONSTANT_FAN_IN, rows_and_fan_in, stored_index
 from lightning_rigl.sparsity.targets import resolve_patterns
 
 ABLATED_NEURONS = "sparsity/ablated_neurons"  # logged: neurons without a live weight, over every sparse layer
@@ -87,10 +87,18 @@ class SRigL(RigL):
         if name not in self._ablating:  # its fan-in never changes: RigL within the structure
             return super().change_mask(name, weights, scores, n_drop, n_grow)
         mask, budget = self.masks[name], self.budgets[name]
-        rows, fan_in = rows_and_fan_in(mask.shape)
+        transposed = name in self.neurons_in_columns  # its neurons are columns: the rule reads the transpose
+        layer = mask.t().contiguous() if transposed else mask
+        weights, scores = (weights.t(), scores.t()) if transposed else (weights, scores)
+        rows, fan_in = rows_and_fan_in(layer.shape)
         min_salient = max(1, int(self.min_salient_fraction * (budget // rows)))  # as the official code rounds
-        active = neurons_to_keep(salient_per_neuron(mask, weights, scores, n_drop), budget, fan_in, min_salient)
-        return constant_fan_in_update(mask, weights, scores, n_drop, active, budget)
+        active = neurons_to_keep(salient_per_neuron(layer, weights, scores, n_drop), budget, fan_in, min_salient)
+        change = constant_fan_in_update(layer, weights, scores, n_drop, active, budget)
+        if not transposed:
+            return change
+        mask.copy_(layer.t())
+        shape = tuple(mask.shape)
+        return MaskChange(stored_index(change.removed, shape), stored_index(change.added, shape))
 
     @override
     def density_metrics(self) -> dict[str, float]:

@@ -28,6 +28,7 @@ from lightning_rigl.export.file import nonzero_masks
 from lightning_rigl.kernels.forms import condense, to_csr
 from lightning_rigl.kernels.timing import fastest
 from lightning_rigl.sparsity.structure import NM, ConstantFanIn
+from lightning_rigl.sparsity.targets import huggingface_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class LayerChoice:
 
     Args:
         name: the module's name in the model (the parameter's, for a weight that is not a module's ``weight``).
-        kind: "linear", "conv1x1", "conv" (a k×k convolution through im2col), "grouped conv", "attention
+        kind: "linear", "linear (Conv1D)" (Hugging Face's, weight stored (in, out); converted as its
+            transpose), "conv1x1", "conv" (a k×k convolution through im2col), "grouped conv", "attention
             projection" (a weight an attention module reads itself) or the module's class name (the last three
             never converted).
         density: fraction of live weights.
@@ -293,7 +295,7 @@ def sparse_inference(model: nn.Module, masks: Mapping[str, Tensor] | None = None
     """An inference copy of ``model`` (eval mode, no gradients needed) whose sparse layers compute with sparse
     kernels: CSR, or condensed where the mask has a constant fan-in.
 
-    Linear layers and 2-d convolutions (ungrouped, padding given as numbers and ``padding_mode="zeros"``, batched
+    Linear layers, Hugging Face ``Conv1D`` layers (GPT-2's) and 2-d convolutions (ungrouped, padding given as numbers and ``padding_mode="zeros"``, batched
     input) are converted; others (depthwise convolutions, the projections ``nn.MultiheadAttention`` reads
     itself, for instance) stay dense. Every weight outside its
     mask is 0 in the copy, converted or not, and the copy gives the model's outputs to float tolerance (the
@@ -419,8 +421,12 @@ def _sparse_versions(candidate: _Candidate) -> tuple[str, dict[str, nn.Module], 
         return "attention projection", {}, f"{why}: it stays dense"
     if candidate.attribute != "weight":
         return type(module).__name__, {}, "only the weight of Linear and Conv2d is converted"
+    conv1d = huggingface_conv1d()
     if isinstance(module, nn.Linear):
         kind, csr, condensed = "linear", SparseLinear, CondensedLinear
+    elif conv1d is not None and isinstance(module, conv1d):  # stored (in, out): converted as its nn.Linear
+        module, mask = _linear_of(module), mask.t()
+        kind, csr, condensed = "linear (Conv1D)", SparseLinear, CondensedLinear
     elif isinstance(module, nn.Conv2d):
         if module.groups != 1:
             return "grouped conv", {}, "grouped convolutions have no sparse kernel here"
@@ -428,9 +434,9 @@ def _sparse_versions(candidate: _Candidate) -> tuple[str, dict[str, nn.Module], 
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return kind, {}, "only numeric zero padding is converted"
     else:
-        return type(module).__name__, {}, "only Linear and Conv2d are converted"
+        return type(module).__name__, {}, "only Linear, Hugging Face's Conv1D and Conv2d are converted"
     versions: dict[str, nn.Module] = {}
-    if kind == "linear" and semi_structured_unavailable(module.weight) is None and NM(2, 4).violation(mask) is None:
+    if kind.startswith("linear") and semi_structured_unavailable(module.weight) is None and NM(2, 4).violation(mask) is None:
         try:
             versions["2:4"] = SemiStructuredLinear(module, mask)
         except RuntimeError as error:  # shapes or dtypes the kernels do not take
@@ -441,6 +447,19 @@ def _sparse_versions(candidate: _Candidate) -> tuple[str, dict[str, nn.Module], 
         versions["condensed"] = condensed(module, mask)
     why_not = "" if versions else f"CPU sparse kernels need float32 or float64, not {module.weight.dtype}"
     return kind, versions, why_not
+
+
+def _linear_of(conv1d: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that computes what a Hugging Face ``Conv1D`` computes: its weight transposed to
+    (out, in), its bias; copies, sharing nothing with it."""
+    fan_in, neurons = conv1d.weight.shape
+    linear = nn.Linear(fan_in, neurons, bias=conv1d.bias is not None, device=conv1d.weight.device,
+                       dtype=conv1d.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv1d.weight.t())
+        if conv1d.bias is not None:
+            linear.bias.copy_(conv1d.bias)
+    return linear
 
 
 def _pointwise(conv: nn.Conv2d) -> bool:

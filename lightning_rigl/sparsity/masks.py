@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lightning_rigl.sparsity.distributions import live_count
 from lightning_rigl.sparsity.sharding import is_sharded, live_totals, local, local_positions
-
-if TYPE_CHECKING:
-    from lightning_rigl.sparsity.structure import Structure
+from lightning_rigl.sparsity.structure import Structure, oriented
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -85,14 +82,16 @@ def random_mask(shape: torch.Size, n_live: int, gen: torch.Generator, device: to
 
 
 def random_masks(params: Mapping[str, Tensor], densities: Mapping[str, float], seed: int = 0,
-                 structure: Structure | None = None) -> dict[str, Tensor]:
+                 structure: Structure | None = None, neurons_in_columns: Collection[str] = ()) -> dict[str, Tensor]:
     """For each named tensor, a mask with exactly ``live_count(numel, density)`` live positions drawn at random
-    (within ``structure`` for the sparse layers, if given): the initial masks of a sparse callback with this
-    ``seed`` (same layer order, same numbers). The tensors are only read (shape, device)."""
+    (within ``structure`` for the sparse layers, if given; read transposed for the names in
+    ``neurons_in_columns``, weights stored (in, out)): the initial masks of a sparse callback with this ``seed``
+    (same layer order, same numbers). The tensors are only read (shape, device)."""
     masks = {}
     for index, (name, param) in enumerate(params.items()):
         n_live, gen = live_count(param.numel(), densities[name]), generator(seed, Stream.INITIAL_MASK, 0, index)
-        draw = random_mask if structure is None or n_live == param.numel() else structure.random_mask
+        layer_structure = oriented(structure, name in neurons_in_columns)
+        draw = random_mask if layer_structure is None or n_live == param.numel() else layer_structure.random_mask
         masks[name] = draw(param.shape, n_live, gen, param.device)
     return masks
 

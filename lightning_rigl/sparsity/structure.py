@@ -1,8 +1,9 @@
 """Structured masks: where a layer's live weights may sit.
 
 A weight of shape (out, ...) is read as a matrix of ``out`` rows (neurons: output features, output channels,
-rows of an attention projection) by ``fan_in`` columns (everything a neuron reads, flattened row-major). A
-structure limits the live weights of every *group*, a run of consecutive columns of one row:
+rows of an attention projection) by ``fan_in`` columns (everything a neuron reads, flattened row-major); a weight
+stored (in, out), Hugging Face's ``Conv1D``, is read transposed (``Transposed``). A structure limits the live
+weights of every *group*, a run of consecutive columns of one row:
 
 - ``NM(n, m)``, "N:M": at most N live weights in every group of M consecutive columns (a row's last group may
   be shorter and holds at most min(N, its length)). The structure sparse tensor cores run (2:4).
@@ -130,6 +131,43 @@ class ConstantFanIn(Structure):
         if values.numel() <= 1:
             return None
         return f"its live neurons hold different fan-ins ({values.tolist()[:5]}...)"
+
+
+@dataclass(frozen=True)
+class Transposed(Structure):
+    """``inner`` on a weight stored (in, out), whose neurons are its columns (Hugging Face's ``Conv1D``): the
+    layer is read as its (out, in) transpose, so that a neuron's fan-in is a column and N:M groups run along its
+    inputs. Masks and scores stay in the stored layout; indices come back in it."""
+
+    inner: Structure
+
+    def __str__(self) -> str:
+        return str(self.inner)
+
+    def layer_count(self, name: str, shape: tuple[int, ...], budget: int) -> int:
+        return self.inner.layer_count(name, tuple(reversed(shape)), budget)
+
+    def group_limit(self, shape: tuple[int, ...], n_live: int) -> tuple[int, int]:
+        return self.inner.group_limit(tuple(reversed(shape)), n_live)
+
+    def violation(self, mask: Tensor) -> str | None:
+        return self.inner.violation(mask.t())
+
+    def grow(self, mask: Tensor, scores: Tensor, n_grow: int) -> Tensor:
+        grown = self.inner.grow(mask.t().contiguous(), scores.t().contiguous(), n_grow)
+        return stored_index(grown, tuple(mask.shape))
+
+
+def stored_index(flat: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Flat indices into a matrix of ``shape`` (in, out) of the positions ``flat`` indexes in its (out, in)
+    transpose."""
+    fan_in, neurons = shape
+    return (flat % fan_in) * neurons + torch.div(flat, fan_in, rounding_mode="floor")
+
+
+def oriented(structure: Structure | None, neurons_in_columns: bool) -> Structure | None:
+    """The structure of one layer: ``structure`` itself, or read transposed for a weight stored (in, out)."""
+    return Transposed(structure) if structure is not None and neurons_in_columns else structure
 
 
 def parse_structure(value: str | None) -> Structure | None:

@@ -1,16 +1,19 @@
 """Which parameters are sparsified.
 
 By default: every weight matrix the network multiplies its activations by: the ``weight`` of every convolution
-(any dimensionality, transposed included) and every linear layer, and the projections that
-``nn.MultiheadAttention`` keeps outside a linear layer (``in_proj_weight``, or ``q_proj_weight``,
-``k_proj_weight`` and ``v_proj_weight`` when keys and values have their own sizes; its ``out_proj`` is a
-linear layer). Biases, normalisation layers, embedding tables, positional embeddings and class tokens stay
-dense. Names are those of ``model.named_parameters()``.
+(any dimensionality, transposed included), every linear layer and every Hugging Face ``Conv1D`` (GPT-2's
+projections, stored (in, out)), and the projections that ``nn.MultiheadAttention`` keeps outside a linear layer
+(``in_proj_weight``, or ``q_proj_weight``, ``k_proj_weight`` and ``v_proj_weight`` when keys and values have their
+own sizes; its ``out_proj`` is a linear layer). Biases, normalisation layers, embedding tables (also where a
+tied output head reads one), positional embeddings and class tokens stay dense, and so does a Hugging Face
+model's output head (``get_output_embeddings()``, tied or not), as pruned language models keep it. Names are
+those of ``model.named_parameters()``.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Mapping, Sequence
 
 from torch import nn
@@ -22,18 +25,40 @@ SPARSIFIABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
 _ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
+def huggingface_conv1d() -> type[nn.Module] | None:
+    """Hugging Face's ``Conv1D`` (``transformers.pytorch_utils``), a linear layer whose weight is stored
+    (in, out), when transformers is imported, as it is wherever a model holds one; None otherwise."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def neurons_in_columns(model: nn.Module, params: Mapping[str, nn.Parameter]) -> set[str]:
+    """The names among ``params`` of weights stored (in, out), whose neurons are columns: the weights of Hugging
+    Face ``Conv1D`` layers."""
+    conv1d = huggingface_conv1d()
+    if conv1d is None:
+        return set()
+    stored_transposed = {id(module.weight) for module in model.modules() if isinstance(module, conv1d)}
+    return {name for name, param in params.items() if id(param) in stored_transposed}
+
+
 def _default_weights(model: nn.Module) -> set[int]:
     """The ids of the weight matrices selected by default (see the module's docstring)."""
-    chosen = set()
+    layers = SPARSIFIABLE_MODULES + tuple(filter(None, [huggingface_conv1d()]))
+    chosen, kept_dense = set(), set()
     for module in model.modules():
-        if isinstance(module, SPARSIFIABLE_MODULES):
+        if isinstance(module, layers):
             candidates = [module.weight]
         elif isinstance(module, nn.MultiheadAttention):
             candidates = [getattr(module, name) for name in _ATTENTION_PROJECTIONS]
         else:
-            continue
+            candidates = []
+        if isinstance(module, nn.Embedding):
+            kept_dense.add(id(module.weight))
+        head = module.get_output_embeddings() if callable(getattr(module, "get_output_embeddings", None)) else None
+        if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), nn.Parameter):
+            kept_dense.add(id(head.weight))
         chosen.update(id(p) for p in candidates if isinstance(p, nn.Parameter))
-    return chosen
+    return chosen - kept_dense
 
 
 def _matching(names: Sequence[str], pattern: str) -> list[str]:
