@@ -34,6 +34,7 @@ class PruningFromDense(SparseTraining):
     """
 
     supports_global: ClassVar[bool] = True
+    supports_start: ClassVar[bool] = False  # it starts dense
 
     @override
     def start_densities(self) -> dict[str, float]:

@@ -31,7 +31,7 @@ from lightning_rigl.sparsity.distributions import (
     global_live_total,
     live_count,
 )
-from lightning_rigl.sparsity.masks import apply_mask, mask_digest, random_masks
+from lightning_rigl.sparsity.masks import apply_mask, mask_digest, random_masks, top_masks
 from lightning_rigl.sparsity.parallel import for_each_layer
 from lightning_rigl.sparsity.sharding import (
     gather,
@@ -42,6 +42,7 @@ from lightning_rigl.sparsity.sharding import (
     write_local,
 )
 from lightning_rigl.sparsity.structure import Structure, oriented, parse_structure
+from lightning_rigl.sparsity.updates import prune_globally
 from lightning_rigl.sparsity.targets import (
     neurons_in_columns,
     resolve_custom,
@@ -58,6 +59,8 @@ _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 # The key of every lightning-rigl callback's state in a checkpoint: stable across renames and shared by all
 # methods, so that a LotteryTicket (or a resumed run) finds the masks whatever class wrote them.
 STATE_KEY = "lightning_rigl"
+# Where a fresh run's masks come from: random positions, or the largest weights (a start from trained weights).
+STARTS = ("random", "magnitude")
 
 
 # Names of the logged metrics, also read back from metrics.csv by the command and the report.
@@ -105,6 +108,13 @@ class SparseTraining(Callback, ABC):
             weights in every M consecutive weights of a neuron, "2:4" say) or "constant_fan_in" (every neuron
             holds the same number of live weights; a layer's count rounds down to a whole fan-in). Held at
             initialisation and by every mask change. Static, SET and RigL only; layers kept dense stay dense.
+        start: where a fresh run's masks come from. "random": random positions (the paper's sparse
+            initialisation, seeded by ``seed``). "magnitude": the largest |w| of the weights the model holds at the
+            start of fit, such as pretrained ones (a one-shot magnitude pruning, then training that keeps the
+            zeros: Static, or goes on with the method's updates): each layer keeps its count under the
+            distribution (within the structure), or, with ``distribution="global"``, the largest |w| across all
+            layers (each keeps at least one) decide each layer's share. Methods that start dense (pruning, SNIP)
+            or from a ticket take no ``start``.
         rewind_step: keep a CPU copy of every parameter of the model as it is after this many optimizer steps
             (0: the initialisation) in the checkpoint, for a ``LotteryTicket`` to rewind to; None keeps none.
             Under FSDP2 each process keeps its shard of each parameter, on the parameter's device.
@@ -141,6 +151,7 @@ class SparseTraining(Callback, ABC):
     supports_global: ClassVar[bool] = False  # whether distribution="global" means something for this method
     reads_gradients: ClassVar[bool] = False  # whether mask decisions read gradients (they must be unscaled)
     supports_structure: ClassVar[bool] = False  # whether the method can keep its masks within a ``structure``
+    supports_start: ClassVar[bool] = True  # whether the method starts from a sparse mask of its own (``start``)
 
     def __init__(
         self,
@@ -153,13 +164,21 @@ class SparseTraining(Callback, ABC):
         custom_sparsity: Mapping[str, float] | None = None,
         erk_power_scale: float = 1.0,
         structure: str | None = None,
+        start: str = "random",
         rewind_step: int | None = None,
         seed: int = 0,
         kernels: str = "dense",
         live_step: bool = True,
     ) -> None:
         super().__init__()
-        check_distribution(sparsity, distribution, allow_global=self.supports_global,
+        if start not in STARTS:
+            raise ConfigError(f"start must be one of {STARTS}, got {start!r}.")
+        if start != "random" and not self.supports_start:
+            raise ConfigError(f"{type(self).__name__} does not start from a mask of its own (it starts dense, or "
+                              f"from its ticket): start={start!r} is for Static, SET, RigL and the other methods "
+                              "that start sparse. Leave start unset.")
+        self.start = start
+        check_distribution(sparsity, distribution, allow_global=self.supports_global or start != "random",
                            custom_sparsity=custom_sparsity, erk_power_scale=erk_power_scale)
         self.sparsity = sparsity
         self.distribution = distribution
@@ -173,6 +192,9 @@ class SparseTraining(Callback, ABC):
         if self.structure is not None and not self.supports_structure:
             raise ConfigError(f"{type(self).__name__} does not keep a structure: structure={structure!r} is for "
                               "Static, SET, RigL and SRigL. Leave structure unset.")
+        if self.structure is not None and distribution == GLOBAL:
+            raise ConfigError(f"structure={structure!r} fixes what each layer holds, and distribution='global' lets "
+                              "one ranking across layers decide it: use 'erk', 'er' or 'uniform' with a structure.")
         if rewind_step is not None and (isinstance(rewind_step, bool) or not isinstance(rewind_step, int)
                                         or rewind_step < 0):
             raise ConfigError(f"rewind_step must be an optimizer step >= 0 (an int) or None, got {rewind_step!r}.")
@@ -232,9 +254,21 @@ class SparseTraining(Callback, ABC):
         return dict(self.targets)
 
     def initial_masks(self) -> dict[str, Tensor]:
-        """Masks at the first step of a fresh run, whole (the base class shards them): random positions, exactly
-        ``live_count`` live per layer."""
-        return random_masks(self._params, self.densities, self.seed, self.structure, self.neurons_in_columns)
+        """Masks at the first step of a fresh run, whole (the base class shards them), exactly ``live_count``
+        live per layer: at random positions, or (``start="magnitude"``) where the weights are largest in
+        magnitude, within each layer, or across the layers under ``distribution="global"``, which then sets each
+        layer's density (``densities``)."""
+        if self.start == "random":
+            return random_masks(self._params, self.densities, self.seed, self.structure, self.neurons_in_columns)
+        scores = {name: gather(param.detach()).abs() for name, param in self._params.items()}
+        if self.distribution != GLOBAL:
+            return top_masks(scores, self.densities, self.structure, self.neurons_in_columns)
+        masks = {name: torch.ones_like(score, dtype=torch.bool) for name, score in scores.items()}
+        pool = [name for name, density in self.densities.items() if density < 1]  # the layers outside ``dense``
+        n_keep = sum(live_count(masks[name].numel(), self.densities[name]) for name in pool)
+        prune_globally({name: masks[name] for name in pool}, {name: scores[name] for name in pool}, n_keep)
+        self.densities = {name: int(mask.sum()) / mask.numel() for name, mask in masks.items()}
+        return masks
 
     def reads_dense_gradient(self, step: int) -> bool:
         """Whether the mask decision of optimizer step ``step`` reads the gradient at dead positions too (then its

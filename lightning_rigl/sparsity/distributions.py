@@ -251,8 +251,9 @@ def check_distribution(
     if distribution == GLOBAL:
         if not allow_global:
             raise ConfigError(
-                "distribution='global' ranks all layers together by one score, which only SNIP and "
-                f"GradualMagnitudePruning do; use one of {DISTRIBUTIONS} or a mapping here."
+                "distribution='global' ranks all layers together by one score, which only SNIP, "
+                "GradualMagnitudePruning and a start from the weights (start='magnitude') do; use one of "
+                f"{DISTRIBUTIONS} or a mapping here."
             )
         _check_fraction(sparsity, "sparsity")
         return

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_rigl.sparsity.distributions import live_count
+from lightning_rigl.sparsity.selection import top_k_lowest_ties
 from lightning_rigl.sparsity.sharding import is_sharded, live_totals, local, local_positions
 from lightning_rigl.sparsity.structure import Structure, oriented
 
@@ -93,6 +94,24 @@ def random_masks(params: Mapping[str, Tensor], densities: Mapping[str, float], s
         layer_structure = oriented(structure, name in neurons_in_columns)
         draw = random_mask if layer_structure is None or n_live == param.numel() else layer_structure.random_mask
         masks[name] = draw(param.shape, n_live, gen, param.device)
+    return masks
+
+
+def top_masks(scores: Mapping[str, Tensor], densities: Mapping[str, float], structure: Structure | None = None,
+              neurons_in_columns: Collection[str] = ()) -> dict[str, Tensor]:
+    """For each named score tensor, a mask with exactly ``live_count(numel, density)`` live positions where the
+    scores are largest (ties to the lower position; within ``structure``, read transposed for the names in
+    ``neurons_in_columns``, as ``Structure.grow`` ranks). The scores are only read."""
+    masks = {}
+    for name, score in scores.items():
+        n_live = live_count(score.numel(), densities[name])
+        layer_structure = oriented(structure, name in neurons_in_columns)
+        mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+        if layer_structure is None or n_live == score.numel():
+            chosen = top_k_lowest_ties(score.reshape(-1), n_live)
+        else:
+            chosen = layer_structure.grow(mask, score, n_live)
+        masks[name] = mask.view(-1).index_fill_(0, chosen, True).view(score.shape)
     return masks
 
 
