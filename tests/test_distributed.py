@@ -18,10 +18,10 @@ import pytorch_lightning as pl
 import torch
 import torch.multiprocessing as mp
 from conftest import TinyGPT, TinyGPT2, TinyLlama, TinyNet, TinyViT, make_data
-from methods import CHANGING, METHODS
+from methods import CHANGING, DYNAMIC, METHODS
 from torch.utils.data import DataLoader
 
-from lightning_rigl import Static
+from lightning_rigl import RigL, Static
 
 STEPS = 10
 RANK_DEPENDENT = "static_seeded_by_rank"
@@ -29,7 +29,10 @@ TRANSFORMER_RUNS = {**{f"{method}_vit": (METHODS[method], TinyViT) for method in
                     **{f"{method}_gpt": (METHODS[method], TinyGPT) for method in ("rigl", "srigl")},
                     # Hugging Face models: GPT-2's Conv1D weights stored (in, out), Llama's bias-free Linear.
                     **{f"{method}_gpt2": (METHODS[method], TinyGPT2) for method in ("rigl", "srigl")},
-                    "rigl_llama": (METHODS["rigl"], TinyLlama)}
+                    "rigl_llama": (METHODS["rigl"], TinyLlama),
+                    # Wanda's input norms differ between ranks unless the processes add them up.
+                    "wanda_gpt2": (lambda: RigL(sparsity=0.8, start="wanda", calibration_batches=2, **DYNAMIC),
+                                   TinyGPT2)}
 # Sparse kernels inside DDP; under "auto" the processes sum their timings, so that all choose the same kernels.
 KERNEL_RUNS = {f"{method}_{kernels}": (functools.partial(METHODS[method], kernels=kernels), TinyNet)
                for method, kernels in (("rigl", "sparse"), ("set", "sparse"), ("srigl", "sparse"), ("rigl", "auto"),

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TinyGPT2, train
+from conftest import TinyGPT2, make_data, train
 from test_callbacks import _assert_resume_matches
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from lightning_rigl import SET, GradualMagnitudePruning, RigL, Static
 from lightning_rigl.errors import ConfigError
@@ -101,3 +102,48 @@ def test_methods_that_start_dense_or_an_unknown_start_are_refused() -> None:
 def test_a_run_from_a_global_start_resumes_with_its_own_layer_densities(tmp_path) -> None:
     _assert_resume_matches(tmp_path, lambda: RigL(sparsity=0.8, distribution="global", start="magnitude",
                                                   update_interval=3, drop_fraction=0.5, stop_at=1.0), crash_step=5)
+
+
+def _two_examples() -> TensorDataset:
+    """Two images whose first four pixels, the input of layer a, are (3, 1, 0, 0) and (4, 0, 2, 0)."""
+    x = torch.zeros(2, 1, 8, 8)
+    x.view(2, -1)[:, :4] = torch.tensor([[3.0, 1.0, 0.0, 0.0], [4.0, 0.0, 2.0, 0.0]])
+    return TensorDataset(x, torch.tensor([0, 1]))
+
+
+def test_wanda_keeps_the_largest_weight_times_input_norm() -> None:
+    """a's inputs have norms (5, 1, 2, 0); b's inputs, a's outputs (-0.6, 1.8, -1.95, 0.6) and (0.8, 0.4, -2.3,
+    1.44), have norms (1, √3.4, √9.0925, √2.4336). So a keeps |w|·norm of 3.5 2.5 1.75 1.6 0.9 0.5 0.5 0.45, none
+    of its last column (norm 0, where magnitude kept 0.6); b keeps 2.0·√3.4 and 0.4·√9.0925, not 1.0·1."""
+    sparse = Static(distribution={"a.weight": 0.5, "b.weight": 0.75}, start="wanda", calibration_batches=1)
+    train([sparse], model=TwoLayers(), steps=1, data=_two_examples())
+    masks = {name: mask.int().tolist() for name, mask in sparse.masks.items()}
+    assert masks["a.weight"] == [[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0]]
+    assert masks["b.weight"] == [[0, 0, 1, 0], [0, 1, 0, 0]]
+
+
+def test_wanda_reads_a_conv1d_weights_input_features_as_its_rows() -> None:
+    """GPT-2 trained briefly first: each Conv1D weight's score is |w| times its row's input norm, the norms of
+    the inputs the layer received from the calibration batch (caught here by a hook of the test's own)."""
+    pretrained = train([], model_factory=TinyGPT2, steps=4).lightning_module
+    inputs = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0]))
+             for name, module in pretrained.named_modules() if type(module).__name__ == "Conv1D"]
+    with torch.no_grad():
+        pretrained.training_step(next(iter(torch.utils.data.DataLoader(make_data(), batch_size=32))), 0)
+    for hook in hooks:
+        hook.remove()
+    weights = {f"{name}.weight": pretrained.get_parameter(f"{name}.weight").detach().clone() for name in inputs}
+    sparse = Static(sparsity=0.5, start="wanda", calibration_batches=1)
+    train([sparse], model=pretrained, steps=1)
+    norms = {f"{name}.weight": x.reshape(-1, x.shape[-1]).double().pow(2).sum(0).sqrt() for name, x in inputs.items()}
+    expected = top_masks({name: w.abs().double() * norms[name][:, None] for name, w in weights.items()},
+                         sparse.densities)
+    assert set(sparse.masks) == set(expected)
+    for name, mask in sparse.masks.items():
+        assert torch.equal(mask, expected[name]), name
+
+
+def test_wanda_refuses_a_convolution_before_training() -> None:
+    with pytest.raises(ConfigError, match="linear layers .*features.0.weight"):
+        train([Static(sparsity=0.5, start="wanda")], steps=1)

@@ -93,6 +93,7 @@ class DynamicSparseTraining(SparseTraining):
         erk_power_scale: float = 1.0,
         structure: str | None = None,
         start: str = "random",
+        calibration_batches: int = 8,
         update_interval: int = 100,
         drop_fraction: float = 0.3,
         drop_schedule: str = "cosine",
@@ -108,7 +109,8 @@ class DynamicSparseTraining(SparseTraining):
     ) -> None:
         super().__init__(sparsity, distribution, dense=dense, include=include, exclude=exclude,
                          custom_sparsity=custom_sparsity, erk_power_scale=erk_power_scale, structure=structure,
-                         start=start, rewind_step=rewind_step, seed=seed, kernels=kernels, live_step=live_step)
+                         start=start, calibration_batches=calibration_batches, rewind_step=rewind_step,
+                         seed=seed, kernels=kernels, live_step=live_step)
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
             raise ConfigError(f"update_interval must be an int >= 1 (optimizer steps), got {update_interval!r}.")
         if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:

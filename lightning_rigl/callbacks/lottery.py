@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ class LotteryTicket(SparseTraining):
         return {name: int(mask.sum()) / mask.numel() for name, mask in self.source_masks.items()}
 
     @override
-    def initial_masks(self) -> dict[str, Tensor]:
+    def initial_masks(self, scores: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         return {name: self.source_masks[name].to(param.device, torch.bool) for name, param in self._params.items()}
 
     @override

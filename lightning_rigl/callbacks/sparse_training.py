@@ -42,13 +42,14 @@ from lightning_rigl.sparsity.sharding import (
     write_local,
 )
 from lightning_rigl.sparsity.structure import Structure, oriented, parse_structure
-from lightning_rigl.sparsity.updates import prune_globally
 from lightning_rigl.sparsity.targets import (
     neurons_in_columns,
     resolve_custom,
     resolve_patterns,
     sparsifiable_parameters,
 )
+from lightning_rigl.sparsity.updates import prune_globally
+from lightning_rigl.sparsity.wanda import input_norms, linear_layers, wanda_scores
 
 Result = TypeVar("Result")
 
@@ -59,8 +60,8 @@ _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 # The key of every lightning-rigl callback's state in a checkpoint: stable across renames and shared by all
 # methods, so that a LotteryTicket (or a resumed run) finds the masks whatever class wrote them.
 STATE_KEY = "lightning_rigl"
-# Where a fresh run's masks come from: random positions, or the largest weights (a start from trained weights).
-STARTS = ("random", "magnitude")
+# Where a fresh run's masks come from: random positions, or the largest scores of trained weights.
+STARTS = ("random", "magnitude", "wanda")
 
 
 # Names of the logged metrics, also read back from metrics.csv by the command and the report.
@@ -113,8 +114,13 @@ class SparseTraining(Callback, ABC):
             start of fit, such as pretrained ones (a one-shot magnitude pruning, then training that keeps the
             zeros: Static, or goes on with the method's updates): each layer keeps its count under the
             distribution (within the structure), or, with ``distribution="global"``, the largest |w| across all
-            layers (each keeps at least one) decide each layer's share. Methods that start dense (pruning, SNIP)
-            or from a ticket take no ``start``.
+            layers (each keeps at least one) decide each layer's share. "wanda": the same with Wanda's score
+            |w|·‖x‖ (Sun et al., ICLR 2024), each weight times the L2 norm of the input feature it reads over the
+            first ``calibration_batches`` training batches (run through ``training_step`` without gradients,
+            all processes' under DDP); linear layers only (``nn.Linear``, Hugging Face's ``Conv1D``). Wanda's
+            paper compares weights within each output neuron: ``structure="constant_fan_in"`` does that. Methods
+            that start dense (pruning, SNIP) or from a ticket take no ``start``.
+        calibration_batches: training batches whose inputs give ``start="wanda"`` its norms (>= 1).
         rewind_step: keep a CPU copy of every parameter of the model as it is after this many optimizer steps
             (0: the initialisation) in the checkpoint, for a ``LotteryTicket`` to rewind to; None keeps none.
             Under FSDP2 each process keeps its shard of each parameter, on the parameter's device.
@@ -165,6 +171,7 @@ class SparseTraining(Callback, ABC):
         erk_power_scale: float = 1.0,
         structure: str | None = None,
         start: str = "random",
+        calibration_batches: int = 8,
         rewind_step: int | None = None,
         seed: int = 0,
         kernels: str = "dense",
@@ -173,6 +180,11 @@ class SparseTraining(Callback, ABC):
         super().__init__()
         if start not in STARTS:
             raise ConfigError(f"start must be one of {STARTS}, got {start!r}.")
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) \
+                or calibration_batches < 1:
+            raise ConfigError(f"calibration_batches must be an int >= 1 (training batches), got "
+                              f"{calibration_batches!r}.")
+        self.calibration_batches = calibration_batches
         if start != "random" and not self.supports_start:
             raise ConfigError(f"{type(self).__name__} does not start from a mask of its own (it starts dense, or "
                               f"from its ticket): start={start!r} is for Static, SET, RigL and the other methods "
@@ -253,14 +265,23 @@ class SparseTraining(Callback, ABC):
         """Per-layer densities at the first step: the targets; dense-start methods return all ones."""
         return dict(self.targets)
 
-    def initial_masks(self) -> dict[str, Tensor]:
-        """Masks at the first step of a fresh run, whole (the base class shards them), exactly ``live_count``
-        live per layer: at random positions, or (``start="magnitude"``) where the weights are largest in
-        magnitude, within each layer, or across the layers under ``distribution="global"``, which then sets each
-        layer's density (``densities``)."""
+    def start_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor] | None:
+        """What a start from trained weights keeps the largest of, whole: |w|, or Wanda's |w|·‖x‖ (which runs
+        the calibration batches); None for a random start."""
         if self.start == "random":
+            return None
+        if self.start == "magnitude":
+            return {name: gather(param.detach()).abs() for name, param in self._params.items()}
+        layers = linear_layers(pl_module, list(self._params))
+        return wanda_scores(layers, input_norms(trainer, pl_module, layers, self.calibration_batches))
+
+    def initial_masks(self, scores: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Masks at the first step of a fresh run, whole (the base class shards them), exactly ``live_count``
+        live per layer: at random positions, or where ``scores`` (``start_scores``) are largest, within each
+        layer, or across the layers under ``distribution="global"``, which then sets each layer's density
+        (``densities``)."""
+        if scores is None:
             return random_masks(self._params, self.densities, self.seed, self.structure, self.neurons_in_columns)
-        scores = {name: gather(param.detach()).abs() for name, param in self._params.items()}
         if self.distribution != GLOBAL:
             return top_masks(scores, self.densities, self.structure, self.neurons_in_columns)
         masks = {name: torch.ones_like(score, dtype=torch.bool) for name, score in scores.items()}
@@ -369,6 +390,8 @@ class SparseTraining(Callback, ABC):
             return
         _check_supported(trainer, pl_module)
         params = self._select(pl_module)
+        if self.start == "wanda":
+            linear_layers(pl_module, list(params))  # Wanda's score is a linear layer's: refuse others now
         shapes = {name: tuple(p.shape) for name, p in params.items()}
         distributed = self.target_densities(shapes)
         self.budgets = {name: live_count(math.prod(shape), distributed[name]) for name, shape in shapes.items()}
@@ -388,7 +411,7 @@ class SparseTraining(Callback, ABC):
         if self.masks:
             self._place_restored_state(trainer.global_step)
         else:
-            whole = self.initial_masks()
+            whole = self.initial_masks(self.start_scores(trainer, pl_module))
             for name, mask in whole.items():
                 self._record(name, mask)
             self.masks = {name: shard_like(mask, self._params[name]) for name, mask in whole.items()}
