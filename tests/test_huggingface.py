@@ -4,9 +4,16 @@ the weight is stored."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TinyGPT2, TinyHuggingFace, TinyLlama, tiny_huggingface_lm, train
+from fake_datasets import write_text_folder
 from methods import METHODS
 from test_callbacks import _assert_resume_matches
 
@@ -21,6 +28,7 @@ GPT2_WEIGHTS = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_pr
 LLAMA_WEIGHTS = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"] + [
     f"model.layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
 MODELS = {"gpt2": TinyGPT2, "llama": TinyLlama}
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("arch, tie_head, expected", [("gpt2", True, GPT2_WEIGHTS), ("llama", False, LLAMA_WEIGHTS),
@@ -144,3 +152,29 @@ def test_the_compact_file_of_a_huggingface_model_loads_with_its_zeros(tmp_path) 
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     assert fresh.classifier.lm_head.weight is fresh.classifier.transformer.wte.weight  # still tied
+
+
+@pytest.mark.parametrize("factory", [TinyGPT2, TinyLlama])
+def test_save_pretrained_and_from_pretrained_keep_every_zero(tmp_path, factory: type[TinyHuggingFace]) -> None:
+    sparse = METHODS["rigl"]()
+    model = train([sparse], model_factory=factory, steps=7).lightning_module
+    model.classifier.save_pretrained(tmp_path / "sparse")
+    loaded = type(model.classifier).from_pretrained(tmp_path / "sparse")
+    for name, mask in sparse.masks.items():
+        weight = loaded.get_parameter(name.removeprefix("classifier."))
+        assert torch.equal(weight, model.get_parameter(name)) and not weight[~mask].any(), name
+    tokens = torch.arange(8).view(1, 8)
+    torch.testing.assert_close(loaded(input_ids=tokens).logits, model.classifier(input_ids=tokens).logits)
+
+
+def test_the_huggingface_example_script_runs(tmp_path) -> None:
+    """docs/examples/huggingface_causal_lm.py, which the README shows, shortened, on a small text folder."""
+    write_text_folder(tmp_path / "corpus", documents=40)
+    result = subprocess.run([sys.executable, str(REPO / "docs/examples/huggingface_causal_lm.py"), "--text-dir",
+                             str(tmp_path / "corpus"), "--pretrain-steps", "2", "--max-steps", "3", "--output",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"fine-tuned at sparsity 0\.\d{4} of 8 layers: validation loss \d+\.\d{4}", result.stdout)
+    assert "loaded back with every zero: True" in result.stdout
+    assert (tmp_path / "out" / "config.json").exists()
