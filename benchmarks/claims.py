@@ -269,6 +269,7 @@ def write_vit_section(report: Report, figures: Path, path: Path, seeds: int) -> 
 
 LM_HEADING = "## A language model"
 LM_SPARSITIES = (0.75, 0.9)
+LM_UNIFORM = "uniform (all layers)"  # the recipes' uniform: every projection at the sparsity, as results.json names it
 # The study's sections after the Fashion-MNIST page's own text, in this order; each is rewritten by its study.
 STUDY_HEADINGS = (VIT_HEADING, LM_HEADING)
 
@@ -279,9 +280,9 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
     paragraphs = []
     lines, outcomes = [], []
     for s in sparsities:
-        for distribution in ("erk", "uniform"):
+        for distribution in ("erk", LM_UNIFORM):
             rigl, set_, static = (find(rows, m, distribution, s) for m in ("RigL", "SET", "Static"))
-            lines.append(f"{at(s)} {distribution}: {versus(rigl, set_, 'RigL', 'SET', BITS)}; "
+            lines.append(f"{at(s)} {distribution.split()[0]}: {versus(rigl, set_, 'RigL', 'SET', BITS)}; "
                          f"{versus(set_, static, 'SET', 'Static', BITS)}.")
             if None not in (rigl, set_, static):
                 outcomes.append(compare(rigl, set_, BITS)[0] == "wins" and compare(set_, static, BITS)[0] == "wins")
@@ -290,7 +291,7 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
     lines, outcomes = [], []
     for s in sparsities:
         for method in ("RigL", "SET", "Static"):
-            line, verdict = erk_against_uniform(rows, s, "uniform", BITS, method)
+            line, verdict = erk_against_uniform(rows, s, LM_UNIFORM, BITS, method)
             lines.append(f"{method} {line}")
             if method == "RigL" and verdict != "n/a":
                 outcomes.append(verdict == "wins")
@@ -316,8 +317,8 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
 
     lines = []
     for s in sparsities:
-        for distribution in ("erk", "uniform"):
-            lines.append(f"{at(s)} {distribution}: "
+        for distribution in ("erk", LM_UNIFORM):
+            lines.append(f"{at(s)} {distribution.split()[0]}: "
                          f"{versus(find(rows, 'RigL', distribution, s), dense, 'RigL', 'dense', BITS)}.")
     paragraphs.append(_claim("How far sparse training stays from dense (RigL).", lines, "see each line"))
     return paragraphs + srigl_claim(rows, sparsities, BITS)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import importlib
+import inspect
 import json
 import math
 import os
@@ -173,8 +176,49 @@ def load_run(folder: Path) -> Run:
 
 
 def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config flattened to dotted keys, without the keys that do not change what the run trains."""
-    return {key: value for key, value in _flatten(config) if not _IGNORED_KEY.search(key)}
+    """The config flattened to dotted keys, without the keys that do not change what the run trains, and with
+    the defaults of the options a lightning-rigl class gained after the run (see ``_with_defaults``)."""
+    return _grouped(dict(_flatten(config)))
+
+
+def _grouped(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened settings that tell rows apart: defaults filled in, ignored keys left out."""
+    return {key: value for key, value in _with_defaults(settings).items() if not _IGNORED_KEY.search(key)}
+
+
+def _with_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with each lightning-rigl class's options (``X.class_path``) that it lacks set to their defaults,
+    so that a run whose config predates an option is a seed of the same row as a newer run that leaves it at its
+    default. Other classes are left as they are."""
+    filled = dict(settings)
+    for key, class_path in settings.items():
+        if not key.endswith("class_path") or not str(class_path).startswith("lightning_rigl."):
+            continue
+        prefix = key.removesuffix("class_path") + "init_args"
+        for name, default in _option_defaults(str(class_path)).items():
+            if not any(k == f"{prefix}.{name}" or k.startswith(f"{prefix}.{name}.") for k in settings):
+                filled.update(_flatten(default, f"{prefix}.{name}"))
+    return filled
+
+
+@functools.cache
+def _option_defaults(class_path: str) -> dict[str, Any]:
+    """The keyword options of a lightning-rigl class and their defaults, through the classes it passes
+    ``**kwargs`` on to; empty for a name that does not import."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        return {}
+    defaults: dict[str, Any] = {}
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for parameter in inspect.signature(init).parameters.values():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults.setdefault(parameter.name, parameter.default)
+    return defaults
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -255,7 +299,7 @@ def read_records(path: Path) -> list[Run]:
         if stored.get("format") != RECORDS_FORMAT:
             raise ValueError(f"format {stored.get('format')!r}, not {RECORDS_FORMAT}")
         shared = stored["shared_settings"]
-        return [Run(path.parent / run["folder"], run["record"], {**shared, **run["settings"]},
+        return [Run(path.parent / run["folder"], run["record"], _grouped({**shared, **run["settings"]}),
                     [(int(step), float(value)) for step, value in run["forward_curve"]], run["seeds"])
                 for run in stored["runs"]]
     except (ValueError, KeyError, TypeError, AttributeError) as error:

@@ -291,3 +291,16 @@ def test_a_narrowed_dense_model_records_the_fraction_of_parameters_it_lacks() ->
     assert _parameters_removed(half) == pytest.approx(1 - sum(p.numel() for p in half.parameters()) / full)
     assert 0.4 < _parameters_removed(half) < 0.6  # LeNet's first layer dominates: about half the weights go
     assert _parameters_removed(ImageClassifier(arch="lenet300_100", num_classes=10)) == 0.0
+
+
+def test_a_run_older_than_an_option_is_a_seed_of_the_row_that_leaves_it_at_its_default() -> None:
+    """A config written before RigL had ``start`` lacks the key: it reads as the default, "random"."""
+    def run(folder: str, seed: int, **options: object) -> Run:
+        config = {"trainer": {"callbacks": [{"class_path": "lightning_rigl.RigL",
+                                             "init_args": {"sparsity": 0.9, "seed": seed, **options}}]}}
+        return Run(Path(folder), _run(folder, 0.1, seed, 0.9).record, _settings(config), [])
+
+    rows = group_runs([run("older", 0), run("newer", 1, start="random", calibration_batches=8),
+                       run("other", 2, start="magnitude")])
+    assert sorted((len(row.runs), row.note) for row in rows) == [
+        (1, "trainer.callbacks.0.init_args.start=magnitude"), (2, "trainer.callbacks.0.init_args.start=random")]

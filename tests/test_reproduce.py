@@ -140,7 +140,7 @@ def test_fewer_bits_per_byte_win() -> None:
 
 def test_the_language_model_claims_read_bits_per_byte_and_say_not_run_for_missing_rows() -> None:
     rows = [lm_row("Dense", [2.60, 2.61], None, 0.0, train=1.0)]
-    for distribution, shift in (("erk", 0.0), ("uniform", 0.1)):
+    for distribution, shift in (("erk", 0.0), ("uniform (all layers)", 0.1)):
         rows += [lm_row("RigL", [3.20 + shift, 3.21 + shift], distribution),
                  lm_row("SET", [3.25 + shift, 3.26 + shift], distribution),
                  lm_row("Static", [3.30 + shift, 3.31 + shift], distribution)]
