@@ -48,16 +48,22 @@ BITS = Metric("test_bits_per_byte", False, "bits per byte", " bits/byte", 4)
 
 def result(row: Row, metric: Metric = TOP1) -> str:
     stats = row.mean_std(metric.key)
-    return "n/a" if stats is None else f"{stats[0]:.{metric.digits}f} ± {stats[1]:.{metric.digits}f}{metric.unit}"
+    if stats is None:
+        return "n/a"
+    spread = " (1 seed)" if stats[2] == 1 else f" ± {stats[1]:.{metric.digits}f}"
+    return f"{stats[0]:.{metric.digits}f}{spread}{metric.unit}"
 
 
 def compare(a: Row | None, b: Row | None, metric: Metric = TOP1) -> tuple[str, float]:
     """"wins", "ties" or "loses" for ``a`` against ``b`` on ``metric`` (test top-1 by default), and the difference
-    of the means, ``a`` minus ``b``, in the metric's units."""
+    of the means, ``a`` minus ``b``, in the metric's units; "one seed" where a row has one run, whose spread is
+    unknown, so that no difference can be told from a tie."""
     if a is None or b is None or a.mean_std(metric.key) is None or b.mean_std(metric.key) is None:
         return "n/a", 0.0
-    (mean_a, std_a, _), (mean_b, std_b, _) = a.mean_std(metric.key), b.mean_std(metric.key)
+    (mean_a, std_a, n_a), (mean_b, std_b, n_b) = a.mean_std(metric.key), b.mean_std(metric.key)
     difference = mean_a - mean_b
+    if min(n_a, n_b) < 2:
+        return "one seed", difference
     if abs(difference) <= max(std_a, std_b):
         return "ties", difference
     return ("loses" if metric.worse(mean_a, mean_b) > 0 else "wins"), difference
@@ -67,6 +73,9 @@ def versus(a: Row | None, b: Row | None, label_a: str, label_b: str, metric: Met
     if a is None or b is None:
         return f"{label_a} against {label_b}: not run"
     verdict, difference = compare(a, b, metric)
+    if verdict == "one seed":
+        return (f"{label_a} {result(a, metric)} against {label_b} {result(b, metric)} "
+                f"({difference:+.{metric.digits}f}; no verdict on one seed)")
     return (f"{label_a} {result(a, metric)} {verdict} against {label_b} {result(b, metric)} "
             f"({difference:+.{metric.digits}f})")
 
@@ -184,7 +193,7 @@ def claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
 def srigl_claim(rows: Sequence[Row], sparsities: Sequence[float], metric: Metric = TOP1) -> list[str]:
     """SRigL (constant fan-in, ablation) against RigL and Static at ERK, with its ablated neurons and its inference
     FLOPs; no paragraph when the study has no SRigL row."""
-    lines, held = [], True
+    lines, outcomes = [], []
     for s in sparsities:
         srigl, rigl, static = (find(rows, m, "erk", s) for m in ("SRigL", "RigL", "Static"))
         if srigl is None:
@@ -195,11 +204,11 @@ def srigl_claim(rows: Sequence[Row], sparsities: Sequence[float], metric: Metric
                      f"{versus(srigl, static, 'SRigL', 'Static', metric)}; "
                      + ("" if ablated is None else f"ablated neurons {ablated[0]:.1f} (mean over seeds); ")
                      + ("" if flops is None else f"inference FLOPs {flops[0]:.3f}x dense") + ".")
-        held &= compare(srigl, rigl, metric)[0] in ("wins", "ties")
+        outcomes.append(_outcome(compare(srigl, rigl, metric)[0], passing=("wins", "ties")))
     if not lines:
         return []
     return [_claim(f"SRigL (constant fan-in, neuron ablation) matches RigL's {metric.noun} (Lasby et al. 2024; ERK, "
-                   "1x).", lines, "held" if held else "did not hold")]
+                   "1x).", lines, _held(outcomes))]
 
 
 def _claim(claim: str, lines: Sequence[str], verdict: str) -> str:
@@ -285,7 +294,7 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
             lines.append(f"{at(s)} {distribution.split()[0]}: {versus(rigl, set_, 'RigL', 'SET', BITS)}; "
                          f"{versus(set_, static, 'SET', 'Static', BITS)}.")
             if None not in (rigl, set_, static):
-                outcomes.append(compare(rigl, set_, BITS)[0] == "wins" and compare(set_, static, BITS)[0] == "wins")
+                outcomes.append(_outcome(compare(rigl, set_, BITS)[0], compare(set_, static, BITS)[0]))
     paragraphs.append(_claim("RigL beats SET beats Static.", lines, _held(outcomes)))
 
     lines, outcomes = [], []
@@ -294,7 +303,7 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
             line, verdict = erk_against_uniform(rows, s, LM_UNIFORM, BITS, method)
             lines.append(f"{method} {line}")
             if method == "RigL" and verdict != "n/a":
-                outcomes.append(verdict == "wins")
+                outcomes.append(_outcome(verdict))
     paragraphs.append(_claim(
         "ERK beats uniform at the same parameter count (RigL; SET and Static shown too).", lines,
         _held(outcomes) + ". Every sparse layer here is a projection applied once per token, so FLOPs follow "
@@ -309,7 +318,7 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
             continue
         means = {name: row.mean_std(BITS.key)[0] for name, row in (("dense", dense), ("1x", one), ("2x", two))}
         gap_one, gap_two = BITS.worse(means["1x"], means["dense"]), BITS.worse(means["2x"], means["dense"])
-        outcomes.append(compare(two, one, BITS)[0] == "wins")
+        outcomes.append(_outcome(compare(two, one, BITS)[0]))
         lines.append(f"{at(s)}: dense {result(dense, BITS)}; {versus(two, one, 'RigL 2x', 'RigL 1x', BITS)}; the gap "
                      f"to dense {gap_one:.4f} bits/byte at 1x, {gap_two:.4f} at 2x ({1 - gap_two / gap_one:.0%} of it "
                      f"closed) for {two.mean_std('train_flops')[0]:.2f}x dense training FLOPs.")
@@ -324,11 +333,22 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
     return paragraphs + srigl_claim(rows, sparsities, BITS)
 
 
-def _held(outcomes: Sequence[bool]) -> str:
-    """A claim's verdict from its comparisons that ran."""
+def _held(outcomes: Sequence[bool | None]) -> str:
+    """A claim's verdict from its comparisons that ran (None: one that has a row of one seed, which no verdict
+    counts)."""
     if not outcomes:
         return "not run"
-    return "held" if all(outcomes) else "did not hold"
+    decided = [outcome for outcome in outcomes if outcome is not None]
+    if not decided:
+        return "no verdict yet (rows of one seed)"
+    verdict = "held" if all(decided) else "did not hold"
+    uncounted = len(outcomes) - len(decided)
+    return verdict + (f" ({uncounted} comparison{'s' * (uncounted > 1)} of one seed not counted)" if uncounted else "")
+
+
+def _outcome(*verdicts: str, passing: Sequence[str] = ("wins",)) -> bool | None:
+    """Whether every verdict is one of ``passing``; None when one of them rests on one seed."""
+    return None if "one seed" in verdicts else all(verdict in passing for verdict in verdicts)
 
 
 def write_lm_section(report: Report, figures: Path, path: Path, seeds: int) -> Path:

@@ -183,3 +183,17 @@ def test_each_study_rewrites_its_own_section_of_the_page_and_keeps_the_others(tm
     again = page.read_text()
     assert again.count("## A language model") == again.count("## A vision transformer") == 1
     assert again.split("## A vision transformer")[1] == text.split("## A vision transformer")[1]
+
+
+def test_a_row_of_one_seed_gets_no_verdict() -> None:
+    """One run has no spread: a difference from it cannot be told from a tie, so it is shown but not judged."""
+    one, two = lm_row("RigL", [3.20]), lm_row("SET", [3.30, 3.31])
+    assert claims.compare(one, two, claims.BITS) == ("one seed", pytest.approx(-0.105))
+    assert claims.versus(one, two, "RigL", "SET", claims.BITS) == (
+        "RigL 3.2000 (1 seed) bits/byte against SET 3.3050 ± 0.0071 bits/byte (-0.1050; no verdict on one seed)")
+    rows = [lm_row("Dense", [2.6, 2.61], None, 0.0, train=1.0), one, two, lm_row("Static", [3.4])]
+    assert "Here: no verdict yet (rows of one seed)." in claims.lm_claims(rows, [0.9])[0]
+    rows.append(lm_row("RigL", [3.1, 3.11], "uniform (all layers)"))
+    rows.append(lm_row("SET", [3.2, 3.21], "uniform (all layers)"))
+    rows.append(lm_row("Static", [3.3, 3.31], "uniform (all layers)"))
+    assert ("Here: held (1 comparison of one seed not counted)." in claims.lm_claims(rows, [0.9])[0])
