@@ -1,7 +1,7 @@
 """Training with sparse kernels, whole steps: time per optimizer step and peak memory against the dense path.
 
 Each configuration trains in a fresh process (so that its peak resident memory is its own) with a real Trainer on
-real Fashion-MNIST images: a step is a real forward, backward, callback hooks and optimizer step (SGD, Nesterov
+real data (Fashion-MNIST images; text for ``gpt_tiny``): a step is a real forward, backward, callback hooks and optimizer step (SGD, Nesterov
 momentum, weight decay), and its time is the wall time between two consecutive batch starts, after the first
 ``WARMUP`` steps (the first step of "auto" is its timing step). Rounds alternate the configurations, each round
 starting at the next one; medians over rounds.
@@ -12,6 +12,9 @@ Models:
   blocks of LayerNorm → 768→3072 → GELU → 3072→768 with a residual, mean over tokens, a linear classifier;
   ``--images`` images a batch (16 tokens each: rows = 16 × images).
 - ``lenet300_100``: the default run's model and batch (128).
+- ``gpt_tiny``: the language-model study's model, optimizer and batch (``CausalLM``: AdamW, 16 windows of 256
+  bytes of this Python's standard library source, ``TextDataModule``'s default corpus), without the study's
+  gradient clipping, which turns the live step off.
 
 Methods: dense training (no callback), and RigL (ERK, ΔT = 100, so no update in the window) with
 ``kernels="dense"`` (the masked dense path), ``"sparse"`` and ``"auto"`` (the optimizer stepping live weights
@@ -38,7 +41,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_rigl import ImageClassifier, RigL
+from lightning_rigl import CausalLM, ImageClassifier, RigL
+from lightning_rigl.data import TextDataModule
 from lightning_rigl.data.idx import read_idx
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -51,13 +55,21 @@ def measure(model_name: str, sparsity: float, kernels: str | None, steps: int, i
     """Trains in this process and prints {"step_ms": ..., "peak_mb": ..., "kernels": ...} on the last line."""
     torch.set_num_threads(threads)
     pl.seed_everything(0, verbose=False)
-    x = read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz").float().div(255).unsqueeze(1)
-    y = read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz").long()
-    if model_name == "lenet300_100":
-        model, batch = ImageClassifier(arch="lenet300_100", lr=0.05, momentum=0.9, nesterov=True,
-                                       weight_decay=5e-4), 128
+    n_batches = steps + WARMUP + 1
+    if model_name == "gpt_tiny":
+        text = TextDataModule(context=256, batch_size=16)
+        text.prepare_data()
+        text.setup("fit")
+        model, data = CausalLM(arch="gpt_tiny"), text.train_dataloader()
     else:
-        model, batch = MLPStack(depth), images
+        x = read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz").float().div(255).unsqueeze(1)
+        y = read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz").long()
+        if model_name == "lenet300_100":
+            model, batch = ImageClassifier(arch="lenet300_100", lr=0.05, momentum=0.9, nesterov=True,
+                                           weight_decay=5e-4), 128
+        else:
+            model, batch = MLPStack(depth), images
+        data = DataLoader(TensorDataset(x[: batch * n_batches], y[: batch * n_batches]), batch_size=batch)
 
     class Clock(pl.Callback):
         starts: list[float] = []
@@ -68,11 +80,9 @@ def measure(model_name: str, sparsity: float, kernels: str | None, steps: int, i
     clock = Clock()
     sparse = None if kernels is None else RigL(sparsity=sparsity, update_interval=100, kernels=kernels.split("/")[0],
                                                live_step=not kernels.endswith("/dense-step"))
-    trainer = pl.Trainer(max_steps=steps + WARMUP + 1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
+    trainer = pl.Trainer(max_steps=n_batches, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=[clock] + ([sparse] if sparse else []))
-    data = DataLoader(TensorDataset(x[: batch * (steps + WARMUP + 1)], y[: batch * (steps + WARMUP + 1)]),
-                      batch_size=batch)
     trainer.fit(model, data)
     step_ms = 1e3 * statistics.median(b - a for a, b in zip(clock.starts[WARMUP:], clock.starts[WARMUP + 1:]))
     used = {} if sparse is None else {**sparse.kernels_used, "optimizer step": sparse.live_step_used or "dense"}

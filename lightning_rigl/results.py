@@ -93,7 +93,7 @@ def run_results(trainer: pl.Trainer, test_metrics: Mapping[str, float], multipli
 
 
 def _batch_ms(trainer: pl.Trainer) -> float | None:
-    """The median training batch time of the run (ms); None without the command's timer or before any batch."""
+    """The median optimizer step time of the run (ms); None without the command's timer or before any step."""
     timer = batch_timer(trainer)
     return None if timer is None else timer.median_ms()
 
@@ -102,7 +102,7 @@ def _language_model_record(trainer: pl.Trainer, record: Mapping[str, Any]) -> di
     """For a run on text (a data module with a ``corpus``): the corpus it read, FLOPs per token of inference and
     of training (the full-width dense model's forward FLOPs per token, attention's products included, times the
     run's ratios; training as the paper counts it, over the steps run) and tokens per second (per process, from
-    the median batch time; None without one). Nothing for other runs."""
+    the median optimizer step time and the batches of a step; None without one). Nothing for other runs."""
     corpus = getattr(trainer.datamodule, "corpus", None)
     example = _example(trainer)
     if not corpus or example is None:
@@ -116,7 +116,8 @@ def _language_model_record(trainer: pl.Trainer, record: Mapping[str, Any]) -> di
         "corpus": corpus,
         "forward_flops_per_token": None if forward_ratio is None else forward_ratio * dense,
         "train_flops_per_token": None if train_ratio is None else 3 * train_ratio * dense,
-        "tokens_per_second": None if not step_ms else trainer.datamodule.batch_size * tokens / (step_ms / 1e3),
+        "tokens_per_second": None if not step_ms else
+        trainer.datamodule.batch_size * trainer.accumulate_grad_batches * tokens / (step_ms / 1e3),
     }
 
 

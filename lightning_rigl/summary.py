@@ -23,7 +23,7 @@ def fit_summary(trainer: pl.Trainer, test_metrics: Mapping[str, float], record: 
     sparse = [cb for cb in trainer.callbacks if isinstance(cb, SparseTraining)]
     timer = batch_timer(trainer)
     batch_time = "" if timer is None or timer.median_ms() is None else (
-        f"a training batch took {timer.median_ms():.2f} ms (median of {len(timer.batch_ms)}, forward to optimizer "
+        f"an optimizer step took {timer.median_ms():.2f} ms (median of {len(timer.step_ms)}, forward to optimizer "
         "step)")
     if not sparse:
         lines.append(f"  dense training: {total:,} parameters" + (f"; {batch_time}" if batch_time else ""))

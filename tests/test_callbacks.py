@@ -481,7 +481,7 @@ def test_linear_schedule_starts_at_alpha_on_the_first_update(tmp_path):
         ({"sparsity": 0.9, "start_at": 1.0}, "start_at"),
         ({"sparsity": 0.9, "redistribution": "flops"}, "redistribution"),
         ({"sparsity": 0.9, "update_placement": "after_step"}, "update_placement"),
-        ({"sparsity": 0.9, "distribution": "global"}, "only SNIP and GradualMagnitudePruning"),
+        ({"sparsity": 0.9, "distribution": "global"}, "only SNIP, GradualMagnitudePruning and a start"),
         ({"sparsity": 0.9, "rewind_step": -1}, "rewind_step"),
         ({"sparsity": 0.9, "erk_power_scale": -0.5}, "erk_power_scale"),
         ({"sparsity": 0.9, "distribution": "er", "erk_power_scale": 0.5}, "applies to distribution='erk' only"),

@@ -138,7 +138,7 @@ def test_the_data_module_sets_the_number_of_classes() -> None:
         (["--model.lr_milestones", "[5, 2]"], None, r"lr_milestones must be increasing"),
         ([], {"sparsity": 0.9, "update_interval": 0}, r"update_interval must be an int >= 1"),
         ([], {"sparsity": 0.9, "dense": '["net.features.0.weight"]'}, r"(?s)infeasible.*net\.features\.0\.weight"),
-        ([], {"sparsity": 0.9, "distribution": "global"}, r"only SNIP and GradualMagnitudePruning"),
+        ([], {"sparsity": 0.9, "distribution": "global"}, r"only SNIP, GradualMagnitudePruning and a start"),
         ([], {"class_path": "lightning_rigl.LotteryTicket", "checkpoint": "missing.ckpt"}, r"no checkpoint at"),
         ([], {"class_path": "lightning_rigl.SNFS", "sparsity": 0.9, "momentum": 1.5}, r"momentum must be"),
         (["--config", str(REPO / "recipes/imagenet_resnet50/dense.yaml")], None, r"needs --data.data_dir"),

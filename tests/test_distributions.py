@@ -206,7 +206,7 @@ def test_erk_power_scale_is_refused_beside_any_distribution_but_erk(sparsity, di
 
 
 def test_global_distribution_is_refused_where_it_means_nothing():
-    with pytest.raises(ValueError, match="only SNIP and GradualMagnitudePruning"):
+    with pytest.raises(ValueError, match="only SNIP, GradualMagnitudePruning and a start"):
         layer_densities(TinyNet(), 0.5, "global")
 
 

@@ -17,7 +17,7 @@ from fake_datasets import write_text_folder
 from methods import METHODS
 from test_callbacks import _assert_resume_matches
 
-from lightning_rigl import RigL, SRigL
+from lightning_rigl import RigL, SRigL, Static
 from lightning_rigl.export import load_sparse, save_sparse, sparse_inference
 from lightning_rigl.flops import weight_flops
 from lightning_rigl.sparsity import sparsifiable_parameters
@@ -178,3 +178,30 @@ def test_the_huggingface_example_script_runs(tmp_path) -> None:
     assert re.search(r"fine-tuned at sparsity 0\.\d{4} of 8 layers: validation loss \d+\.\d{4}", result.stdout)
     assert "loaded back with every zero: True" in result.stdout
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_a_get_output_embeddings_that_is_not_implemented_leaves_the_selection_alone() -> None:
+    class Unfinished(torch.nn.Module):  # as some models' own code leaves the method
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            raise NotImplementedError
+
+    assert list(sparsifiable_parameters(Unfinished())) == ["proj.weight"]
+
+
+def test_a_magnitude_start_under_a_constant_fan_in_keeps_each_gpt2_neurons_largest_inputs() -> None:
+    """Each column of a Conv1D weight (a neuron) keeps the same number of its largest |w|, read down the column."""
+    pretrained = train([], model_factory=TinyGPT2, steps=4).lightning_module
+    weights = {name: pretrained.get_parameter(f"classifier.{name}").detach().clone() for name in GPT2_WEIGHTS}
+    sparse = Static(sparsity=0.5, structure="constant_fan_in", start="magnitude")
+    train([sparse], model=pretrained, steps=1)
+    for name, weight in weights.items():
+        mask = sparse.masks[f"classifier.{name}"]
+        per_column = mask.sum(0)
+        assert per_column.unique().numel() == 1, name
+        k = int(per_column[0])
+        expected = torch.zeros_like(mask).scatter_(0, weight.abs().topk(k, dim=0).indices, True)
+        assert torch.equal(mask, expected), name

@@ -242,12 +242,12 @@ def test_the_gpt_recipes_train_through_the_command(tmp_path, monkeypatch, capsys
     assert record["corpus"]["source"] == "corpus" and len(record["corpus"]["digest"]) == 64
     assert record["test"]["test/bits_per_byte"] > 0 and record["forward_flops_per_token"] > 0
     # Dense runs are timed too: tokens per second is a batch's tokens over the median batch time.
-    assert record["tokens_per_second"] == pytest.approx(4 * 32 / (record["step_ms"] / 1e3))
+    assert record["tokens_per_second"] == pytest.approx(4 * 32 / (record["step_ms"] / 1e3))  # 4 windows of 32
     per_token = re.search(r"per token: inference (\d+\.\d\d) MFLOPs, training (\d+\.\d\d) MFLOPs, ([\d,]+) tokens/s "
                           r"trained", out)
     assert per_token and float(per_token[1]) == pytest.approx(record["forward_flops_per_token"] / 1e6, abs=0.006)
     assert int(per_token[3].replace(",", "")) == round(record["tokens_per_second"])
-    assert re.search(r"a training batch took \d+\.\d\d ms \(median of 8,", out)
+    assert re.search(r"an optimizer step took \d+\.\d\d ms \(median of 8,", out)
     if recipe == "dense":
         assert record["forward_flops_per_token"] == pytest.approx(record["train_flops_per_token"] / 3)
         return
@@ -258,6 +258,17 @@ def test_the_gpt_recipes_train_through_the_command(tmp_path, monkeypatch, capsys
     assert len(masks) == 24
     for name, mask in masks.items():
         assert not state["state_dict"][name][~mask].any(), name
+
+
+def test_under_gradient_accumulation_a_step_is_timed_with_all_its_batches(tmp_path, monkeypatch, capsys) -> None:
+    """Two batches a step: eight optimizer steps timed from their first batch's start to their last's end, and
+    tokens per second counting both batches' tokens."""
+    write_text_folder(tmp_path / "corpus", documents=60)
+    monkeypatch.chdir(tmp_path)
+    record = json.loads((train_recipe("rigl_erk_s90", "--trainer.accumulate_grad_batches", "2") / "results.json")
+                        .read_text())
+    assert re.search(r"an optimizer step took \d+\.\d\d ms \(median of 8,", capsys.readouterr().out)
+    assert record["tokens_per_second"] == pytest.approx(2 * 4 * 32 / (record["step_ms"] / 1e3))
 
 
 def test_the_report_of_language_model_runs_shows_their_bits_per_byte_in_the_table_and_the_figures(

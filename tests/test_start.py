@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TinyGPT2, make_data, train
+from conftest import TinyGPT2, TinyViT, make_data, train
 from test_callbacks import _assert_resume_matches
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -137,7 +137,7 @@ def test_wanda_reads_a_conv1d_weights_input_features_as_its_rows() -> None:
     sparse = Static(sparsity=0.5, start="wanda", calibration_batches=1)
     train([sparse], model=pretrained, steps=1)
     norms = {f"{name}.weight": x.reshape(-1, x.shape[-1]).double().pow(2).sum(0).sqrt() for name, x in inputs.items()}
-    expected = top_masks({name: w.abs().double() * norms[name][:, None] for name, w in weights.items()},
+    expected = top_masks({name: w.abs() * norms[name].float()[:, None] for name, w in weights.items()},
                          sparse.densities)
     assert set(sparse.masks) == set(expected)
     for name, mask in sparse.masks.items():
@@ -147,3 +147,51 @@ def test_wanda_reads_a_conv1d_weights_input_features_as_its_rows() -> None:
 def test_wanda_refuses_a_convolution_before_training() -> None:
     with pytest.raises(ConfigError, match="linear layers .*features.0.weight"):
         train([Static(sparsity=0.5, start="wanda")], steps=1)
+
+
+class DropoutFirst(TwoLayers):
+    """TwoLayers behind a dropout that would change every input norm in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(self.b(self.a(self.drop(x.flatten(1)[:, :4]))), (0, 2))
+
+
+def test_wanda_calibrates_in_eval_mode_and_gives_the_module_its_mode_back() -> None:
+    sparse = Static(distribution={"a.weight": 0.5, "b.weight": 0.75}, start="wanda", calibration_batches=1)
+
+    class Mode(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.training = pl_module.drop.training
+
+    mode = Mode()
+    train([sparse, mode], model=DropoutFirst(), steps=1, data=_two_examples())
+    assert sparse.masks["a.weight"].int().tolist() == [[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0]]
+    assert mode.training  # training goes on in train mode
+
+
+def test_wanda_takes_its_batches_without_taking_them_from_training() -> None:
+    """A loader with a persistent worker: the first epoch still starts at its first batch."""
+    first = []
+
+    class First(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            first.append(batch[1].tolist())
+
+    data = make_data(8)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=1, persistent_workers=True)
+    sparse = Static(sparsity=0.5, start="wanda", calibration_batches=2, include=["a.weight", "b.weight"])
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", callbacks=[sparse, First()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TwoLayers(), loader)
+    assert first == [data.tensors[1][:2].tolist()]
+
+
+def test_wanda_refuses_a_linear_layer_whose_module_never_runs() -> None:
+    """nn.MultiheadAttention reads its out_proj's weight itself: no input reaches the module, no norm exists."""
+    with pytest.raises(ConfigError, match="saw no input reach .*out_proj.weight"):
+        train([Static(sparsity=0.5, start="wanda", calibration_batches=1, include=["*out_proj.weight"])],
+              model_factory=TinyViT, steps=1)

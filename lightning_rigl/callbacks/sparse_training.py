@@ -49,7 +49,7 @@ from lightning_rigl.sparsity.targets import (
     sparsifiable_parameters,
 )
 from lightning_rigl.sparsity.updates import prune_globally
-from lightning_rigl.sparsity.wanda import input_norms, linear_layers, wanda_scores
+from lightning_rigl.sparsity.wanda import input_norms, linear_layers, wanda_score
 
 Result = TypeVar("Result")
 
@@ -265,25 +265,29 @@ class SparseTraining(Callback, ABC):
         """Per-layer densities at the first step: the targets; dense-start methods return all ones."""
         return dict(self.targets)
 
-    def start_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor] | None:
-        """What a start from trained weights keeps the largest of, whole: |w|, or Wanda's |w|·‖x‖ (which runs
-        the calibration batches); None for a random start."""
+    def start_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[str], Tensor] | None:
+        """What a start from trained weights keeps the largest of: a function giving a sparse layer's whole
+        scores in float32, |w| or Wanda's |w|·‖x‖ (whose input norms are measured here first); None for a random
+        start."""
         if self.start == "random":
             return None
         if self.start == "magnitude":
-            return {name: gather(param.detach()).abs() for name, param in self._params.items()}
+            return lambda name: gather(self._params[name].detach()).abs().float()
         layers = linear_layers(pl_module, list(self._params))
-        return wanda_scores(layers, input_norms(trainer, pl_module, layers, self.calibration_batches))
+        norms = input_norms(trainer, pl_module, layers, self.calibration_batches)
+        return lambda name: wanda_score(layers[name], norms[name])
 
-    def initial_masks(self, scores: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def initial_masks(self, score: Callable[[str], Tensor] | None = None) -> dict[str, Tensor]:
         """Masks at the first step of a fresh run, whole (the base class shards them), exactly ``live_count``
-        live per layer: at random positions, or where ``scores`` (``start_scores``) are largest, within each
-        layer, or across the layers under ``distribution="global"``, which then sets each layer's density
-        (``densities``)."""
-        if scores is None:
+        live per layer: at random positions, or where the layer's ``score`` (``start_scores``) is largest,
+        within each layer (one layer's scores at a time), or across the layers under ``distribution="global"``,
+        which then sets each layer's density (``densities``)."""
+        if score is None:
             return random_masks(self._params, self.densities, self.seed, self.structure, self.neurons_in_columns)
         if self.distribution != GLOBAL:
-            return top_masks(scores, self.densities, self.structure, self.neurons_in_columns)
+            return {name: top_masks({name: score(name)}, self.densities, self.structure, self.neurons_in_columns)[name]
+                    for name in self._params}
+        scores = {name: score(name) for name in self._params}
         masks = {name: torch.ones_like(score, dtype=torch.bool) for name, score in scores.items()}
         pool = [name for name, density in self.densities.items() if density < 1]  # the layers outside ``dense``
         n_keep = sum(live_count(masks[name].numel(), self.densities[name]) for name in pool)
@@ -411,7 +415,9 @@ class SparseTraining(Callback, ABC):
         if self.masks:
             self._place_restored_state(trainer.global_step)
         else:
-            whole = self.initial_masks(self.start_scores(trainer, pl_module))
+            # A run resumed under FSDP2 reads its masks after this hook: these are placeholders, drawn at random.
+            resuming = trainer.ckpt_path is not None
+            whole = self.initial_masks(None if resuming else self.start_scores(trainer, pl_module))
             for name, mask in whole.items():
                 self._record(name, mask)
             self.masks = {name: shard_like(mask, self._params[name]) for name, mask in whole.items()}

@@ -100,8 +100,9 @@ def random_masks(params: Mapping[str, Tensor], densities: Mapping[str, float], s
 def top_masks(scores: Mapping[str, Tensor], densities: Mapping[str, float], structure: Structure | None = None,
               neurons_in_columns: Collection[str] = ()) -> dict[str, Tensor]:
     """For each named score tensor, a mask with exactly ``live_count(numel, density)`` live positions where the
-    scores are largest (ties to the lower position; within ``structure``, read transposed for the names in
-    ``neurons_in_columns``, as ``Structure.grow`` ranks). The scores are only read."""
+    scores are largest: ties to the lower position; within ``structure`` (read transposed for the names in
+    ``neurons_in_columns``), as ``Structure.grow`` chooses, ties to the lower column within a group and as
+    ``top_k_indices`` breaks them across groups. The scores are only read."""
     masks = {}
     for name, score in scores.items():
         n_live = live_count(score.numel(), densities[name])

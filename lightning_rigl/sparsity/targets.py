@@ -41,6 +41,18 @@ def neurons_in_columns(model: nn.Module, params: Mapping[str, nn.Parameter]) -> 
     return {name for name, param in params.items() if id(param) in stored_transposed}
 
 
+def _output_head(module: nn.Module) -> object:
+    """A Hugging Face model's ``get_output_embeddings()``; None for a module without one, or whose method takes
+    arguments or is not implemented (as some models' own code leaves it)."""
+    method = getattr(module, "get_output_embeddings", None)
+    if not callable(method):
+        return None
+    try:
+        return method()
+    except (NotImplementedError, TypeError):
+        return None
+
+
 def _default_weights(model: nn.Module) -> set[int]:
     """The ids of the weight matrices selected by default (see the module's docstring)."""
     layers = SPARSIFIABLE_MODULES + tuple(filter(None, [huggingface_conv1d()]))
@@ -54,7 +66,7 @@ def _default_weights(model: nn.Module) -> set[int]:
             candidates = []
         if isinstance(module, nn.Embedding):
             kept_dense.add(id(module.weight))
-        head = module.get_output_embeddings() if callable(getattr(module, "get_output_embeddings", None)) else None
+        head = _output_head(module)
         if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), nn.Parameter):
             kept_dense.add(id(head.weight))
         chosen.update(id(p) for p in candidates if isinstance(p, nn.Parameter))

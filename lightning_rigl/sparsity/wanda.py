@@ -44,65 +44,81 @@ def input_norms(trainer: pl.Trainer, pl_module: pl.LightningModule, layers: Mapp
                 batches: int) -> dict[str, Tensor]:
     """For each named layer, the L2 norm of each of its input features over every token of the first ``batches``
     training batches (of every process under DDP: the sums of squares are added up, so all hold the same norms).
-    The batches run through ``training_step`` without gradients; what it logs is dropped.
+    The batches run through ``training_step`` in eval mode (no dropout, no batch-norm statistics) and without
+    gradients; what it logs is dropped.
 
     Raises:
-        ConfigError: the training data is not one loader, or has fewer than ``batches`` batches.
+        ConfigError: the training data is not one loader, it has fewer than ``batches`` batches, or a layer's
+            forward never ran on them (an attention module that reads a linear layer's weight itself, say).
     """
-    trainer.fit_loop.setup_data()  # what the fit loop does first; it keeps the loader for training
-    loader = trainer.train_dataloader
+    # The loader as the fit loop will get it, before the fit loop sets it up: a loader with persistent workers
+    # resets the iterator these batches come from when the first epoch starts, and a stateful loader's position
+    # is still restored afterwards. Lightning 2.x keeps the source in ``fit_loop._data_source`` from ``fit`` on.
+    loader = trainer.fit_loop._data_source.dataloader()
     if not isinstance(loader, torch.utils.data.DataLoader):
         raise ConfigError("start='wanda' reads its calibration batches from the training DataLoader; this run trains "
                           f"on a {type(loader).__name__}. Use start='magnitude', or train on one DataLoader.")
     sums = {name: torch.zeros(_fan_in(layer), dtype=torch.float64, device=pl_module.device)
             for name, layer in layers.items()}
-    hooks = [layer.register_forward_pre_hook(_accumulator(sums[name], _fan_in(layer)))
+    calls = dict.fromkeys(layers, 0)
+    hooks = [layer.register_forward_pre_hook(_accumulator(sums[name], calls, name, _fan_in(layer)))
              for name, layer in layers.items()]
     seen = 0
     try:
-        with torch.no_grad(), _unlogged(pl_module), trainer.precision_plugin.forward_context():
+        with torch.no_grad(), _calibrating(pl_module), trainer.precision_plugin.forward_context():
             for index, batch in zip(range(batches), loader):
                 pl_module.training_step(trainer.strategy.batch_to_device(batch), index)
                 seen += 1
     finally:
         for hook in hooks:
             hook.remove()
-    if seen < batches:
-        raise ConfigError(f"start='wanda' calibrates on {batches} training batches; the loader has {seen}. Lower "
-                          "calibration_batches.")
-    if dist.is_available() and dist.is_initialized():
+    distributed = dist.is_available() and dist.is_initialized()
+    counts = torch.tensor([seen, *calls.values()], dtype=torch.float64, device=pl_module.device)
+    if distributed:  # every process decides alike: none raises while the others wait in an all-reduce
+        dist.all_reduce(counts, op=dist.ReduceOp.MIN)
+    if int(counts[0]) < batches:
+        raise ConfigError(f"start='wanda' calibrates on {batches} training batches; a loader has {int(counts[0])}. "
+                          "Lower calibration_batches.")
+    unseen = [name for name, count in zip(calls, counts[1:].tolist()) if count == 0]
+    if unseen:
+        raise ConfigError(f"start='wanda' saw no input reach {unseen[:3]}: their modules never ran in training_step "
+                          "(an attention module reads such a weight itself). Keep them out with exclude=[...], or use "
+                          "start='magnitude'.")
+    if distributed:
         for total in sums.values():
             dist.all_reduce(total)
     return {name: total.sqrt() for name, total in sums.items()}
 
 
-def wanda_scores(layers: Mapping[str, nn.Module], norms: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """|W| times its input feature's norm, in each weight's own layout (an input feature is a column of an
-    ``nn.Linear`` weight, a row of a ``Conv1D`` one); whole weights under FSDP2."""
-    scores = {}
-    for name, layer in layers.items():
-        weight = gather(layer.weight.detach()).abs().double()
-        norm = norms[name].to(weight.device)
-        scores[name] = weight * (norm[None, :] if isinstance(layer, nn.Linear) else norm[:, None])
-    return scores
+def wanda_score(layer: nn.Module, norm: Tensor) -> Tensor:
+    """|W| times its input feature's norm, in the weight's own layout (an input feature is a column of an
+    ``nn.Linear`` weight, a row of a ``Conv1D`` one), in float32; the whole weight under FSDP2."""
+    weight = gather(layer.weight.detach()).abs().float()
+    norm = norm.to(weight.device, torch.float32)
+    return weight * (norm[None, :] if isinstance(layer, nn.Linear) else norm[:, None])
 
 
 def _fan_in(layer: nn.Module) -> int:
     return layer.weight.shape[1] if isinstance(layer, nn.Linear) else layer.weight.shape[0]
 
 
-def _accumulator(total: Tensor, fan_in: int) -> Any:
+def _accumulator(total: Tensor, calls: dict[str, int], name: str, fan_in: int) -> Any:
     def add(module: nn.Module, args: tuple[Any, ...]) -> None:
         total.add_(args[0].detach().reshape(-1, fan_in).double().pow(2).sum(0))
+        calls[name] += 1
     return add
 
 
 @contextmanager
-def _unlogged(pl_module: pl.LightningModule) -> Iterator[None]:
-    """``training_step`` called outside the training loop: Lightning refuses ``self.log`` there, and these
-    batches are no training step to log."""
+def _calibrating(pl_module: pl.LightningModule) -> Iterator[None]:
+    """``training_step`` called outside the training loop, on batches that are no training step: every module in
+    eval mode, ``self.log`` a no-op (Lightning refuses it there); each module's mode restored after."""
+    modes = {module: module.training for module in pl_module.modules()}
+    pl_module.eval()
     pl_module.log, pl_module.log_dict = (lambda *args, **kwargs: None,) * 2  # instance attributes shadow the methods
     try:
         yield
     finally:
         del pl_module.log, pl_module.log_dict
+        for module, training in modes.items():
+            module.train(training)
