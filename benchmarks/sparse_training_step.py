@@ -1,8 +1,8 @@
 """Training with sparse kernels, whole steps: time per optimizer step and peak memory against the dense path.
 
 Each configuration trains in a fresh process (so that its peak resident memory is its own) with a real Trainer on
-real data (Fashion-MNIST images; text for ``gpt_tiny``): a step is a real forward, backward, callback hooks and optimizer step (SGD, Nesterov
-momentum, weight decay), and its time is the wall time between two consecutive batch starts, after the first
+real data (Fashion-MNIST images; text for ``gpt_tiny``): a step is a real forward, backward, callback hooks and
+optimizer step (SGD with Nesterov momentum and weight decay; AdamW for ``gpt_tiny``), and its time is the wall time between two consecutive batch starts, after the first
 ``WARMUP`` steps (the first step of "auto" is its timing step). Rounds alternate the configurations, each round
 starting at the next one; medians over rounds.
 
