@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,11 +133,7 @@ def claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
 
     lines, outcomes = [], []
     dense = find(rows, "Dense", None, 0.0)
-    for s in sparsities:
-        one, two = find(rows, "RigL", "erk", s, 1), find(rows, "RigL", "erk", s, 2)
-        if dense is None or one is None or two is None:
-            lines.append(f"{at(s)}: not run.")
-            continue
+    for s, one, two in _rigl_1x_and_2x(rows, sparsities, dense, lines):
         (verdict_one, difference_one), (verdict_two, difference_two) = compare(one, dense), compare(two, dense)
         gap_one, gap_two = -difference_one, -difference_two
         outcomes.append(None if "one seed" in (verdict_one, verdict_two) else
@@ -212,6 +208,18 @@ def srigl_claim(rows: Sequence[Row], sparsities: Sequence[float], metric: Metric
         return []
     return [_claim(f"SRigL (constant fan-in, neuron ablation) matches RigL's {metric.noun} (Lasby et al. 2024; ERK, "
                    "1x).", lines, _held(outcomes))]
+
+
+def _rigl_1x_and_2x(rows: Sequence[Row], sparsities: Sequence[float], dense: Row | None,
+                    lines: list[str]) -> Iterator[tuple[float, Row, Row]]:
+    """(sparsity, RigL ERK 1x, RigL ERK 2x) at each sparsity where they and ``dense`` ran; a "not run" line in
+    ``lines`` for each other."""
+    for s in sparsities:
+        one, two = find(rows, "RigL", "erk", s, 1), find(rows, "RigL", "erk", s, 2)
+        if dense is None or one is None or two is None:
+            lines.append(f"{at(s)}: not run.")
+        else:
+            yield s, one, two
 
 
 def _claim(claim: str, lines: Sequence[str], verdict: str) -> str:
@@ -314,11 +322,7 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
 
     lines, outcomes = [], []
     dense = find(rows, "Dense", None, 0.0)
-    for s in sparsities:
-        one, two = find(rows, "RigL", "erk", s, 1), find(rows, "RigL", "erk", s, 2)
-        if dense is None or one is None or two is None:
-            lines.append(f"{at(s)}: not run.")
-            continue
+    for s, one, two in _rigl_1x_and_2x(rows, sparsities, dense, lines):
         means = {name: row.mean_std(BITS.key)[0] for name, row in (("dense", dense), ("1x", one), ("2x", two))}
         gap_one, gap_two = BITS.worse(means["1x"], means["dense"]), BITS.worse(means["2x"], means["dense"])
         outcomes.append(_outcome(compare(two, one, BITS)[0]))

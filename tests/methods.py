@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 from lightning_rigl import SET, SNFS, SNIP, GradualMagnitudePruning, LotteryTicket, RigL, SRigL, Static
 
@@ -54,3 +55,14 @@ REFUSES_SPARSE_KERNELS = ("snfs", "snip", "snip_global", "pruning", "pruning_glo
 def sparse_kernels_for(method: str) -> str:
     """The kernels setting that runs ``method`` on sparse kernels wherever it may."""
     return "auto" if method in REFUSES_SPARSE_KERNELS else "sparse"
+
+
+def assert_masks_hold(sparse: pl.Callback, model: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    """The shared invariants after training with AdamW: every dead weight 0, each layer's live count exact (its
+    density's), and Adam's m and v 0 at every dead position."""
+    for name, mask in sparse.masks.items():
+        weight = model.get_parameter(name)
+        assert not weight[~mask].any(), name
+        assert int(mask.sum()) == sparse.live_counts[name] == round(mask.numel() * sparse.densities[name]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert not optimizer.state[weight][key][~mask].any(), (name, key)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TinyGPT2, TinyHuggingFace, TinyLlama, tiny_huggingface_lm, train
 from fake_datasets import write_text_folder
-from methods import METHODS
+from methods import METHODS, assert_masks_hold
 from test_callbacks import _assert_resume_matches
 
 from lightning_rigl import RigL, SRigL, Static
@@ -64,13 +64,7 @@ def test_every_method_trains_a_huggingface_model_with_exact_counts_dead_weights_
     expected = GPT2_WEIGHTS if arch == "gpt2" else LLAMA_WEIGHTS
     assert list(sparse.masks) == [f"classifier.{name}" for name in expected]
     assert sparse.num_updates > 0 or method == "static"
-    optimizer = trainer.optimizers[0]
-    for name, mask in sparse.masks.items():
-        weight = model.get_parameter(name)
-        assert not weight[~mask].any(), name
-        assert int(mask.sum()) == sparse.live_counts[name] == round(mask.numel() * sparse.densities[name]), name
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert not optimizer.state[weight][key][~mask].any(), (name, key)
+    assert_masks_hold(sparse, model, trainer.optimizers[0])
 
 
 def _neurons(model: TinyHuggingFace, name: str, mask: torch.Tensor) -> torch.Tensor:

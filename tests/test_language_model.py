@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from fake_datasets import write_text_folder
-from methods import METHODS
+from methods import METHODS, assert_masks_hold
 from torch.nn import functional as F
 
 from lightning_rigl import RigL, Static
@@ -180,13 +180,7 @@ def test_every_method_trains_a_gpt_with_exact_counts_dead_weights_and_clean_opti
     trainer, model, _ = _train(tmp_path, [sparse], steps=10)
     assert set(sparse.masks) == {f"net.blocks.{b}.{p}.weight" for b in range(4) for p in PROJECTIONS}
     assert sparse.num_updates > 0 or method == "static"
-    optimizer = trainer.optimizers[0]
-    for name, mask in sparse.masks.items():
-        weight = model.get_parameter(name)
-        assert not weight[~mask].any(), name
-        assert int(mask.sum()) == sparse.live_counts[name] == round(mask.numel() * sparse.densities[name]), name
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert not optimizer.state[weight][key][~mask].any(), (name, key)
+    assert_masks_hold(sparse, model, trainer.optimizers[0])
 
 
 def test_a_sparsified_tied_embedding_has_one_mask_for_both_uses(tmp_path) -> None:
