@@ -81,7 +81,7 @@ def test_the_token_files_hold_each_splits_documents_in_order_and_are_reused(tmp_
     data.prepare_data()
     data.setup("fit")
     documents, _ = folder_documents(tmp_path / "corpus")
-    expected = b"".join(doc.data for doc in documents if split_of(doc.name, 0, 0.2, 0.2) == "train")
+    expected = b"".join(doc.read() for doc in documents if split_of(doc.name, 0, 0.2, 0.2) == "train")
     assert bytes(data.train_set.tokens) == expected
     inputs, targets = data.train_set[1]
     assert inputs.dtype == torch.long and torch.equal(inputs[1:], targets[:-1])
@@ -104,8 +104,30 @@ def test_one_file_is_cut_into_documents_at_line_ends(tmp_path) -> None:
     text = "".join(f"line {index} " + "x" * 50 + "\n" for index in range(5000))  # about 300 KB
     (tmp_path / "book.txt").write_text(text)
     documents, _ = folder_documents(tmp_path / "book.txt")
-    assert len(documents) > 3 and all(doc.data.endswith(b"\n") for doc in documents)
-    assert b"".join(doc.data for doc in documents) == text.encode()
+    assert len(documents) > 3 and all(doc.read().endswith(b"\n") for doc in documents)
+    assert b"".join(doc.read() for doc in documents) == text.encode()
+    assert all(doc.size >= 1 << 16 for doc in documents[:-1])  # FILE_PIECE_BYTES and on to the line's end
+
+
+@pytest.mark.parametrize("one_file", [False, True])
+def test_tokenizing_holds_one_document_at_a_time_not_the_corpus(tmp_path, one_file: bool) -> None:
+    """A 4 MB corpus (40 files, or one file cut into pieces of 64 KiB) is digested and tokenized with well under
+    a megabyte of Python memory at its peak: the corpus is never read whole."""
+    import tracemalloc
+
+    line = "def f(x):  return x + 1  # " + "y" * 72 + "\n"  # 100 bytes
+    (tmp_path / "corpus").mkdir()
+    for index in range(1 if one_file else 40):
+        (tmp_path / "corpus" / f"doc{index:02d}.py").write_text(line * (40_000 if one_file else 1000))
+    data = _module(tmp_path / "corpus" / "doc00.py" if one_file else tmp_path / "corpus", tmp_path / "cache")
+    tracemalloc.start()
+    try:
+        data.prepare_data()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data.corpus["bytes"] == 4_000_000
+    assert peak < 1_000_000, peak
 
 
 @pytest.mark.parametrize(("setup", "message"), [

@@ -37,11 +37,24 @@ _CACHE_VERSION = 1  # of the token files' layout: a change here rebuilds every c
 
 @dataclass(frozen=True)
 class Document:
-    """A piece of the corpus: its name (a path relative to the corpus root, and a piece number for one file) and
-    its bytes."""
+    """A piece of the corpus: its name (a path relative to the corpus root, and a piece number for one file), the
+    file that holds it and its byte range there. Its bytes are read when needed, one document at a time, so that
+    a corpus larger than memory can be digested and tokenized."""
 
     name: str
-    data: bytes
+    path: Path
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        """Its length in bytes."""
+        return self.end - self.start
+
+    def read(self) -> bytes:
+        with self.path.open("rb") as file:
+            file.seek(self.start)
+            return file.read(self.size)
 
 
 def stdlib_root() -> Path:
@@ -55,7 +68,7 @@ def stdlib_documents() -> list[Document]:
     paths = sorted(path for path in root.rglob("*.py")
                    if not _NOT_THE_STDLIB.intersection(path.relative_to(root).parts[:-1])
                    and not path.name.startswith("test_"))
-    return [Document(path.relative_to(root).as_posix(), path.read_bytes()) for path in paths]
+    return [Document(path.relative_to(root).as_posix(), path, 0, path.stat().st_size) for path in paths]
 
 
 def folder_documents(path: Path) -> tuple[list[Document], list[str]]:
@@ -77,14 +90,19 @@ def folder_documents(path: Path) -> tuple[list[Document], list[str]]:
         root = path
     documents, skipped = [], []
     for file in files:
-        data = file.read_bytes()
         name = file.relative_to(root).as_posix()
+        if path.is_file():
+            pieces = [Document(f"{name}#{index}", file, start, end) for index, (start, end) in enumerate(_pieces(file))]
+            if all(_is_text(piece.read()) for piece in pieces):  # pieces end at line ends: none splits a character
+                documents.extend(pieces)
+            else:
+                skipped.append(name)
+            continue
+        data = file.read_bytes()
         if not _is_text(data):
             skipped.append(name)
-        elif path.is_file():
-            documents.extend(Document(f"{name}#{index}", piece) for index, piece in enumerate(_pieces(data)))
         elif data:
-            documents.append(Document(name, data))
+            documents.append(Document(name, file, 0, len(data)))
     return documents, skipped
 
 
@@ -98,13 +116,19 @@ def _is_text(data: bytes) -> bool:
     return True
 
 
-def _pieces(data: bytes) -> Iterator[bytes]:
-    start = 0
-    while start < len(data):
-        end = data.find(b"\n", start + FILE_PIECE_BYTES)
-        end = len(data) if end < 0 else end + 1
-        yield data[start:end]
-        start = end
+def _pieces(path: Path) -> Iterator[tuple[int, int]]:
+    """Byte ranges of ``path`` of at least ``FILE_PIECE_BYTES`` each, ending just after a line end (the last at the
+    end of the file), found without reading the file whole."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        start = 0
+        while start < size:
+            file.seek(min(start + FILE_PIECE_BYTES, size))
+            while (line := file.readline(1 << 20)) and not line.endswith(b"\n"):
+                pass  # a line longer than the read: go on to its end
+            end = file.tell()
+            yield start, end
+            start = end
 
 
 def split_of(name: str, seed: int, val_fraction: float, test_fraction: float) -> str:
@@ -243,20 +267,23 @@ class TextDataModule(DataModule):
             tokenizer = Tokenizer(self.tokenizer_name)
             meta = {"vocab_size": tokenizer.vocab_size, "dtype": tokenizer.dtype.name, **source,
                     "digest": digest, "files": len({doc.name.split("#")[0] for doc in documents}),
-                    "bytes": sum(len(doc.data) for doc in documents), "splits": {}}
+                    "bytes": sum(doc.size for doc in documents), "splits": {}}
             folder.mkdir(parents=True, exist_ok=True)
             rank_zero_info(f"TextDataModule: tokenizing {meta['bytes'] / 1e6:.1f} MB into {folder}")
             for split in SPLITS:
                 chosen = [doc for doc in documents
                           if split_of(doc.name, self.seed, self.val_fraction, self.test_fraction) == split]
-                tokens = [tokenizer.encode(doc.data) for doc in chosen]
-                joined = np.concatenate(tokens).astype(tokenizer.dtype) if tokens else np.zeros(0, tokenizer.dtype)
                 partial = folder / f"{split}.bin.{os.getpid()}.partial"  # processes of a node may race here
-                joined.tofile(partial)
+                count = 0
+                with partial.open("wb") as file:  # one document in memory at a time
+                    for doc in chosen:
+                        tokens = tokenizer.encode(doc.read()).astype(tokenizer.dtype)
+                        tokens.tofile(file)
+                        count += tokens.size
                 partial.replace(folder / f"{split}.bin")
-                size = sum(len(doc.data) for doc in chosen)
-                meta["splits"][split] = {"documents": len(chosen), "bytes": size, "tokens": int(joined.size),
-                                         "bytes_per_token": size / joined.size if joined.size else None}
+                size = sum(doc.size for doc in chosen)
+                meta["splits"][split] = {"documents": len(chosen), "bytes": size, "tokens": count,
+                                         "bytes_per_token": size / count if count else None}
             partial = folder / f"meta.json.{os.getpid()}.partial"
             partial.write_text(json.dumps(meta, indent=1))
             partial.replace(meta_path)
@@ -297,8 +324,9 @@ class TextDataModule(DataModule):
 
 
 def _digest(documents: Sequence[Document]) -> str:
-    """SHA-256 over every document's name and bytes, in order."""
+    """SHA-256 over every document's name and bytes, in order (read one at a time)."""
     digest = hashlib.sha256()
     for doc in documents:
-        digest.update(doc.name.encode() + b"\0" + len(doc.data).to_bytes(8, "big") + doc.data)
+        digest.update(doc.name.encode() + b"\0" + doc.size.to_bytes(8, "big"))
+        digest.update(doc.read())
     return digest.hexdigest()
