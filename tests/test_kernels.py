@@ -418,7 +418,7 @@ def test_the_default_run_makes_the_same_mask_updates_with_sparse_kernels(tmp_pat
         out = capsys.readouterr().out
         optimizer_step = "live weights" if kernels == "sparse" else "dense"
         line = "kernels: sparse, optimizer step: live weights" if kernels == "sparse" else "kernels: dense"
-        assert re.search(rf"{line}; a training batch took \d+\.\d\d ms \(median of 201,", out), out
+        assert re.search(rf"{line}; an optimizer step took \d+\.\d\d ms \(median of 201,", out), out
         record = json.loads(Path("runs", kernels, "version_0", "results.json").read_text())
         assert record["kernels"] == kernels and record["step_ms"] > 0 and record["optimizer_step"] == optimizer_step
         expected = "dense" if kernels == "dense" else KERNELS[0]
