@@ -21,8 +21,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.multiprocessing as mp
-from conftest import TinyGPT, TinyViT, make_data, train
-from methods import CHANGING, METHODS
+from conftest import TinyGPT, TinyGPT2, TinyViT, make_data, train
+from methods import CHANGING, DYNAMIC, METHODS
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
@@ -63,8 +63,23 @@ class ShardedTinyGPT(TinyGPT):
         shard_module(self, self.classifier, self.device_mesh)
 
 
-# Methods trained on a GPT as well (plain under DDP, sharded under FSDP2).
+class ShardedTinyGPT2(TinyGPT2):
+    """The Hugging Face GPT-2 sharded as its users shard it: each block, then the model itself (the module the
+    training step calls). Its Conv1D weights, stored (in, out), are sharded along their inputs."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.classifier.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.classifier, mesh=mesh)
+
+
+# Methods trained on a GPT as well, and on Hugging Face's GPT-2 (Wanda's start too): plain under DDP, sharded
+# under FSDP2.
 GPT_RUNS = {f"{method}_gpt": METHODS[method] for method in ("rigl", "srigl")}
+GPT2_RUNS = {**{f"{method}_gpt2": METHODS[method] for method in ("rigl", "srigl")},
+             "wanda_gpt2": lambda: RigL(sparsity=0.8, start="wanda", calibration_batches=2, **DYNAMIC)}
+MODELS = {**dict.fromkeys(GPT_RUNS, (TinyGPT, ShardedTinyGPT)), **dict.fromkeys(GPT2_RUNS, (TinyGPT2, ShardedTinyGPT2))}
 
 
 class BlocksOnlyTinyViT(TinyViT):
@@ -117,7 +132,7 @@ class StopAfter(pl.Callback):
 
 
 def _methods(ticket: str) -> dict:
-    return {**METHODS, "lottery": lambda: LotteryTicket(checkpoint=ticket), **GPT_RUNS}
+    return {**METHODS, "lottery": lambda: LotteryTicket(checkpoint=ticket), **GPT_RUNS, **GPT2_RUNS}
 
 
 def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str) -> None:
@@ -139,7 +154,7 @@ def _train_every_method_both_ways(rank: int, port: int, folder: str, ticket: str
                 logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             )
             try:
-                models = (TinyGPT, ShardedTinyGPT) if method in GPT_RUNS else (TinyViT, ShardedTinyViT)
+                models = MODELS.get(method, (TinyViT, ShardedTinyViT))
                 trainer.fit(models[sharded](), DataLoader(make_data(64), batch_size=16, shuffle=False))
             except Exception as error:
                 torch.save({"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}, out)
@@ -229,7 +244,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("method", [*METHODS, *GPT_RUNS])
+@pytest.mark.parametrize("method", [*METHODS, *GPT_RUNS, *GPT2_RUNS])
 def test_sharded_masks_equal_the_ddp_masks_at_every_step(runs: Path, method: str) -> None:
     saved = {(strategy, rank): torch.load(runs / method / f"{strategy}_rank{rank}.pt", weights_only=True)
              for strategy in STRATEGIES for rank in (0, 1)}
@@ -251,7 +266,8 @@ def test_sharded_masks_equal_the_ddp_masks_at_every_step(runs: Path, method: str
         assert record["live"] == {name: int(mask.sum()) for name, mask in record["masks"][-1].items()}, key
         for name, mask in record["masks"][-1].items():  # dead weights at exactly 0 after the last step
             assert not record["params"][name][~mask].any(), f"{key}: dead weights of {name} moved"
-    if method.removesuffix("_gpt") in CHANGING and not method.startswith("snip"):  # SNIP changes at step 0 only
+    # SNIP changes at step 0 only.
+    if method.removesuffix("_gpt").removesuffix("_gpt2") in CHANGING and not method.startswith("snip"):
         first, last = reference["masks"][0], reference["masks"][-1]
         assert any(not torch.equal(first[name], last[name]) for name in first)
 
