@@ -182,8 +182,11 @@ def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _grouped(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The flattened settings that tell rows apart: defaults filled in, ignored keys left out."""
-    return {key: value for key, value in _with_defaults(settings).items() if not _IGNORED_KEY.search(key)}
+    """The flattened settings that tell rows apart: defaults filled in, ignored keys left out, and a float with a
+    whole value above 1 read as that int: the command's parser writes a count such as ``limit_val_batches: 50``
+    as 50 or 50.0 depending on the packages installed, and no fraction is above 1."""
+    return {key: int(value) if isinstance(value, float) and value > 1 and value.is_integer() else value
+            for key, value in _with_defaults(settings).items() if not _IGNORED_KEY.search(key)}
 
 
 def _with_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:

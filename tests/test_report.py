@@ -304,3 +304,12 @@ def test_a_run_older_than_an_option_is_a_seed_of_the_row_that_leaves_it_at_its_d
                        run("other", 2, start="magnitude")])
     assert sorted((len(row.runs), row.note) for row in rows) == [
         (1, "trainer.callbacks.0.init_args.start=magnitude"), (2, "trainer.callbacks.0.init_args.start=random")]
+
+
+def test_a_count_written_as_a_float_is_the_same_setting_but_a_fraction_is_not() -> None:
+    def run(folder: str, seed: int, limit: object) -> Run:
+        config = {"trainer": {"limit_val_batches": limit, "callbacks": [{"init_args": {"seed": seed}}]}}
+        return Run(Path(folder), _run(folder, 0.1, seed, 0.9).record, _settings(config), [])
+
+    rows = group_runs([run("a", 0, 50), run("b", 1, 50.0), run("c", 2, 1.0), run("d", 3, 1)])
+    assert sorted(len(row.runs) for row in rows) == [1, 1, 2]  # 50 and 50.0 together; 1.0 (all) apart from 1
