@@ -116,8 +116,8 @@ class SparseTraining(Callback, ABC):
             distribution (within the structure), or, with ``distribution="global"``, the largest |w| across all
             layers (each keeps at least one) decide each layer's share. "wanda": the same with Wanda's score
             |w|·‖x‖ (Sun et al., ICLR 2024), each weight times the L2 norm of the input feature it reads over the
-            first ``calibration_batches`` training batches (run through ``training_step`` without gradients,
-            all processes' under DDP); linear layers only (``nn.Linear``, Hugging Face's ``Conv1D``). Wanda's
+            first ``calibration_batches`` training batches (run through ``training_step`` in eval mode without
+            gradients, all processes' under DDP); linear layers only (``nn.Linear``, Hugging Face's ``Conv1D``). Wanda's
             paper compares weights within each output neuron: ``structure="constant_fan_in"`` does that. Methods
             that start dense (pruning, SNIP) or from a ticket take no ``start``.
         calibration_batches: training batches whose inputs give ``start="wanda"`` its norms (>= 1).
