@@ -104,6 +104,17 @@ class Row:
             return None
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
+    def curve(self, name: str) -> list[tuple[int, float, float]]:
+        """The validation metric ``name`` ("bits_per_byte", "acc_top1") over training: (step, mean, sample
+        standard deviation) over the runs at each step every run logged; empty where a run logged none."""
+        by_run = [dict((int(step), value) for step, value in run.record.get("validation_curves", {}).get(name, []))
+                  for run in self.runs]
+        curve = []
+        for step in sorted(set.intersection(*(set(points) for points in by_run))):
+            values = [points[step] for points in by_run]
+            curve.append((step, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0))
+        return curve
+
     def densities(self) -> dict[str, float]:
         """Each sparse layer's final density, the mean over the runs."""
         names = list(self.first["densities"])
@@ -157,7 +168,9 @@ def _is_run_folder(folder: Path) -> bool:
 
 
 def load_run(folder: Path) -> Run:
-    """The finished run in ``folder``.
+    """The finished run in ``folder``. Its record gains what its ``metrics.csv`` logged of the validation
+    metrics ("val/..."): ``validation``, the last value of each, and ``validation_curves``, each one's
+    [step, value] pairs (both empty without the file).
 
     Raises:
         FileNotFoundError: no results.json (the run did not finish).
@@ -171,7 +184,10 @@ def load_run(folder: Path) -> Run:
         raise ValueError(f"{config_file} does not parse ({type(error).__name__})") from None
     seeds = {key: value for key, value in _flatten(config) if _SEED_KEY.search(key)}
     seeds["record.seed"] = record.get("seed")
-    record.setdefault("validation", _last_validation(folder / "metrics.csv"))
+    curves = logged_series(folder / "metrics.csv", "val/")
+    record.setdefault("validation", {f"val/{name}": points[-1][1] for name, points in curves.items() if points})
+    record.setdefault("validation_curves", {name: [list(point) for point in points]
+                                            for name, points in curves.items()})
     return Run(folder, record, _settings(config), _forward_curve(folder / "metrics.csv"), seeds)
 
 
@@ -234,12 +250,6 @@ def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
         return
     for key, item in items:
         yield from _flatten(item, f"{prefix}.{key}" if prefix else str(key))
-
-
-def _last_validation(metrics: Path) -> dict[str, float]:
-    """The last value of each validation metric ("val/...") in a CSV logger's metrics.csv: the final validation
-    of the run, or of the last one it logged (empty without the file)."""
-    return {f"val/{name}": points[-1][1] for name, points in logged_series(metrics, "val/").items() if points}
 
 
 def _forward_curve(metrics: Path) -> list[tuple[int, float]]:
@@ -496,13 +506,15 @@ class Quality:
     title: str
     axis: str
     reference: str  # how a dense row's reference line labels its mean
+    curve: str  # the validation metric that follows it over training (Row.curve)
+    curve_scale: float  # the metric's logged values times this are in the axis's unit
 
 
 # Classifiers' top-1 accuracy, language models' bits per byte: each in figures of its own.
 QUALITIES = (
-    Quality("test_top1", "accuracy", "test top-1", "test top-1 (%)", "{:.2f}%"),
+    Quality("test_top1", "accuracy", "test top-1", "test top-1 (%)", "{:.2f}%", "acc_top1", 100.0),
     Quality("test_bits_per_byte", "bits_per_byte", "test bits per byte", "test bits per byte (lower is better)",
-            "{:.3f}"),
+            "{:.3f}", "bits_per_byte", 1.0),
 )
 
 
@@ -510,8 +522,10 @@ def figures(rows: Sequence[Row]) -> dict[str, Any]:
     """The report's figures by file name (matplotlib figures), after the reproducibility report's: accuracy
     against sparsity (its Figure 1; one panel per layer distribution), accuracy against training FLOPs (Figure 3;
     one panel per sparsity, a line through each method's multipliers), every row's final density per layer (a
-    heat map) and forward FLOPs over training for runs whose density moves (Figure 4 left). Language models'
-    rows get the first two with their test bits per byte in place of accuracy (``bits_per_byte_vs_*.png``).
+    heat map), forward FLOPs over training for runs whose density moves (Figure 4 left) and validation accuracy
+    over training (one panel per sparsity, the dense rows in each; from the runs' metrics.csv). Language
+    models' rows get the first two and the last with their bits per byte in place of accuracy
+    (``bits_per_byte_*.png``).
     Each method keeps one colour and marker in every figure; hollow markers are uniform distributions, dashed
     lines longer training. A figure with nothing to show is left out.
 
@@ -536,6 +550,13 @@ def figures(rows: Sequence[Row]) -> dict[str, Any]:
                 title=f"{quality.title} against training FLOPs (mean ± std over seeds; lines join 1x, 2x, ...)",
                 legend=_legend(rows, looks, by_multiplier=False, with_dense=True),
                 xscale="log" if xs and max(xs) > 10 * min(xs) else "linear", clip_outliers=True, dodge=True)
+        panels = _training_panels(rows, looks, quality)
+        if panels:
+            longest = max(len(line.points) for panel in panels for line in panel.lines)
+            drawn[f"{quality.name}_over_training.png"] = draw_panels(
+                panels, xlabel="optimizer step", ylabel=quality.axis.replace("test", "validation"),
+                title=f"{quality.title.replace('test', 'validation')} over training (mean ± std over seeds)",
+                legend=_legend(rows, looks, by_multiplier=True, with_dense=True), markers=longest <= _MARKED_POINTS)
     grids = _density_grids(rows)
     for panel, grid in grids.items():
         title = "final density per layer (fraction of live weights; mean over seeds)"
@@ -570,6 +591,7 @@ _METHOD_LOOKS = {
 _SPARE_LOOKS = (Look("#17becf", "o"), Look("#393b79", "s"), Look("#bcbd22", "^"), Look("#9c9ede", "D"),
                 Look("#7b4173", "v"), Look("#637939", "P"))
 _MULTIPLIER_STYLES = ("-", "--", "-.", ":")
+_MARKED_POINTS = 30  # curves of more points than this are drawn without markers
 # Panels of distributions in this order, then any other by name.
 _DISTRIBUTION_ORDER = {name: i for i, name in enumerate(("erk", "er", "uniform", "uniform (all layers)", "global",
                                                           "ticket", "custom"))}
@@ -707,6 +729,31 @@ def _flops_panels(rows: Sequence[Row], looks: Mapping[str, Look], quality: Quali
         line.points = [line.points[i] for i in order]
         line.notes = [line.notes[i] for i in order] if len(line.points) > 1 else [""]
     return [panels[key] for key in sorted(panels, key=lambda key: (key[0], key[1]))]
+
+
+def _training_panels(rows: Sequence[Row], looks: Mapping[str, Look], quality: Quality) -> list[Panel]:
+    """One panel per model/data and sparsity: each row's validation ``quality.curve`` against the optimizer
+    step, the mean over its seeds; the dense rows in every panel of their model. Rows that validated fewer
+    than twice are left out."""
+    curves = {id(row): [(step, quality.curve_scale * mean, quality.curve_scale * spread)
+                        for step, mean, spread in row.curve(quality.curve)] for row in rows}
+    drawn = [row for row in rows if len(curves[id(row)]) > 1]
+    ticks = _sparsity_ticks(row.first["sparsity"] for row in drawn if row.first["sparsity"] > 0)
+    several_models = len({row.panel for row in drawn}) > 1
+    styles = _multiplier_styles(rows)
+    panels: dict[tuple[str, float], Panel] = {}
+    for row in drawn:
+        if row.first["sparsity"] > 0:
+            key = (row.panel, _tick_of(row.first["sparsity"], ticks))
+            title = f"sparsity {_percent(key[1])}" + (f" ({row.panel})" if several_models else "")
+            panels.setdefault(key, Panel(title=title))
+    for row in drawn:
+        sparsity = row.first["sparsity"]
+        for key in [key for key in panels if key[0] == row.panel and (
+                sparsity == 0 or key[1] == _tick_of(sparsity, ticks))]:
+            panels[key].lines.append(Line(curves[id(row)], _row_look(row, looks, styles[row.first["multiplier"]]),
+                                          row.label))
+    return [panels[key] for key in sorted(panels)]
 
 
 @dataclass

@@ -45,7 +45,10 @@ def _runs(kind: tuple[str, str | None, float], sparsity: float, accuracy: float,
                   "train_ratio": 1.0 if method == "Dense" else density * (1.5 if method == "SNFS" else 1.0),
                   "forward_ratio": 1.0 - sparsity, "size_bytes": 1e5,
                   "densities": {} if method in ("Dense", "Small-Dense") else
-                  {name: min(1.0, density * factor) for name, factor in zip(LAYERS, (0.8, 1.5, 6.0))}}
+                  {name: min(1.0, density * factor) for name, factor in zip(LAYERS, (0.8, 1.5, 6.0))},
+                  "validation_curves": {"acc_top1": [  # validated every 100 steps, rising to the test accuracy
+                      [step, (accuracy + 0.2 * (seed - 1) - 400 / step) / 100]
+                      for step in range(100, int(400 * multiplier) + 1, 100)]}}
         moving = method == "GradualMagnitudePruning"
         curve = [(t, max(density, 1 - t / 300)) for t in range(0, 430, 10)] if moving else [(0, density)]
         settings = {"kind": list(map(str, kind)), "sparsity": sparsity}
@@ -113,7 +116,8 @@ def _annotations(figure) -> list[str]:
 def test_every_row_appears_and_nothing_covers_the_data(n_rows: int) -> None:
     rows = study(n_rows)
     drawn = figures(rows)
-    expected = {"accuracy_vs_sparsity.png", "accuracy_vs_training_flops.png", "layer_densities.png"}
+    expected = {"accuracy_vs_sparsity.png", "accuracy_vs_training_flops.png", "accuracy_over_training.png",
+                "layer_densities.png"}
     if any(row.first["method"] == "GradualMagnitudePruning" for row in rows):
         expected.add("forward_flops.png")
     assert set(drawn) == expected
@@ -128,6 +132,11 @@ def test_every_row_appears_and_nothing_covers_the_data(n_rows: int) -> None:
                 continue  # dense is the reference line there
             mean = row.mean_std("test_top1")[0]
             assert any(math.isclose(y, mean) for y in ys) or f"{mean:.3g}" in notes, (name, row.label)
+    over_training = _plotted_ys(drawn["accuracy_over_training.png"])
+    for row in rows:  # the last validation's mean, 4/steps below the test accuracy
+        last = row.curve("acc_top1")[-1]
+        assert any(math.isclose(y, 100 * last[1]) for y in over_training), row.label
+        assert 100 * last[1] == pytest.approx(row.mean_std("test_top1")[0] - 400 / last[0])
     if "layer_densities.png" in drawn:
         heat = drawn["layer_densities.png"].axes[0]
         labels = [tick.get_text() for tick in heat.get_yticklabels()]
@@ -135,6 +144,25 @@ def test_every_row_appears_and_nothing_covers_the_data(n_rows: int) -> None:
         renderer = drawn["layer_densities.png"].canvas.get_renderer()
         boxes = [tick.get_window_extent(renderer) for tick in heat.get_yticklabels()]
         assert not any(_overlap(a, b) for a, b in zip(boxes, boxes[1:])), "row labels collide"
+
+
+def test_a_curve_over_training_is_the_mean_over_seeds_at_the_steps_every_seed_validated() -> None:
+    """Three seeds, one of them stopped after two validations; a panel per sparsity, the dense row in each."""
+    runs = _runs(("RigL", "erk", 1.0), 0.9, 80.0) + _runs(("RigL", "erk", 1.0), 0.5, 85.0) + _runs(
+        ("Dense", None, 1.0), 0.0, 89.0)
+    curves = ([[100, 0.5], [200, 0.6], [300, 0.7]], [[100, 0.7], [200, 0.8], [300, 0.9]], [[100, 0.6], [200, 0.4]])
+    for run, curve in zip(runs, curves):
+        run.record["validation_curves"] = {"acc_top1": curve}
+    dense, half, ninety = group_runs(runs)
+    assert [point for step in ninety.curve("acc_top1") for point in step] == pytest.approx(
+        [100, 0.6, 0.1, 200, 0.6, 0.2])
+    figure = figures([dense, half, ninety])["accuracy_over_training.png"]
+    assert [axes.get_title() for axes in figure.axes if axes.get_visible()] == ["sparsity 50%", "sparsity 90%"]
+    for axes, row in zip(figure.axes, (half, ninety)):
+        lines = {drawn.get_label(): list(drawn.lines[0].get_ydata()) for drawn in axes.containers}
+        assert lines == {"RigL erk": pytest.approx([100 * point[1] for point in row.curve("acc_top1")]),
+                         "Dense": pytest.approx([100 * point[1] for point in dense.curve("acc_top1")])}
+    assert lines["RigL erk"] == pytest.approx([60.0, 60.0])
 
 
 def test_a_method_keeps_its_colour_and_seeds_give_error_bars() -> None:
@@ -182,6 +210,7 @@ def test_records_redraw_the_same_report_and_stay_small(tmp_path: Path) -> None:
     for before, after in zip(rows, again):
         assert after.mean_std("test_top1") == pytest.approx(before.mean_std("test_top1"))
         assert after.densities() == before.densities()
+        assert after.curve("acc_top1") == before.curve("acc_top1")
         assert [run.forward_curve for run in after.runs] == [
             run.forward_curve if len({v for _, v in run.forward_curve}) > 1 else [] for run in before.runs]
     assert len(read_records(path)) == len(runs)

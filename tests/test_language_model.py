@@ -310,15 +310,20 @@ def test_the_report_of_language_model_runs_shows_their_bits_per_byte_in_the_tabl
     header = markdown_table(report.rows).splitlines()[0]
     assert "val bits/byte" in header and "test bits/byte" in header and "test top-1" not in header
     drawn = figures(report.rows)
-    assert {"bits_per_byte_vs_sparsity.png", "bits_per_byte_vs_training_flops.png"} <= set(drawn)
+    assert {"bits_per_byte_vs_sparsity.png", "bits_per_byte_vs_training_flops.png",
+            "bits_per_byte_over_training.png"} <= set(drawn)
+    (over_training,) = drawn["bits_per_byte_over_training.png"].axes
+    assert {drawn.get_label(): list(drawn.lines[0].get_ydata()) for drawn in over_training.containers} == {
+        "Dense": pytest.approx(logged[0]),
+        "Static erk": pytest.approx([statistics.fmean(pair) for pair in zip(logged[1], logged[2])])}
     assert not any(name.startswith("accuracy") for name in drawn)
     test_mean = static_row.mean_std("test_bits_per_byte")[0]
     for name in ("bits_per_byte_vs_sparsity.png", "bits_per_byte_vs_training_flops.png"):
         plotted = [float(y) for axes in drawn[name].axes for line in axes.get_lines() for y in line.get_ydata()]
         assert any(y == pytest.approx(test_mean) for y in plotted), name
     again = read_records(write_records([run for row in report.rows for run in row.runs], tmp_path / "records.json"))
-    assert [run.record["validation"] for run in again] == [run.record["validation"] for row in report.rows
-                                                           for run in row.runs]
+    for key in ("validation", "validation_curves"):
+        assert [run.record[key] for run in again] == [run.record[key] for row in report.rows for run in row.runs]
 
 
 def test_a_gpt_run_resumed_from_the_middle_ends_where_the_uninterrupted_one_does(tmp_path, monkeypatch) -> None:
