@@ -329,7 +329,7 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
         closed = f" ({1 - gap_two / gap_one:.0%} of it closed)" if gap_one > 0 else " (RigL 1x is not behind dense)"
         lines.append(f"{at(s)}: dense {result(dense, BITS)}; {versus(two, one, 'RigL 2x', 'RigL 1x', BITS)}; the gap "
                      f"to dense {gap_one:.4f} bits/byte at 1x, {gap_two:.4f} at 2x{closed} for "
-                     f"{two.mean_std('train_flops')[0]:.2f}x dense training FLOPs.")
+                     f"{two.mean_std('train_flops')[0]:.2f}x dense training FLOPs.{_halfway(one, two)}")
     paragraphs.append(_claim("RigL at 2x the steps narrows the gap to dense (ERK).", lines, _held(outcomes)))
 
     lines = []
@@ -339,6 +339,19 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
                          f"{versus(find(rows, 'RigL', distribution, s), dense, 'RigL', 'dense', BITS)}.")
     paragraphs.append(_claim("How far sparse training stays from dense (RigL).", lines, "see each line"))
     return paragraphs + srigl_claim(rows, sparsities, BITS)
+
+
+def _halfway(one: Row, two: Row) -> str:
+    """The validation of the 2x row at the last step of the 1x row's, beside the 1x row's (a sentence; empty
+    where either row logged no validation curve there)."""
+    at_end = dict((step, (mean, spread)) for step, mean, spread in one.curve("bits_per_byte"))
+    halfway = dict((step, (mean, spread)) for step, mean, spread in two.curve("bits_per_byte"))
+    if not at_end or max(at_end) not in halfway:
+        return ""
+    step = max(at_end)  # the logger's steps count from 0
+    return (f" After {step + 1:,} steps, where RigL 1x ends, RigL 2x validates at {halfway[step][0]:.4f} ± "
+            f"{halfway[step][1]:.4f} bits/byte against 1x's {at_end[step][0]:.4f} ± {at_end[step][1]:.4f}, after "
+            "the same tokens and with its learning rate not yet decayed (the figure of bits per byte over training).")
 
 
 def _held(outcomes: Sequence[bool | None]) -> str:

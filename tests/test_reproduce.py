@@ -154,6 +154,13 @@ def test_the_language_model_claims_read_bits_per_byte_and_say_not_run_for_missin
     # The gap to dense: 0.600 at 1x, 0.400 at 2x, a third of it closed, for 2 x 0.3 = 0.60x dense training FLOPs.
     assert "Here: held" in paragraphs[2] and "the gap to dense 0.6000 bits/byte at 1x, 0.4000 at 2x (33% of it " \
         "closed) for 0.60x dense training FLOPs" in paragraphs[2]
+    assert "where RigL 1x ends" not in paragraphs[2]  # no validation curves logged
+    one, two = rows[1], rows[-1]
+    for row, curve in ((one, [[499, 3.4], [999, 3.3]]), (two, [[999, 3.0], [1999, 2.9]])):
+        for shift, run in zip((-0.01, 0.01), row.runs):
+            run.record["validation_curves"] = {"bits_per_byte": [[step, bits + shift] for step, bits in curve]}
+    assert ("After 1,000 steps, where RigL 1x ends, RigL 2x validates at 3.0000 ± 0.0141 bits/byte against 1x's "
+            "3.3000 ± 0.0141" in claims.lm_claims(rows, [0.9])[2])
     assert claims.lm_claims(rows[:1], [0.9])[0].startswith("**RigL beats SET beats Static.** Here: not run.")
     worse_set = [row if row.first["method"] != "SET" else lm_row("SET", [3.40, 3.41], row.first["distribution"])
                  for row in rows]
