@@ -141,6 +141,9 @@ class RigLCLI(LightningCLI):
             raise
 
     def before_fit(self) -> None:
+        if self.config.fit.test_after_fit and not getattr(self.datamodule, "has_test_split", True):
+            raise ConfigError("the data holds no test split to test the final weights on (data.test_fraction is "
+                              "0): set a data.test_fraction above 0, or --test_after_fit false.")
         join_torchrun_attempt(self.trainer)
 
     def after_test(self) -> None:

@@ -153,3 +153,18 @@ def write_text_folder(folder: Path, documents: int = 30, size: int = 3000) -> No
         (folder / ("pkg" if index % 3 else ".") / f"doc{index:02d}.py").write_text(text[:size])
     (folder / ".hidden").write_text("never read")
     (folder / "image.bin").write_bytes(bytes(range(256)))
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A Hugging Face tokenizer saved in ``folder`` as ``from_pretrained`` reads one, made here without a download:
+    a word-level vocabulary of the words ``write_text_folder`` writes, an unknown token and GPT-2's
+    ``<|endoftext|>`` as its end-of-sequence token (ids 0 and 1)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["def", "return", "lambda", "class", "import", "self", "value", "x", "+", "(", ")", ":"]
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1, **{word: index + 2 for index, word in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="<|endoftext|>").save_pretrained(folder)
+    return folder

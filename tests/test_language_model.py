@@ -14,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from fake_datasets import write_text_folder
+from fake_datasets import write_text_folder, write_tokenizer
 from methods import METHODS, assert_masks_hold
 from torch.nn import functional as F
 
@@ -109,17 +109,19 @@ def test_one_file_is_cut_into_documents_at_line_ends(tmp_path) -> None:
     assert all(doc.size >= 1 << 16 for doc in documents[:-1])  # FILE_PIECE_BYTES and on to the line's end
 
 
-@pytest.mark.parametrize("one_file", [False, True])
-def test_tokenizing_holds_one_document_at_a_time_not_the_corpus(tmp_path, one_file: bool) -> None:
-    """A 4 MB corpus (40 files, or one file cut into pieces of 64 KiB) is digested and tokenized with well under
-    a megabyte of Python memory at its peak: the corpus is never read whole."""
+@pytest.mark.parametrize("layout", ["files", "one file", "a folder of one file"])
+def test_tokenizing_holds_one_document_at_a_time_not_the_corpus(tmp_path, layout: str) -> None:
+    """A 4 MB corpus (40 files, one file cut into pieces of 64 KiB, or a folder holding one 4 MB document) is
+    checked, digested and tokenized at byte level with well under a megabyte of Python memory at its peak: neither
+    the corpus nor a document is read whole."""
     import tracemalloc
 
     line = "def f(x):  return x + 1  # " + "y" * 72 + "\n"  # 100 bytes
     (tmp_path / "corpus").mkdir()
-    for index in range(1 if one_file else 40):
-        (tmp_path / "corpus" / f"doc{index:02d}.py").write_text(line * (40_000 if one_file else 1000))
-    data = _module(tmp_path / "corpus" / "doc00.py" if one_file else tmp_path / "corpus", tmp_path / "cache")
+    for index in range(40 if layout == "files" else 1):
+        (tmp_path / "corpus" / f"doc{index:02d}.py").write_text(line * (1000 if layout == "files" else 40_000))
+    data = _module(tmp_path / "corpus" / "doc00.py" if layout == "one file" else tmp_path / "corpus",
+                   tmp_path / "cache", val_fraction=0.0, test_fraction=0.0)
     tracemalloc.start()
     try:
         data.prepare_data()
@@ -147,6 +149,79 @@ def test_a_split_without_a_window_says_what_to_change(tmp_path) -> None:
     data.prepare_data()
     with pytest.raises(ConfigError, match="train split holds .* a smaller data.context"):
         data.setup("fit")
+
+
+def test_a_held_out_split_without_a_window_is_refused_before_training(tmp_path) -> None:
+    """A test split too small for one window is refused at setup for fit, not after training."""
+    write_text_folder(tmp_path / "corpus", documents=30, size=40)
+    data = _module(tmp_path / "corpus", tmp_path / "cache", context=64, val_fraction=0.0, test_fraction=0.04)
+    data.prepare_data()
+    assert 0 < data.corpus["splits"]["test"]["tokens"] <= 64 < data.corpus["splits"]["train"]["tokens"]
+    with pytest.raises(ConfigError, match="test split holds .* a larger data.test_fraction"):
+        data.setup("fit")
+
+
+def test_without_a_test_split_the_command_refuses_to_test_after_fit(tmp_path, monkeypatch, capsys) -> None:
+    write_text_folder(tmp_path / "corpus", documents=60)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train_recipe("dense", "--data.test_fraction", "0")
+    assert exit_info.value.code == 2
+    assert "data.test_fraction is 0" in capsys.readouterr().err and not Path("runs").exists()
+    train_recipe("dense", "--data.test_fraction", "0", "--test_after_fit", "false")  # trains
+
+
+def test_a_named_tokenizer_trains_through_the_command_with_its_vocabulary_and_separated_documents(
+        tmp_path, monkeypatch) -> None:
+    """A Hugging Face tokenizer (a local folder): the model's vocabulary is the tokenizer's, each document ends
+    with its end-of-text token in the token files, and bits per byte are bits per token over bytes per token."""
+    write_text_folder(tmp_path / "corpus", documents=60)
+    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+    monkeypatch.chdir(tmp_path)
+    folder = train_recipe("dense", "--data.tokenizer", "tokenizer", "--trainer.callbacks+",
+                          "pytorch_lightning.callbacks.ModelCheckpoint")
+    (checkpoint,) = (folder / "checkpoints").glob("*.ckpt")
+    weights = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert weights["net.token_embedding.weight"].shape[0] == 14  # 12 words, unknown, end of text
+    record = json.loads((folder / "results.json").read_text())
+    test = record["corpus"]["splits"]["test"]
+    assert record["test"]["test/bits_per_byte"] == pytest.approx(
+        record["test"]["test/bits_per_token"] / test["bytes_per_token"], rel=1e-5)
+    data = _module("corpus", "cache", tokenizer=str(tokenizer), context=32)
+    data.prepare_data()
+    data.setup("fit")
+    from transformers import AutoTokenizer
+
+    words = AutoTokenizer.from_pretrained(tokenizer)
+    documents = [doc for doc in folder_documents(Path("corpus"))[0] if split_of(doc.name, 0, 0.2, 0.2) == "train"]
+    expected = [token for doc in documents for token in words(doc.read().decode())["input_ids"] + [1]]
+    assert data.train_set.tokens.tolist() == expected and expected.count(1) == len(documents)
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_refused_at_construction(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="could not load the tokenizer"):
+        _module(tmp_path, tmp_path / "cache", tokenizer=str(tmp_path / "empty"))
+
+
+def test_training_resumes_only_on_the_checkpoints_corpus(tmp_path) -> None:
+    """A checkpoint of the corpus resumes on it; after a document changed, resuming training is refused with a
+    message, while validating the checkpoint on the changed corpus is allowed."""
+    trainer, model, data = _train(tmp_path, [], steps=2)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+
+    def trainer_for(steps: int) -> pl.Trainer:
+        return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+
+    trainer_for(3).fit(model, _module(tmp_path / "corpus", tmp_path / "cache"), ckpt_path=tmp_path / "two.ckpt")
+    (tmp_path / "corpus" / "doc00.py").write_text("def x\n" * 200)
+    with pytest.raises(ConfigError, match=r"other data than this run's \(digest '[0-9a-f]+' then, '[0-9a-f]+' now\)"):
+        trainer_for(3).fit(model, _module(tmp_path / "corpus", tmp_path / "cache"), ckpt_path=tmp_path / "two.ckpt")
+    with pytest.raises(ConfigError, match="seed 0 then, 1 now"):
+        trainer_for(3).fit(model, _module(tmp_path / "corpus", tmp_path / "cache", seed=1),
+                           ckpt_path=tmp_path / "two.ckpt")
+    trainer_for(3).validate(model, _module(tmp_path / "corpus", tmp_path / "cache"), ckpt_path=tmp_path / "two.ckpt")
 
 
 @pytest.mark.parametrize(("option", "value"), [("context", 0), ("val_fraction", 1.0), ("test_fraction", -0.1)])

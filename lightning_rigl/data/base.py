@@ -63,6 +63,11 @@ class DataModule(pl.LightningDataModule):
     def _test_set(self) -> Dataset:
         raise NotImplementedError
 
+    @property
+    def has_test_split(self) -> bool:
+        """Whether the data holds a test split (one held out by a fraction may be set to none)."""
+        return True
+
     def setup(self, stage: str) -> None:
         # Lightning calls setup once per trainer.fit/validate/test: build each split only once, and only the
         # splits the stage needs (listing ImageNet's train folder alone takes a while).

@@ -8,6 +8,7 @@ Python versions, so the version and a digest of the corpus go into every run's r
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,9 +32,10 @@ SPLITS = ("train", "val", "test")
 BYTE = "byte"
 # A single file is cut into documents of about this many bytes (at line ends), so that it can be split too.
 FILE_PIECE_BYTES = 1 << 16
+READ_BYTES = 1 << 16  # files are checked, digested and (at byte level) tokenized in reads of at most this
 # Folders of the standard library that hold its tests, and of installed packages.
 _NOT_THE_STDLIB = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
-_CACHE_VERSION = 1  # of the token files' layout: a change here rebuilds every cache
+_CACHE_VERSION = 2  # of the token files' layout: a change here rebuilds every cache (2: documents separated)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,15 @@ class Document:
         with self.path.open("rb") as file:
             file.seek(self.start)
             return file.read(self.size)
+
+    def chunks(self) -> Iterator[bytes]:
+        """Its bytes in pieces of at most ``READ_BYTES``."""
+        with self.path.open("rb") as file:
+            file.seek(self.start)
+            left = self.size
+            while left and (chunk := file.read(min(left, READ_BYTES))):
+                left -= len(chunk)
+                yield chunk
 
 
 def stdlib_root() -> Path:
@@ -91,26 +103,26 @@ def folder_documents(path: Path) -> tuple[list[Document], list[str]]:
     documents, skipped = [], []
     for file in files:
         name = file.relative_to(root).as_posix()
-        if path.is_file():
-            pieces = [Document(f"{name}#{index}", file, start, end) for index, (start, end) in enumerate(_pieces(file))]
-            if all(_is_text(piece.read()) for piece in pieces):  # pieces end at line ends: none splits a character
-                documents.extend(pieces)
-            else:
-                skipped.append(name)
-            continue
-        data = file.read_bytes()
-        if not _is_text(data):
+        if not _is_text(file):
             skipped.append(name)
-        elif data:
-            documents.append(Document(name, file, 0, len(data)))
+        elif path.is_file():
+            documents.extend(Document(f"{name}#{index}", file, start, end)
+                             for index, (start, end) in enumerate(_pieces(file)))
+        elif size := file.stat().st_size:
+            documents.append(Document(name, file, 0, size))
     return documents, skipped
 
 
-def _is_text(data: bytes) -> bool:
-    if b"\0" in data:
-        return False
+def _is_text(path: Path) -> bool:
+    """Whether the file is UTF-8 without a NUL byte (read in pieces, never whole)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        data.decode("utf-8")
+        with path.open("rb") as file:
+            while chunk := file.read(READ_BYTES):
+                if b"\0" in chunk:
+                    return False
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return False
     return True
@@ -141,12 +153,19 @@ def split_of(name: str, seed: int, val_fraction: float, test_fraction: float) ->
 
 
 class Tokenizer:
-    """Bytes to token ids: "byte" (each byte its own token, a vocabulary of 256) or a Hugging Face tokenizer by
-    name (the ``transformers`` extra, the tokenizer already in the local cache)."""
+    """Documents to token ids: "byte" (each byte its own token, a vocabulary of 256, no separator) or a Hugging
+    Face tokenizer by name or folder (the ``transformers`` extra, the tokenizer already in the local cache), which
+    ends each document with its end-of-sequence token where it has one (GPT-2's ``<|endoftext|>``), as GPT-2's
+    training data does.
+
+    Raises:
+        ConfigError: the tokenizer cannot be loaded.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._tokenizer = None
+        self.separator: list[int] = []
         if name == BYTE:
             self.vocab_size = 256
             return
@@ -157,15 +176,23 @@ class Tokenizer:
                               "'lightning-rigl[transformers]'); data.tokenizer=byte needs nothing.") from None
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(name)
-        except OSError as error:
+        except (OSError, ValueError) as error:  # ValueError: a folder that holds no tokenizer
             raise ConfigError(f"could not load the tokenizer {name!r} ({str(error).splitlines()[0]}). Name one in "
-                              "the local Hugging Face cache, or use data.tokenizer=byte.") from None
+                              "the local Hugging Face cache or a folder that holds one, or use "
+                              "data.tokenizer=byte.") from None
         self.vocab_size = len(self._tokenizer)
+        if self._tokenizer.eos_token_id is not None:
+            self.separator = [self._tokenizer.eos_token_id]
 
-    def encode(self, data: bytes) -> np.ndarray:
+    def encode(self, document: Document) -> Iterator[np.ndarray]:
+        """The document's token ids, in pieces (at byte level one per read of ``READ_BYTES``: a document is never
+        held whole), the separator included."""
         if self._tokenizer is None:
-            return np.frombuffer(data, dtype=np.uint8)
-        return np.asarray(self._tokenizer(data.decode("utf-8"))["input_ids"], dtype=np.int64)
+            for chunk in document.chunks():
+                yield np.frombuffer(chunk, dtype=np.uint8)
+            return
+        yield np.asarray(self._tokenizer(document.read().decode("utf-8"))["input_ids"] + self.separator,
+                         dtype=np.int64)
 
     @property
     def dtype(self) -> np.dtype:
@@ -220,14 +247,15 @@ class TextDataModule(DataModule):
         cache_dir: where the token files go; None: ``~/.cache/lightning_rigl/text``.
         num_workers: loader worker processes per process.
 
-    Attributes (after ``prepare_data`` and ``setup``):
-        vocab_size: the tokenizer's vocabulary, which the model's output layer must match.
-        corpus: what the run read: the source, the Python version for the default corpus, the digest, files
+    Attributes:
+        vocab_size: the tokenizer's vocabulary, which the model's output layer must match (known at construction).
+        corpus (after ``prepare_data`` and ``setup``): what the run read: the source, the Python version for the default corpus, the digest, files
             and bytes, tokens per split and bytes per token (for bits per byte).
 
     Raises:
-        ConfigError: a setting out of range (here); a missing, empty or non-text ``text_dir``, a split without a
-            single window, or a tokenizer that cannot be loaded (at ``prepare_data``/``setup``).
+        ConfigError: a setting out of range or a tokenizer that cannot be loaded (here); a missing, empty or
+            non-text ``text_dir``, or a split held out (or trained on) without a single window (at
+            ``prepare_data``/``setup``, before training); a checkpoint of another corpus or split (at resume).
     """
 
     def __init__(self, text_dir: str | None = None, tokenizer: str = BYTE, context: int = 256, batch_size: int = 32,
@@ -248,7 +276,9 @@ class TextDataModule(DataModule):
         self.test_fraction = test_fraction
         self.seed = seed
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_download_dir() / "text"
-        self.vocab_size = 256 if tokenizer == BYTE else 0  # known before setup for bytes; else read at setup
+        # Loaded here, not at setup: the model's output layer is built from vocab_size before any data is read.
+        self.tokenizer = Tokenizer(tokenizer)
+        self.vocab_size = self.tokenizer.vocab_size
         self.corpus: dict = {}
 
     def prepare_data(self) -> None:
@@ -264,7 +294,7 @@ class TextDataModule(DataModule):
         folder = self.cache_root / key
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
-            tokenizer = Tokenizer(self.tokenizer_name)
+            tokenizer = self.tokenizer
             meta = {"vocab_size": tokenizer.vocab_size, "dtype": tokenizer.dtype.name, **source,
                     "digest": digest, "files": len({doc.name.split("#")[0] for doc in documents}),
                     "bytes": sum(doc.size for doc in documents), "splits": {}}
@@ -277,9 +307,9 @@ class TextDataModule(DataModule):
                 count = 0
                 with partial.open("wb") as file:  # one document in memory at a time
                     for doc in chosen:
-                        tokens = tokenizer.encode(doc.read()).astype(tokenizer.dtype)
-                        tokens.tofile(file)
-                        count += tokens.size
+                        for tokens in tokenizer.encode(doc):
+                            tokens.astype(tokenizer.dtype).tofile(file)
+                            count += tokens.size
                 partial.replace(folder / f"{split}.bin")
                 size = sum(doc.size for doc in chosen)
                 meta["splits"][split] = {"documents": len(chosen), "bytes": size, "tokens": count,
@@ -305,10 +335,40 @@ class TextDataModule(DataModule):
                               "of text files or at one text file.")
         return documents, {"source": str(self.data_dir)}
 
+    @property
+    def has_test_split(self) -> bool:
+        return self.test_fraction > 0
+
     def _fit_sets(self) -> tuple[Dataset, Dataset | None]:
         folder = self._cached()
         train = self._windows(folder, "train")
+        if self.has_test_split:
+            self._windows(folder, "test")  # refused now rather than after training
         return train, (self._windows(folder, "val") if self.val_fraction > 0 else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must be resumed on: the corpus's digest, the tokenizer and the split."""
+        return {"corpus": self._identity()} if self.corpus else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuses to resume training on another corpus, tokenizer or split than the checkpoint's (validating or
+        testing a checkpoint on other text is fine).
+
+        Raises:
+            ConfigError: training resumes on data other than the checkpoint's.
+        """
+        saved = state_dict.get("corpus")
+        if saved is None or self.trainer is None or self.trainer.state.fn != "fit" or saved == self._identity():
+            return
+        differs = ", ".join(f"{key} {saved.get(key)!r} then, {value!r} now" for key, value in self._identity().items()
+                            if saved.get(key) != value)
+        raise ConfigError(f"the checkpoint was trained on other data than this run's ({differs}): its training "
+                          "order and windows would not continue. Resume with the same corpus (data.text_dir, or the "
+                          "same Python for the default corpus), tokenizer and split settings, or start a new run.")
+
+    def _identity(self) -> dict[str, Any]:
+        return {"digest": self.corpus["digest"], "tokenizer": self.tokenizer_name, "seed": self.seed,
+                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
 
     def _test_set(self) -> Dataset:
         return self._windows(self._cached(), "test")
@@ -328,5 +388,6 @@ def _digest(documents: Sequence[Document]) -> str:
     digest = hashlib.sha256()
     for doc in documents:
         digest.update(doc.name.encode() + b"\0" + doc.size.to_bytes(8, "big"))
-        digest.update(doc.read())
+        for chunk in doc.chunks():
+            digest.update(chunk)
     return digest.hexdigest()
