@@ -249,8 +249,8 @@ class TextDataModule(DataModule):
 
     Attributes:
         vocab_size: the tokenizer's vocabulary, which the model's output layer must match (known at construction).
-        corpus (after ``prepare_data`` and ``setup``): what the run read: the source, the Python version for the default corpus, the digest, files
-            and bytes, tokens per split and bytes per token (for bits per byte).
+        corpus (after ``prepare_data`` and ``setup``): what the run read: the source, the Python version for the
+            default corpus, the digest, files and bytes, tokens per split and bytes per token (for bits per byte).
 
     Raises:
         ConfigError: a setting out of range or a tokenizer that cannot be loaded (here); a missing, empty or
