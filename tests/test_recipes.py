@@ -163,9 +163,21 @@ def test_there_is_a_sharded_recipe_for_vit_b_16_and_resnet_50() -> None:
         one_gpu = yaml.safe_load(recipe.with_name(recipe.name.replace("_fsdp2", "")).read_text())
         trainer, one_gpu_trainer = config["trainer"], one_gpu["trainer"]
         assert trainer["strategy"]["init_args"] == {"data_parallel_size": trainer["devices"], "tensor_parallel_size": 1}
-        # The same global batch, and otherwise the one-GPU recipe's settings.
-        assert trainer.pop("devices") * trainer.pop("accumulate_grad_batches") == \
-            one_gpu_trainer.pop("devices") * one_gpu_trainer.pop("accumulate_grad_batches")
+        # The same global batch (as the header says), validation after the same optimizer steps (Lightning counts
+        # batches) on as many batches in all (it counts them per process), and otherwise the one-GPU recipe's.
+        batch = config["data"]["init_args"]["batch_size"]
+        processes, one_gpu_processes = trainer.pop("devices"), one_gpu_trainer.pop("devices")
+        accumulate, one_gpu_accumulate = trainer.pop("accumulate_grad_batches"), \
+            one_gpu_trainer.pop("accumulate_grad_batches")
+        assert processes * accumulate == one_gpu_processes * one_gpu_accumulate
+        assert f"so that {batch} x P x accumulate_grad_batches = {batch * processes * accumulate:,}." in \
+            recipe.read_text()
+        if "val_check_interval" in one_gpu_trainer:
+            assert trainer.pop("val_check_interval") / accumulate == \
+                one_gpu_trainer.pop("val_check_interval") / one_gpu_accumulate
+        if isinstance(one_gpu_trainer.get("limit_val_batches"), int):
+            assert trainer.pop("limit_val_batches") * processes == \
+                one_gpu_trainer.pop("limit_val_batches") * one_gpu_processes
         del trainer["strategy"], trainer["logger"], one_gpu_trainer["logger"]
         assert config == one_gpu
 
