@@ -7,9 +7,10 @@ In the registry ``num_classes`` is the vocabulary: the output layer's size, as f
 
 The tied embedding and head are one weight, read twice: as a lookup table at the input and as the output
 projection (``F.linear`` on the embedding's weight, not a module). Neither an embedding nor that head is a layer
-the default selection takes, so it stays dense, as the sparse-training literature keeps embeddings: it is a
-lookup (its FLOPs are nil) and at GPT-2's size a third of the parameters, whose rows a byte or a rare token
-would lose. Name it with ``include`` to sparsify it: one mask then serves both uses, since it is one Parameter.
+the default selection takes, so it stays dense, as the sparse-training literature keeps embeddings: as a lookup
+it costs no FLOPs, and at GPT-2's size it is a third of the parameters, whose rows a byte or a rare token would
+lose. As the head it does cost FLOPs (2 x width x vocabulary a token: a quarter of gpt2_small's forward pass),
+which a sparse run keeps dense, and its FLOP count says so. Name it with ``include`` to sparsify it: one mask then serves both uses, since it is one Parameter.
 """
 
 from __future__ import annotations
