@@ -354,7 +354,7 @@ def _halfway(one: Row, two: Row) -> str:
     step = max(at_end)  # the logger's steps count from 0
     return (f" After {step + 1:,} steps, where RigL 1x ends, RigL 2x validates at {halfway[step][0]:.4f} ± "
             f"{halfway[step][1]:.4f} bits/byte against 1x's {at_end[step][0]:.4f} ± {at_end[step][1]:.4f}, after "
-            "the same tokens and with its learning rate not yet decayed (the figure of bits per byte over training).")
+            "the same tokens and with its learning rate less decayed (the figure of bits per byte over training).")
 
 
 def _held(outcomes: Sequence[bool | None]) -> str:

@@ -254,13 +254,18 @@ def _pruning_notes(setup: Setup, row: Row) -> list[str]:
 def sharded_notes(setup: Setup) -> list[str]:
     """The header lines of a sharded row of ``setup``: how it shards, and how to keep its global batch."""
     batch = setup.data["init_args"]["batch_size"]
-    global_batch = batch * setup.trainer.get("accumulate_grad_batches", 1)
+    accumulate = setup.trainer.get("accumulate_grad_batches", 1)
+    validation = ""
+    interval, limit = setup.trainer.get("val_check_interval"), setup.trainer.get("limit_val_batches")
+    if isinstance(interval, int) and isinstance(limit, int):
+        validation = (f"; and, since Lightning counts validation in batches per process, val_check_interval = "
+                      f"{interval // accumulate} x accumulate_grad_batches and limit_val_batches = {limit:,} / P")
     return [
         f"Sharded: FSDP2 (ModelParallelStrategy, fully_shard per block) on {SHARDED_PROCESSES} processes of one "
         "node, the masks and per-weight state sharded like the weights; the same global batch as the one-GPU "
         "recipe. On P processes over N nodes: --trainer.devices P/N --trainer.num_nodes N "
         f"--trainer.strategy.data_parallel_size P, and accumulate_grad_batches so that {batch} x P x "
-        f"accumulate_grad_batches = {global_batch:,}.",
+        f"accumulate_grad_batches = {batch * accumulate:,}{validation}.",
         "On one node the command below starts the processes; across nodes, start each node's with torchrun "
         "(README, 'Models too large to replicate').",
     ]
@@ -656,8 +661,9 @@ GPT2_SMALL = Setup(
            "Each file is one document and goes whole to train, validation or test (0.1% each held out), so give "
            "thousands of files (documents, or shards of a few MB), not a few large ones; it is tokenized once, one "
            "file at a time, into the cache.",
-           "Validation every 250 optimizer steps on 10,240 windows of 1,024 tokens (Lightning counts batches: "
-           "every 2,000 batches of 64, 160 of them, on one GPU; under FSDP2 every 250 batches, 20 per process).",),
+           "Validation every 250 optimizer steps on at most 10,240 windows of 1,024 tokens, about the whole "
+           "validation split of 10B tokens at 0.1% (Lightning counts batches: every 2,000 batches of 64, at most "
+           "160 of them, on one GPU; under FSDP2 on 8 every 250 batches, at most 20 per process).",),
 )
 
 

@@ -155,16 +155,21 @@ def write_text_folder(folder: Path, documents: int = 30, size: int = 3000) -> No
     (folder / "image.bin").write_bytes(bytes(range(256)))
 
 
-def write_tokenizer(folder: Path) -> Path:
+def write_tokenizer(folder: Path, eos: bool = True, reverse: bool = False) -> Path:
     """A Hugging Face tokenizer saved in ``folder`` as ``from_pretrained`` reads one, made here without a download:
-    a word-level vocabulary of the words ``write_text_folder`` writes, an unknown token and GPT-2's
-    ``<|endoftext|>`` as its end-of-sequence token (ids 0 and 1)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    a word-level vocabulary of the words ``write_text_folder`` writes (``reverse``: numbered the other way
+    round), an unknown token and GPT-2's ``<|endoftext|>``, its end-of-sequence token unless not ``eos`` (ids 0
+    and 1), which it appends itself to what it encodes with special tokens (as T5's does)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = ["def", "return", "lambda", "class", "import", "self", "value", "x", "+", "(", ")", ":"]
-    vocab = {"[UNK]": 0, "<|endoftext|>": 1, **{word: index + 2 for index, word in enumerate(words)}}
+    ordered = words[::-1] if reverse else words
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1, **{word: index + 2 for index, word in enumerate(ordered)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="<|endoftext|>").save_pretrained(folder)
+    core.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                        special_tokens=[("<|endoftext|>", 1)])
+    special = {"eos_token": "<|endoftext|>"} if eos else {}
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", **special).save_pretrained(folder)
     return folder

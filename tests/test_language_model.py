@@ -157,7 +157,8 @@ def test_a_held_out_split_without_a_window_is_refused_before_training(tmp_path) 
     data = _module(tmp_path / "corpus", tmp_path / "cache", context=64, val_fraction=0.0, test_fraction=0.04)
     data.prepare_data()
     assert 0 < data.corpus["splits"]["test"]["tokens"] <= 64 < data.corpus["splits"]["train"]["tokens"]
-    with pytest.raises(ConfigError, match="test split holds .* a larger data.test_fraction"):
+    with pytest.raises(ConfigError, match=r"test split holds .* a larger data.test_fraction.*or data.test_fraction 0 "
+                       r"for no test split \(with --test_after_fit false\)"):
         data.setup("fit")
 
 
@@ -194,8 +195,45 @@ def test_a_named_tokenizer_trains_through_the_command_with_its_vocabulary_and_se
 
     words = AutoTokenizer.from_pretrained(tokenizer)
     documents = [doc for doc in folder_documents(Path("corpus"))[0] if split_of(doc.name, 0, 0.2, 0.2) == "train"]
-    expected = [token for doc in documents for token in words(doc.read().decode())["input_ids"] + [1]]
+    expected = [token for doc in documents
+                for token in words(doc.read().decode(), add_special_tokens=False)["input_ids"] + [1]]
     assert data.train_set.tokens.tolist() == expected and expected.count(1) == len(documents)
+
+
+def test_the_cache_knows_a_tokenizer_by_what_it_does_not_by_its_name(tmp_path) -> None:
+    """The same tokenizer in another folder shares the token files; one rewritten in place does not, and a run
+    trained with the first does not resume with the second. Without an end-of-text token, documents are not
+    separated, with a warning."""
+    write_text_folder(tmp_path / "corpus")
+
+    def prepared(tokenizer: Path) -> TextDataModule:
+        data = _module(tmp_path / "corpus", tmp_path / "cache", tokenizer=str(tokenizer))
+        data.prepare_data()
+        return data
+
+    first = prepared(write_tokenizer(tmp_path / "a"))
+    assert prepared(write_tokenizer(tmp_path / "b")).corpus == first.corpus
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    rewritten = prepared(write_tokenizer(tmp_path / "a", reverse=True))
+    assert len(list((tmp_path / "cache").iterdir())) == 2 and rewritten._identity() != first._identity()
+    assert rewritten._identity()["tokenizer"] != first._identity()["tokenizer"]
+    with pytest.warns(UserWarning, match="no end-of-sequence token: documents follow one another"):
+        plain = prepared(write_tokenizer(tmp_path / "plain", eos=False))
+    plain.setup("fit")
+    assert 1 not in plain.train_set.tokens.tolist()  # nor the one its encoding with special tokens appends
+
+
+def test_the_corpus_is_read_once_a_process(tmp_path, monkeypatch) -> None:
+    import lightning_rigl.data.text as text
+
+    digests = []
+    monkeypatch.setattr(text, "_digest", lambda documents: digests.append(1) or "0" * 64)
+    write_text_folder(tmp_path / "corpus")
+    data = _module(tmp_path / "corpus", tmp_path / "cache")
+    data.prepare_data()
+    data.setup("fit")
+    data.setup("test")
+    assert len(digests) == 1
 
 
 def test_a_tokenizer_that_cannot_be_loaded_is_refused_at_construction(tmp_path) -> None:

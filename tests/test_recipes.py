@@ -170,14 +170,15 @@ def test_there_is_a_sharded_recipe_for_vit_b_16_and_resnet_50() -> None:
         accumulate, one_gpu_accumulate = trainer.pop("accumulate_grad_batches"), \
             one_gpu_trainer.pop("accumulate_grad_batches")
         assert processes * accumulate == one_gpu_processes * one_gpu_accumulate
-        assert f"so that {batch} x P x accumulate_grad_batches = {batch * processes * accumulate:,}." in \
+        assert f"so that {batch} x P x accumulate_grad_batches = {batch * processes * accumulate:,}" in \
             recipe.read_text()
         if "val_check_interval" in one_gpu_trainer:
-            assert trainer.pop("val_check_interval") / accumulate == \
-                one_gpu_trainer.pop("val_check_interval") / one_gpu_accumulate
-        if isinstance(one_gpu_trainer.get("limit_val_batches"), int):
-            assert trainer.pop("limit_val_batches") * processes == \
-                one_gpu_trainer.pop("limit_val_batches") * one_gpu_processes
+            steps = one_gpu_trainer.pop("val_check_interval") / one_gpu_accumulate
+            windows = one_gpu_trainer.pop("limit_val_batches") * one_gpu_processes
+            assert trainer.pop("val_check_interval") / accumulate == steps
+            assert trainer.pop("limit_val_batches") * processes == windows
+            assert f"val_check_interval = {steps:g} x accumulate_grad_batches and limit_val_batches = {windows:,} / P" \
+                in recipe.read_text()
         del trainer["strategy"], trainer["logger"], one_gpu_trainer["logger"]
         assert config == one_gpu
 

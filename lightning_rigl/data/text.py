@@ -183,6 +183,20 @@ class Tokenizer:
         self.vocab_size = len(self._tokenizer)
         if self._tokenizer.eos_token_id is not None:
             self.separator = [self._tokenizer.eos_token_id]
+        else:
+            rank_zero_warn(f"TextDataModule: the tokenizer {name!r} has no end-of-sequence token: documents follow "
+                           "one another without a separator.")
+
+    @property
+    def fingerprint(self) -> str:
+        """What the tokens depend on, whatever the tokenizer's name: "byte", or a digest of the tokenizer's
+        definition (a fast tokenizer's JSON, else its vocabulary) and its separator."""
+        if self._tokenizer is None:
+            return BYTE
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        definition = backend.to_str() if backend is not None else json.dumps(self._tokenizer.get_vocab(),
+                                                                             sort_keys=True)
+        return hashlib.sha256(json.dumps([definition, self.separator]).encode()).hexdigest()
 
     def encode(self, document: Document) -> Iterator[np.ndarray]:
         """The document's token ids, in pieces (at byte level one per read of ``READ_BYTES``: a document is never
@@ -191,8 +205,8 @@ class Tokenizer:
             for chunk in document.chunks():
                 yield np.frombuffer(chunk, dtype=np.uint8)
             return
-        yield np.asarray(self._tokenizer(document.read().decode("utf-8"))["input_ids"] + self.separator,
-                         dtype=np.int64)
+        ids = self._tokenizer(document.read().decode("utf-8"), add_special_tokens=False)["input_ids"]
+        yield np.asarray(ids + self.separator, dtype=np.int64)
 
     @property
     def dtype(self) -> np.dtype:
@@ -270,7 +284,6 @@ class TextDataModule(DataModule):
         if val_fraction + test_fraction >= 1:
             raise ConfigError(f"data.val_fraction + data.test_fraction must be < 1 (the rest trains), got "
                               f"{val_fraction + test_fraction}.")
-        self.tokenizer_name = tokenizer
         self.context = context
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -280,17 +293,24 @@ class TextDataModule(DataModule):
         self.tokenizer = Tokenizer(tokenizer)
         self.vocab_size = self.tokenizer.vocab_size
         self.corpus: dict = {}
+        self._cache_folder: Path | None = None
 
     def prepare_data(self) -> None:
         """Tokenize the corpus into the cache, unless it is there already (on one process per node)."""
         self._cached()
 
     def _cached(self) -> Path:
-        """The cache folder of this corpus, tokenizer and split, built if missing; ``corpus`` filled in."""
+        """The cache folder of this corpus, tokenizer and split, built if missing; ``corpus`` filled in. The corpus
+        is read (checked and digested) once a process: later calls return the same folder."""
+        if self._cache_folder is None:
+            self._cache_folder = self._build_cache()
+        return self._cache_folder
+
+    def _build_cache(self) -> Path:
         documents, source = self._documents()
         digest = _digest(documents)
-        key = hashlib.sha256(json.dumps([_CACHE_VERSION, digest, self.tokenizer_name, self.seed, self.val_fraction,
-                                         self.test_fraction]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([_CACHE_VERSION, digest, self.tokenizer.fingerprint, self.seed,
+                                         self.val_fraction, self.test_fraction]).encode()).hexdigest()[:16]
         folder = self.cache_root / key
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
@@ -339,15 +359,19 @@ class TextDataModule(DataModule):
     def has_test_split(self) -> bool:
         return self.test_fraction > 0
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.has_test_split:
+            self._windows(self._cached(), "test")  # refused before training rather than after it
+
     def _fit_sets(self) -> tuple[Dataset, Dataset | None]:
         folder = self._cached()
         train = self._windows(folder, "train")
-        if self.has_test_split:
-            self._windows(folder, "test")  # refused now rather than after training
         return train, (self._windows(folder, "val") if self.val_fraction > 0 else None)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint must be resumed on: the corpus's digest, the tokenizer and the split."""
+        """What a checkpoint must be resumed on: the corpus's digest, the tokenizer (its fingerprint: a tokenizer
+        changed in place is another, the same one under another name is not) and the split."""
         return {"corpus": self._identity()} if self.corpus else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -367,7 +391,7 @@ class TextDataModule(DataModule):
                           "same Python for the default corpus), tokenizer and split settings, or start a new run.")
 
     def _identity(self) -> dict[str, Any]:
-        return {"digest": self.corpus["digest"], "tokenizer": self.tokenizer_name, "seed": self.seed,
+        return {"digest": self.corpus["digest"], "tokenizer": self.tokenizer.fingerprint, "seed": self.seed,
                 "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
 
     def _test_set(self) -> Dataset:
@@ -378,8 +402,10 @@ class TextDataModule(DataModule):
         if len(windows) == 0:
             tokens = self.corpus["splits"][split]["tokens"]
             larger = "" if split == "train" else f", a larger data.{split}_fraction"
+            none = "" if split == "train" else f", or data.{split}_fraction 0 for no {split} split" + (
+                " (with --test_after_fit false)" if split == "test" else "")
             raise ConfigError(f"the {split} split holds {tokens} tokens, not one window of data.context="
-                              f"{self.context} + 1: use a larger corpus{larger} or a smaller data.context.")
+                              f"{self.context} + 1: use a larger corpus{larger} or a smaller data.context{none}.")
         return windows
 
 
