@@ -169,8 +169,8 @@ def _is_run_folder(folder: Path) -> bool:
 
 def load_run(folder: Path) -> Run:
     """The finished run in ``folder``. Its record gains what its ``metrics.csv`` logged of the validation
-    metrics ("val/..."): ``validation``, the last value of each, and ``validation_curves``, each one's
-    [step, value] pairs (both empty without the file).
+    metrics ("val/..."): ``validation``, the last value of each, and ``validation_curves``, the [step, value]
+    pairs of those the figures draw over training (``Quality.curve``; both empty without the file).
 
     Raises:
         FileNotFoundError: no results.json (the run did not finish).
@@ -186,8 +186,8 @@ def load_run(folder: Path) -> Run:
     seeds["record.seed"] = record.get("seed")
     curves = logged_series(folder / "metrics.csv", "val/")
     record.setdefault("validation", {f"val/{name}": points[-1][1] for name, points in curves.items() if points})
-    record.setdefault("validation_curves", {name: [list(point) for point in points]
-                                            for name, points in curves.items()})
+    record.setdefault("validation_curves", {name: [list(point) for point in points] for name, points in curves.items()
+                                            if name in {quality.curve for quality in QUALITIES}})
     return Run(folder, record, _settings(config), _forward_curve(folder / "metrics.csv"), seeds)
 
 

@@ -435,6 +435,7 @@ def test_the_report_of_language_model_runs_shows_their_bits_per_byte_in_the_tabl
         plotted = [float(y) for axes in drawn[name].axes for line in axes.get_lines() for y in line.get_ydata()]
         assert any(y == pytest.approx(test_mean) for y in plotted), name
     again = read_records(write_records([run for row in report.rows for run in row.runs], tmp_path / "records.json"))
+    assert all(set(run.record["validation_curves"]) == {"bits_per_byte"} for run in again)  # what is drawn, no more
     for key in ("validation", "validation_curves"):
         assert [run.record[key] for run in again] == [run.record[key] for row in report.rows for run in row.runs]
 
