@@ -10,6 +10,7 @@ import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -20,7 +21,14 @@ from torch.nn import functional as F
 
 from lightning_rigl import RigL, Static
 from lightning_rigl.callbacks.sparse_training import saved_state
-from lightning_rigl.data.text import TextDataModule, folder_documents, split_of, stdlib_documents
+from lightning_rigl.data.text import (
+    Document,
+    TextDataModule,
+    contiguous_splits,
+    folder_documents,
+    split_of,
+    stdlib_documents,
+)
 from lightning_rigl.errors import ConfigError
 from lightning_rigl.language_model import CausalLM
 from lightning_rigl.models import create_model
@@ -200,6 +208,44 @@ def test_a_named_tokenizer_trains_through_the_command_with_its_vocabulary_and_se
     assert data.train_set.tokens.tolist() == expected and expected.count(1) == len(documents)
 
 
+def test_a_contiguous_split_cuts_two_documents_read_as_one_text(tmp_path) -> None:
+    (tmp_path / "a").write_bytes(b"0123456789")
+    (tmp_path / "b").write_bytes(b"abcd\nfghij")
+    documents = [Document("a", tmp_path / "a", 0, 10), Document("b", tmp_path / "b", 0, 10)]
+    # A quarter each held out of 20 bytes: cuts at bytes 10 and 15; at line ends, at 15 and 20 (b's end).
+    for at_line_ends, expected in ((False, [b"0123456789", b"abcd\n", b"fghij"]),
+                                   (True, [b"0123456789abcd\n", b"fghij", b""])):
+        splits = contiguous_splits(documents, 0.25, 0.25, at_line_ends)
+        assert [b"".join(doc.read() for doc in splits[split]) for split in ("train", "val", "test")] == expected
+
+
+def test_a_contiguous_split_gives_enwik8s_split_of_one_file(tmp_path) -> None:
+    """One file of 100,000 bytes cut 90/5/5 at byte level, whatever its bytes (it ends inside a character, as
+    enwik8 does); with a named tokenizer, each cut moves to the next line end; the seed plays no part."""
+    rng = np.random.default_rng(0)
+    text = b"".join(b" ".join(rng.choice([b"def", b"x", b"(", b")"], 9)) + b"\n" for _ in range(6000))
+    data = (text[:99_999] + "é".encode())[:100_000]
+    (tmp_path / "enwik").write_bytes(data)
+    byte = _module(tmp_path / "enwik", tmp_path / "cache", split="contiguous", val_fraction=0.05, test_fraction=0.05)
+    byte.prepare_data()
+    byte.setup("fit")
+    byte.setup("test")
+    assert bytes(byte.train_set.tokens) == data[:90_000] and bytes(byte.val_set.tokens) == data[90_000:95_000]
+    assert bytes(byte.test_set.tokens) == data[95_000:] and byte.corpus["split"] == "contiguous"
+    other_seed = _module(tmp_path / "enwik", tmp_path / "cache", split="contiguous", val_fraction=0.05,
+                         test_fraction=0.05, seed=1)
+    other_seed.prepare_data()
+    assert other_seed.corpus == byte.corpus and len(list((tmp_path / "cache").iterdir())) == 1
+    (tmp_path / "text").write_bytes(text)
+    named = _module(tmp_path / "text", tmp_path / "cache", split="contiguous", val_fraction=0.05,
+                    test_fraction=0.05, tokenizer=str(write_tokenizer(tmp_path / "tokenizer")))
+    named.prepare_data()
+    sizes = [named.corpus["splits"][split]["bytes"] for split in ("train", "val", "test")]
+    cuts = [sizes[0], sizes[0] + sizes[1]]
+    assert all(text[:cut].endswith(b"\n") and 0 <= cut - at < 40 for cut, at in zip(
+        cuts, (int(0.9 * len(text)), int(0.95 * len(text)))))
+
+
 def test_the_cache_knows_a_tokenizer_by_what_it_does_not_by_its_name(tmp_path) -> None:
     """The same tokenizer in another folder shares the token files; one rewritten in place does not, and a run
     trained with the first does not resume with the second. Without an end-of-text token, documents are not
@@ -262,7 +308,8 @@ def test_training_resumes_only_on_the_checkpoints_corpus(tmp_path) -> None:
     trainer_for(3).validate(model, _module(tmp_path / "corpus", tmp_path / "cache"), ckpt_path=tmp_path / "two.ckpt")
 
 
-@pytest.mark.parametrize(("option", "value"), [("context", 0), ("val_fraction", 1.0), ("test_fraction", -0.1)])
+@pytest.mark.parametrize(("option", "value"), [("context", 0), ("val_fraction", 1.0), ("test_fraction", -0.1),
+                                               ("split", "random")])
 def test_bad_settings_fail_at_construction(tmp_path, option, value) -> None:
     with pytest.raises(ConfigError, match=f"data.{option}"):
         _module(tmp_path, tmp_path / "cache", **{option: value})

@@ -29,6 +29,7 @@ from lightning_rigl.data.base import DataModule, default_download_dir
 from lightning_rigl.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
+SPLIT_RULES = ("documents", "contiguous")  # see split_of and contiguous_splits
 BYTE = "byte"
 # A single file is cut into documents of about this many bytes (at line ends), so that it can be split too.
 FILE_PIECE_BYTES = 1 << 16
@@ -83,10 +84,11 @@ def stdlib_documents() -> list[Document]:
     return [Document(path.relative_to(root).as_posix(), path, 0, path.stat().st_size) for path in paths]
 
 
-def folder_documents(path: Path) -> tuple[list[Document], list[str]]:
+def folder_documents(path: Path, any_bytes: bool = False) -> tuple[list[Document], list[str]]:
     """The text files under ``path`` (a folder, read recursively and sorted by path; or one file, cut into pieces
     of about ``FILE_PIECE_BYTES`` at line ends), and the names of the files skipped as not text (not UTF-8, or
-    holding a NUL byte).
+    holding a NUL byte). With ``any_bytes``, one file is taken whatever its bytes (byte-level tokens need no text:
+    enwik8 ends inside a character).
 
     Raises:
         ConfigError: ``path`` does not exist.
@@ -103,7 +105,7 @@ def folder_documents(path: Path) -> tuple[list[Document], list[str]]:
     documents, skipped = [], []
     for file in files:
         name = file.relative_to(root).as_posix()
-        if not _is_text(file):
+        if not (any_bytes and path.is_file()) and not _is_text(file):
             skipped.append(name)
         elif path.is_file():
             documents.extend(Document(f"{name}#{index}", file, start, end)
@@ -141,6 +143,50 @@ def _pieces(path: Path) -> Iterator[tuple[int, int]]:
             end = file.tell()
             yield start, end
             start = end
+
+
+def contiguous_splits(documents: Sequence[Document], val_fraction: float, test_fraction: float,
+                      at_line_ends: bool) -> dict[str, list[Document]]:
+    """The documents, read as one text in order, cut in three: the first 1 - ``val_fraction`` - ``test_fraction``
+    of the bytes to train, the next ``val_fraction`` to validate, the last ``test_fraction`` to test (enwik8's and
+    text8's 90M/5M/5M). Each held-out share is rounded to a whole byte; a cut falls at that byte, or, with
+    ``at_line_ends``, just after the first line end at or after it, so that it splits no character or word (at
+    a document's end without one)."""
+    total = sum(doc.size for doc in documents)
+    test, val = round(total * test_fraction), round(total * val_fraction)
+    cuts = [total - test - val, total - test]
+    if at_line_ends:
+        cuts = [_after_line_end(documents, cut) for cut in cuts]
+    bounds = {"train": (0, cuts[0]), "val": (cuts[0], cuts[1]), "test": (cuts[1], total)}
+    splits: dict[str, list[Document]] = {split: [] for split in SPLITS}
+    offset = 0
+    for doc in documents:
+        for split, (low, high) in bounds.items():
+            start, end = max(low, offset), min(high, offset + doc.size)
+            if start < end:
+                splits[split].append(Document(doc.name, doc.path, doc.start + start - offset,
+                                              doc.start + end - offset))
+        offset += doc.size
+    return splits
+
+
+def _after_line_end(documents: Sequence[Document], cut: int) -> int:
+    """The offset just after the first line end at or after ``cut`` in the documents read as one text, or the end
+    of the document that holds ``cut`` when no line end follows it there."""
+    offset = 0
+    for doc in documents:
+        if offset + doc.size > cut:
+            position = cut
+            with doc.path.open("rb") as file:
+                file.seek(doc.start + cut - offset)
+                while position < offset + doc.size:
+                    chunk = file.read(min(READ_BYTES, offset + doc.size - position))
+                    if (found := chunk.find(b"\n")) >= 0:
+                        return position + found + 1
+                    position += len(chunk)
+            return position
+        offset += doc.size
+    return cut
 
 
 def split_of(name: str, seed: int, val_fraction: float, test_fraction: float) -> str:
@@ -243,8 +289,8 @@ class TokenWindows(Dataset):
 
 
 class TextDataModule(DataModule):
-    """A causal language model's data: the documents of a corpus split by a seeded hash of their names into
-    train/validation/test, each split's documents tokenized and concatenated once into a memory-mapped file
+    """A causal language model's data: the documents of a corpus split by a seeded hash of their names (or the
+    corpus cut in three in order) into train/validation/test, each split's documents tokenized and concatenated once into a memory-mapped file
     (cached under ``cache_dir`` by a digest of the corpus, the tokenizer and the split), served as windows of
     ``context`` input tokens and their next tokens. The training order is a function of the run's seed and the
     epoch, and its position goes into checkpoints (exact resume), as for the image data modules.
@@ -252,12 +298,16 @@ class TextDataModule(DataModule):
     Args:
         text_dir: a folder of text files (read recursively; hidden files and files that are not UTF-8 text are
             skipped, with a warning), or one text file (cut into pieces of about 64 KiB at line ends, so that it
-            can be split); None: the Python standard library's source (see the module's docstring).
+            can be split by document; at byte level taken whatever its bytes); None: the Python standard library's source (see the module's docstring).
         tokenizer: "byte" (a vocabulary of 256, nothing to download) or a Hugging Face tokenizer's name.
         context: tokens a window gives the model, >= 1.
         batch_size: windows per batch and per process, >= 1.
-        val_fraction, test_fraction: the expected shares of documents held out, each in [0, 1), together < 1.
-        seed: seeds the split.
+        val_fraction, test_fraction: the shares held out, each in [0, 1), together < 1: of the documents (the
+            expected share, ``split="documents"``) or of the bytes (``split="contiguous"``).
+        seed: seeds the split by document.
+        split: "documents": each document to a split by a seeded hash of its name (``split_of``); "contiguous": the
+            corpus read in order and cut in three, train first and test last (``contiguous_splits``: enwik8's and
+            text8's split, so that their results compare with published ones).
         cache_dir: where the token files go; None: ``~/.cache/lightning_rigl/text``.
         num_workers: loader worker processes per process.
 
@@ -273,9 +323,13 @@ class TextDataModule(DataModule):
     """
 
     def __init__(self, text_dir: str | None = None, tokenizer: str = BYTE, context: int = 256, batch_size: int = 32,
-                 val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
+                 val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0, split: str = "documents",
                  cache_dir: str | None = None, num_workers: int = 0) -> None:
         super().__init__(text_dir, batch_size, num_workers)
+        if split not in SPLIT_RULES:
+            raise ConfigError(f"data.split must be one of {', '.join(SPLIT_RULES)} (by document, or the corpus cut in "
+                              f"three in order), got {split!r}.")
+        self.split = split
         if isinstance(context, bool) or not isinstance(context, int) or context < 1:
             raise ConfigError(f"data.context must be an integer >= 1 (tokens per window), got {context!r}.")
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -309,20 +363,24 @@ class TextDataModule(DataModule):
     def _build_cache(self) -> Path:
         documents, source = self._documents()
         digest = _digest(documents)
-        key = hashlib.sha256(json.dumps([_CACHE_VERSION, digest, self.tokenizer.fingerprint, self.seed,
-                                         self.val_fraction, self.test_fraction]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([_CACHE_VERSION, digest, self.tokenizer.fingerprint, self._split_settings()]
+                                        ).encode()).hexdigest()[:16]
         folder = self.cache_root / key
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             tokenizer = self.tokenizer
             meta = {"vocab_size": tokenizer.vocab_size, "dtype": tokenizer.dtype.name, **source,
                     "digest": digest, "files": len({doc.name.split("#")[0] for doc in documents}),
-                    "bytes": sum(doc.size for doc in documents), "splits": {}}
+                    "bytes": sum(doc.size for doc in documents), "split": self.split, "splits": {}}
             folder.mkdir(parents=True, exist_ok=True)
             rank_zero_info(f"TextDataModule: tokenizing {meta['bytes'] / 1e6:.1f} MB into {folder}")
-            for split in SPLITS:
-                chosen = [doc for doc in documents
-                          if split_of(doc.name, self.seed, self.val_fraction, self.test_fraction) == split]
+            if self.split == "contiguous":
+                by_split = contiguous_splits(documents, self.val_fraction, self.test_fraction,
+                                             at_line_ends=tokenizer.fingerprint != BYTE)
+            else:
+                by_split = {split: [doc for doc in documents if split_of(
+                    doc.name, self.seed, self.val_fraction, self.test_fraction) == split] for split in SPLITS}
+            for split, chosen in by_split.items():
                 partial = folder / f"{split}.bin.{os.getpid()}.partial"  # processes of a node may race here
                 count = 0
                 with partial.open("wb") as file:  # one document in memory at a time
@@ -345,7 +403,7 @@ class TextDataModule(DataModule):
         if self.data_dir is None:
             return stdlib_documents(), {"source": "python-stdlib", "python": platform.python_version(),
                                         "path": str(stdlib_root())}
-        documents, skipped = folder_documents(self.data_dir)
+        documents, skipped = folder_documents(self.data_dir, any_bytes=self.tokenizer.fingerprint == BYTE)
         if skipped:
             rank_zero_warn(f"TextDataModule: skipped {len(skipped)} file(s) that are not UTF-8 text, e.g. "
                            f"{skipped[:3]}.")
@@ -391,8 +449,12 @@ class TextDataModule(DataModule):
                           "same Python for the default corpus), tokenizer and split settings, or start a new run.")
 
     def _identity(self) -> dict[str, Any]:
-        return {"digest": self.corpus["digest"], "tokenizer": self.tokenizer.fingerprint, "seed": self.seed,
-                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+        return {"digest": self.corpus["digest"], "tokenizer": self.tokenizer.fingerprint, **self._split_settings()}
+
+    def _split_settings(self) -> dict[str, Any]:
+        """What decides which bytes go to which split (the seed only where documents are drawn)."""
+        seed = {"seed": self.seed} if self.split == "documents" else {}
+        return {"split": self.split, **seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
 
     def _test_set(self) -> Dataset:
         return self._windows(self._cached(), "test")
