@@ -290,16 +290,17 @@ class TokenWindows(Dataset):
 
 class TextDataModule(DataModule):
     """A causal language model's data: the documents of a corpus split by a seeded hash of their names (or the
-    corpus cut in three in order) into train/validation/test, each split's documents tokenized and concatenated once into a memory-mapped file
-    (cached under ``cache_dir`` by a digest of the corpus, the tokenizer and the split), served as windows of
-    ``context`` input tokens and their next tokens. The training order is a function of the run's seed and the
+    corpus cut in three in order) into train/validation/test, each split's documents tokenized and concatenated
+    once into a memory-mapped file (cached under ``cache_dir`` by a digest of the corpus, the tokenizer and the
+    split), served as windows of ``context`` input tokens and their next tokens. The training order is a function of the run's seed and the
     epoch, and its position goes into checkpoints (exact resume), as for the image data modules.
 
     Args:
         text_dir: a folder of text files (read recursively; hidden files and files that are not UTF-8 text are
             skipped, with a warning), or one text file (cut into pieces of about 64 KiB at line ends, so that it
-            can be split by document; at byte level taken whatever its bytes); None: the Python standard library's source (see the module's docstring).
-        tokenizer: "byte" (a vocabulary of 256, nothing to download) or a Hugging Face tokenizer's name.
+            can be split by document; at byte level taken whatever its bytes); None: the Python standard
+            library's source (see the module's docstring).
+        tokenizer: "byte" (a vocabulary of 256, nothing to download) or a Hugging Face tokenizer's name or folder.
         context: tokens a window gives the model, >= 1.
         batch_size: windows per batch and per process, >= 1.
         val_fraction, test_fraction: the shares held out, each in [0, 1), together < 1: of the documents (the
