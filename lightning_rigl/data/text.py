@@ -292,8 +292,9 @@ class TextDataModule(DataModule):
     """A causal language model's data: the documents of a corpus split by a seeded hash of their names (or the
     corpus cut in three in order) into train/validation/test, each split's documents tokenized and concatenated
     once into a memory-mapped file (cached under ``cache_dir`` by a digest of the corpus, the tokenizer and the
-    split), served as windows of ``context`` input tokens and their next tokens. The training order is a function of the run's seed and the
-    epoch, and its position goes into checkpoints (exact resume), as for the image data modules.
+    split), served as windows of ``context`` input tokens and their next tokens. The training order is a function
+    of the run's seed and the epoch, and its position goes into checkpoints (exact resume), as for the image data
+    modules.
 
     Args:
         text_dir: a folder of text files (read recursively; hidden files and files that are not UTF-8 text are
