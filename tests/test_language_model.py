@@ -208,20 +208,30 @@ def test_a_named_tokenizer_trains_through_the_command_with_its_vocabulary_and_se
     assert data.train_set.tokens.tolist() == expected and expected.count(1) == len(documents)
 
 
-def test_a_contiguous_split_cuts_two_documents_read_as_one_text(tmp_path) -> None:
+def test_a_contiguous_split_cuts_documents_read_as_one_text(tmp_path) -> None:
     (tmp_path / "a").write_bytes(b"0123456789")
     (tmp_path / "b").write_bytes(b"abcd\nfghij")
-    documents = [Document("a", tmp_path / "a", 0, 10), Document("b", tmp_path / "b", 0, 10)]
-    # A quarter each held out of 20 bytes: cuts at bytes 10 and 15; at line ends, at 15 and 20 (b's end).
-    for at_line_ends, expected in ((False, [b"0123456789", b"abcd\n", b"fghij"]),
-                                   (True, [b"0123456789abcd\n", b"fghij", b""])):
-        splits = contiguous_splits(documents, 0.25, 0.25, at_line_ends)
+    (tmp_path / "c").write_bytes(b"one two three four")
+    two = [Document("a", tmp_path / "a", 0, 10), Document("b", tmp_path / "b", 0, 10)]
+    # A quarter each held out of 20 bytes: cuts at bytes 10 and 15; at spaces, at 15 and 20 (b's end, no space).
+    for at_spaces, expected in ((False, [b"0123456789", b"abcd\n", b"fghij"]),
+                                (True, [b"0123456789abcd\n", b"fghij", b""])):
+        splits = contiguous_splits(two, 0.25, 0.25, at_spaces)
         assert [b"".join(doc.read() for doc in splits[split]) for split in ("train", "val", "test")] == expected
+    # One line, as text8 is: 18 bytes, cuts at 9 and 14 move past the next space (at 13, and none: the end).
+    splits = contiguous_splits([Document("c", tmp_path / "c", 0, 18)], 0.25, 0.25, at_spaces=True)
+    assert [b"".join(doc.read() for doc in splits[split]) for split in ("train", "val", "test")] == [
+        b"one two three ", b"four", b""]
+    # Only the part of a document that reaches its end ends it (a named tokenizer's separator goes there).
+    splits = contiguous_splits(two, 0.25, 0.25, at_spaces=False)
+    assert [(doc.name, doc.ends_document) for split in ("train", "val", "test") for doc in splits[split]] == [
+        ("a", True), ("b", False), ("b", True)]
 
 
 def test_a_contiguous_split_gives_enwik8s_split_of_one_file(tmp_path) -> None:
     """One file of 100,000 bytes cut 90/5/5 at byte level, whatever its bytes (it ends inside a character, as
-    enwik8 does); with a named tokenizer, each cut moves to the next line end; the seed plays no part."""
+    enwik8 does); with a named tokenizer, each cut moves past the next space or line end, and the file, one text
+    cut in pieces for its size, gets no separator; the seed plays no part."""
     rng = np.random.default_rng(0)
     text = b"".join(b" ".join(rng.choice([b"def", b"x", b"(", b")"], 9)) + b"\n" for _ in range(6000))
     data = (text[:99_999] + "é".encode())[:100_000]
@@ -240,10 +250,12 @@ def test_a_contiguous_split_gives_enwik8s_split_of_one_file(tmp_path) -> None:
     named = _module(tmp_path / "text", tmp_path / "cache", split="contiguous", val_fraction=0.05,
                     test_fraction=0.05, tokenizer=str(write_tokenizer(tmp_path / "tokenizer")))
     named.prepare_data()
+    named.setup("fit")
     sizes = [named.corpus["splits"][split]["bytes"] for split in ("train", "val", "test")]
     cuts = [sizes[0], sizes[0] + sizes[1]]
-    assert all(text[:cut].endswith(b"\n") and 0 <= cut - at < 40 for cut, at in zip(
-        cuts, (int(0.9 * len(text)), int(0.95 * len(text)))))
+    assert all(text[:cut].endswith((b" ", b"\n")) and 0 <= cut - at < 4 for cut, at in zip(
+        cuts, (round(0.9 * len(text)), round(0.95 * len(text)))))
+    assert 1 not in named.train_set.tokens.tolist()
 
 
 def test_the_cache_knows_a_tokenizer_by_what_it_does_not_by_its_name(tmp_path) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,13 +43,15 @@ _CACHE_VERSION = 2  # of the token files' layout: a change here rebuilds every c
 @dataclass(frozen=True)
 class Document:
     """A piece of the corpus: its name (a path relative to the corpus root, and a piece number for one file), the
-    file that holds it and its byte range there. Its bytes are read when needed, one document at a time, so that
-    a corpus larger than memory can be digested and tokenized."""
+    file that holds it and its byte range there, and whether a document ends with it (not so for a piece of a
+    file cut for its size, nor for the part of a document before a contiguous split's cut). Its bytes are read
+    when needed, one document at a time, so that a corpus larger than memory can be digested and tokenized."""
 
     name: str
     path: Path
     start: int
     end: int
+    ends_document: bool = True
 
     @property
     def size(self) -> int:
@@ -108,7 +111,7 @@ def folder_documents(path: Path, any_bytes: bool = False) -> tuple[list[Document
         if not (any_bytes and path.is_file()) and not _is_text(file):
             skipped.append(name)
         elif path.is_file():
-            documents.extend(Document(f"{name}#{index}", file, start, end)
+            documents.extend(Document(f"{name}#{index}", file, start, end, ends_document=False)
                              for index, (start, end) in enumerate(_pieces(file)))
         elif size := file.stat().st_size:
             documents.append(Document(name, file, 0, size))
@@ -146,17 +149,17 @@ def _pieces(path: Path) -> Iterator[tuple[int, int]]:
 
 
 def contiguous_splits(documents: Sequence[Document], val_fraction: float, test_fraction: float,
-                      at_line_ends: bool) -> dict[str, list[Document]]:
+                      at_spaces: bool) -> dict[str, list[Document]]:
     """The documents, read as one text in order, cut in three: the first 1 - ``val_fraction`` - ``test_fraction``
     of the bytes to train, the next ``val_fraction`` to validate, the last ``test_fraction`` to test (enwik8's and
     text8's 90M/5M/5M). Each held-out share is rounded to a whole byte; a cut falls at that byte, or, with
-    ``at_line_ends``, just after the first line end at or after it, so that it splits no character or word (at
-    a document's end without one)."""
+    ``at_spaces``, just after the first ASCII space, tab or line end at or after it, so that it splits no character
+    or word (at a document's end without one)."""
     total = sum(doc.size for doc in documents)
     test, val = round(total * test_fraction), round(total * val_fraction)
     cuts = [total - test - val, total - test]
-    if at_line_ends:
-        cuts = [_after_line_end(documents, cut) for cut in cuts]
+    if at_spaces:
+        cuts = [_after_space(documents, cut) for cut in cuts]
     bounds = {"train": (0, cuts[0]), "val": (cuts[0], cuts[1]), "test": (cuts[1], total)}
     splits: dict[str, list[Document]] = {split: [] for split in SPLITS}
     offset = 0
@@ -164,15 +167,20 @@ def contiguous_splits(documents: Sequence[Document], val_fraction: float, test_f
         for split, (low, high) in bounds.items():
             start, end = max(low, offset), min(high, offset + doc.size)
             if start < end:
+                ends_document = doc.ends_document and end == offset + doc.size
                 splits[split].append(Document(doc.name, doc.path, doc.start + start - offset,
-                                              doc.start + end - offset))
+                                              doc.start + end - offset, ends_document))
         offset += doc.size
     return splits
 
 
-def _after_line_end(documents: Sequence[Document], cut: int) -> int:
-    """The offset just after the first line end at or after ``cut`` in the documents read as one text, or the end
-    of the document that holds ``cut`` when no line end follows it there."""
+_SPACE = re.compile(rb"[ \t\r\n]")
+
+
+def _after_space(documents: Sequence[Document], cut: int) -> int:
+    """The offset just after the first ASCII space, tab or line end at or after ``cut`` in the documents read as
+    one text (no byte of a multi-byte UTF-8 character is one), or the end of the document that holds ``cut`` when
+    none follows it there."""
     offset = 0
     for doc in documents:
         if offset + doc.size > cut:
@@ -181,8 +189,8 @@ def _after_line_end(documents: Sequence[Document], cut: int) -> int:
                 file.seek(doc.start + cut - offset)
                 while position < offset + doc.size:
                     chunk = file.read(min(READ_BYTES, offset + doc.size - position))
-                    if (found := chunk.find(b"\n")) >= 0:
-                        return position + found + 1
+                    if found := _SPACE.search(chunk):
+                        return position + found.start() + 1
                     position += len(chunk)
             return position
         offset += doc.size
@@ -246,13 +254,13 @@ class Tokenizer:
 
     def encode(self, document: Document) -> Iterator[np.ndarray]:
         """The document's token ids, in pieces (at byte level one per read of ``READ_BYTES``: a document is never
-        held whole), the separator included."""
+        held whole), with the separator where a document ends."""
         if self._tokenizer is None:
             for chunk in document.chunks():
                 yield np.frombuffer(chunk, dtype=np.uint8)
             return
         ids = self._tokenizer(document.read().decode("utf-8"), add_special_tokens=False)["input_ids"]
-        yield np.asarray(ids + self.separator, dtype=np.int64)
+        yield np.asarray(ids + (self.separator if document.ends_document else []), dtype=np.int64)
 
     @property
     def dtype(self) -> np.dtype:
@@ -378,7 +386,7 @@ class TextDataModule(DataModule):
             rank_zero_info(f"TextDataModule: tokenizing {meta['bytes'] / 1e6:.1f} MB into {folder}")
             if self.split == "contiguous":
                 by_split = contiguous_splits(documents, self.val_fraction, self.test_fraction,
-                                             at_line_ends=tokenizer.fingerprint != BYTE)
+                                             at_spaces=tokenizer.fingerprint != BYTE)
             else:
                 by_split = {split: [doc for doc in documents if split_of(
                     doc.name, self.seed, self.val_fraction, self.test_fraction) == split] for split in SPLITS}
