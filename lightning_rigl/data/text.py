@@ -17,6 +17,7 @@ import re
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,10 @@ class Tokenizer:
                            "one another without a separator.")
 
     @property
+    def byte_level(self) -> bool:
+        return self._tokenizer is None
+
+    @cached_property
     def fingerprint(self) -> str:
         """What the tokens depend on, whatever the tokenizer's name: "byte", or a digest of the tokenizer's
         definition (a fast tokenizer's JSON, else its vocabulary) and its separator."""
@@ -317,7 +322,7 @@ class TextDataModule(DataModule):
         seed: seeds the split by document.
         split: "documents": each document to a split by a seeded hash of its name (``split_of``); "contiguous": the
             corpus read in order and cut in three, train first and test last (``contiguous_splits``: enwik8's and
-            text8's split, so that their results compare with published ones).
+            text8's published split).
         cache_dir: where the token files go; None: ``~/.cache/lightning_rigl/text``.
         num_workers: loader worker processes per process.
 
@@ -386,7 +391,7 @@ class TextDataModule(DataModule):
             rank_zero_info(f"TextDataModule: tokenizing {meta['bytes'] / 1e6:.1f} MB into {folder}")
             if self.split == "contiguous":
                 by_split = contiguous_splits(documents, self.val_fraction, self.test_fraction,
-                                             at_spaces=tokenizer.fingerprint != BYTE)
+                                             at_spaces=not tokenizer.byte_level)
             else:
                 by_split = {split: [doc for doc in documents if split_of(
                     doc.name, self.seed, self.val_fraction, self.test_fraction) == split] for split in SPLITS}
@@ -413,7 +418,7 @@ class TextDataModule(DataModule):
         if self.data_dir is None:
             return stdlib_documents(), {"source": "python-stdlib", "python": platform.python_version(),
                                         "path": str(stdlib_root())}
-        documents, skipped = folder_documents(self.data_dir, any_bytes=self.tokenizer.fingerprint == BYTE)
+        documents, skipped = folder_documents(self.data_dir, any_bytes=self.tokenizer.byte_level)
         if skipped:
             rank_zero_warn(f"TextDataModule: skipped {len(skipped)} file(s) that are not UTF-8 text, e.g. "
                            f"{skipped[:3]}.")
