@@ -329,7 +329,8 @@ def lm_claims(rows: Sequence[Row], sparsities: Sequence[float]) -> list[str]:
         means = {name: row.mean_std(BITS.key)[0] for name, row in (("dense", dense), ("1x", one), ("2x", two))}
         gap_one, gap_two = BITS.worse(means["1x"], means["dense"]), BITS.worse(means["2x"], means["dense"])
         outcomes.append(_outcome(compare(two, one, BITS)[0]))
-        closed = f" ({1 - gap_two / gap_one:.0%} of it closed)" if gap_one > 0 else " (RigL 1x is not behind dense)"
+        closed = (" (RigL 1x is not behind dense)" if gap_one <= 0 else " (RigL 2x ends ahead of dense)"
+                  if gap_two < 0 else f" ({1 - gap_two / gap_one:.0%} of it closed)")
         lines.append(f"{at(s)}: dense {result(dense, BITS)}; {versus(two, one, 'RigL 2x', 'RigL 1x', BITS)}; the gap "
                      f"to dense {gap_one:.4f} bits/byte at 1x, {gap_two:.4f} at 2x{closed} for "
                      f"{two.mean_std('train_flops')[0]:.2f}x dense training FLOPs.{_halfway(one, two)}")
@@ -430,7 +431,8 @@ def _lm_costs(rows: Sequence[Row]) -> str:
             f"Dense inference costs {dense.mean_std('forward_flops_per_token')[0] / 1e6:.2f}M FLOPs per token and "
             f"training {dense.mean_std('train_flops_per_token')[0] / 1e6:.2f}M (three forward passes' worth, the "
             "paper's accounting). ")
-    text += "; ".join(f"At {at(s)} (RigL ERK) inference costs {value / 1e6:.2f}M" for s, value in flops.items())
+    sparse_costs = "; ".join(f"at {at(s)} (RigL ERK) inference costs {value / 1e6:.2f}M" for s, value in flops.items())
+    text += sparse_costs[:1].upper() + sparse_costs[1:]
     text += (f". Attention's two products of activations (q·kᵀ and the weighted sum of the values, "
              f"{GPT_TINY_ATTENTION_FLOPS / 1e6:.2f}M FLOPs per token at a context of 256) and the dense tied head do "
              "not shrink with the weights, so 90% sparse projections buy far less than a 10× saving. Those products "

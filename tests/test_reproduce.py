@@ -155,6 +155,8 @@ def test_the_language_model_claims_read_bits_per_byte_and_say_not_run_for_missin
     assert "Here: held" in paragraphs[2] and "the gap to dense 0.6000 bits/byte at 1x, 0.4000 at 2x (33% of it " \
         "closed) for 0.60x dense training FLOPs" in paragraphs[2]
     assert "where RigL 1x ends" not in paragraphs[2]  # no validation curves logged
+    ahead = [row if row.first["multiplier"] != 2 else lm_row("RigL", [2.50, 2.51], multiplier=2) for row in rows]
+    assert "-0.1000 at 2x (RigL 2x ends ahead of dense)" in claims.lm_claims(ahead, [0.9])[2]
     one, two = rows[1], rows[-1]
     for row, curve in ((one, [[499, 3.4], [999, 3.3]]), (two, [[999, 3.0], [1999, 2.9]])):
         for shift, run in zip((-0.01, 0.01), row.runs):
