@@ -697,38 +697,52 @@ def _sparsity_panels(rows: Sequence[Row], looks: Mapping[str, Look], quality: Qu
     return list(panels.values())
 
 
+def _by_sparsity(rows: Sequence[Row]) -> dict[tuple[str, float], list[Row]]:
+    """The rows of each panel of one model/data and sparsity (sparsities within 0.005 of one another share
+    one), in the given order; dense rows are in every panel of their model. Panels sorted by model, then
+    sparsity."""
+    ticks = _sparsity_ticks(row.first["sparsity"] for row in rows if row.first["sparsity"] > 0)
+    groups: dict[tuple[str, float], list[Row]] = {}
+    for row in rows:
+        if row.first["sparsity"] > 0:
+            groups.setdefault((row.panel, _tick_of(row.first["sparsity"], ticks)), [])
+    for row in rows:
+        sparsity = row.first["sparsity"]
+        for key, members in groups.items():
+            if key[0] == row.panel and (sparsity == 0 or key[1] == _tick_of(sparsity, ticks)):
+                members.append(row)
+    return {key: groups[key] for key in sorted(groups)}
+
+
+def _sparsity_title(key: tuple[str, float], several_models: bool) -> str:
+    return f"sparsity {_percent(key[1])}" + (f" ({key[0]})" if several_models else "")
+
+
 def _flops_panels(rows: Sequence[Row], looks: Mapping[str, Look], quality: Quality) -> list[Panel]:
     """One panel per model/data and sparsity: each row's ``quality`` against its training FLOPs, a line through
     the multipliers of a method and distribution; the dense rows as a point and a reference line in each."""
     measured = [row for row in rows if row.mean_std(quality.key) is not None and row.mean_std("train_flops")]
     references = _references(rows, quality)
-    ticks = _sparsity_ticks(row.first["sparsity"] for row in measured if row.first["sparsity"] > 0)
-    several_models = len({row.panel for row in measured}) > 1
-    panels: dict[tuple[str, float], Panel] = {}
-    for row in measured:
-        if row.first["sparsity"] > 0:
-            key = (row.panel, _tick_of(row.first["sparsity"], ticks))
-            if key not in panels:
-                title = f"sparsity {_percent(key[1])}" + (f" ({row.panel})" if several_models else "")
-                panels[key] = Panel(title=title, references=references.get(row.panel, {}))
-    lines: dict[tuple[Any, ...], Line] = {}
-    for row in measured:
-        sparsity = row.first["sparsity"]
-        targets = [key for key in panels if key[0] == row.panel and (
-            sparsity == 0 or key[1] == _tick_of(sparsity, ticks))]
-        for key in targets:
-            line_key = (*key, row.first["method"], row.first["distribution"], row.note)
+    groups = _by_sparsity(measured)
+    several_models = len({key[0] for key in groups}) > 1
+    panels = []
+    for key, members in groups.items():
+        panel = Panel(title=_sparsity_title(key, several_models), references=references.get(key[0], {}))
+        lines: dict[tuple[Any, ...], Line] = {}
+        for row in members:
+            line_key = (row.first["method"], row.first["distribution"], row.note)
             if line_key not in lines:
                 lines[line_key] = Line([], _row_look(row, looks), row.label)
-                panels[key].lines.append(lines[line_key])
+                panel.lines.append(lines[line_key])
             value, flops = row.mean_std(quality.key), row.mean_std("train_flops")
             lines[line_key].points.append((flops[0], value[0], value[1]))
             lines[line_key].notes.append(f"{row.first['multiplier']:g}x")
-    for line in lines.values():
-        order = sorted(range(len(line.points)), key=lambda i: line.points[i][0])
-        line.points = [line.points[i] for i in order]
-        line.notes = [line.notes[i] for i in order] if len(line.points) > 1 else [""]
-    return [panels[key] for key in sorted(panels, key=lambda key: (key[0], key[1]))]
+        for line in lines.values():
+            order = sorted(range(len(line.points)), key=lambda i: line.points[i][0])
+            line.points = [line.points[i] for i in order]
+            line.notes = [line.notes[i] for i in order] if len(line.points) > 1 else [""]
+        panels.append(panel)
+    return panels
 
 
 def _training_panels(rows: Sequence[Row], looks: Mapping[str, Look], quality: Quality) -> list[Panel]:
@@ -737,23 +751,13 @@ def _training_panels(rows: Sequence[Row], looks: Mapping[str, Look], quality: Qu
     than twice are left out."""
     curves = {id(row): [(step, quality.curve_scale * mean, quality.curve_scale * spread)
                         for step, mean, spread in row.curve(quality.curve)] for row in rows}
-    drawn = [row for row in rows if len(curves[id(row)]) > 1]
-    ticks = _sparsity_ticks(row.first["sparsity"] for row in drawn if row.first["sparsity"] > 0)
-    several_models = len({row.panel for row in drawn}) > 1
+    groups = _by_sparsity([row for row in rows if len(curves[id(row)]) > 1])
+    several_models = len({key[0] for key in groups}) > 1
     styles = _multiplier_styles(rows)
-    panels: dict[tuple[str, float], Panel] = {}
-    for row in drawn:
-        if row.first["sparsity"] > 0:
-            key = (row.panel, _tick_of(row.first["sparsity"], ticks))
-            title = f"sparsity {_percent(key[1])}" + (f" ({row.panel})" if several_models else "")
-            panels.setdefault(key, Panel(title=title))
-    for row in drawn:
-        sparsity = row.first["sparsity"]
-        for key in [key for key in panels if key[0] == row.panel and (
-                sparsity == 0 or key[1] == _tick_of(sparsity, ticks))]:
-            panels[key].lines.append(Line(curves[id(row)], _row_look(row, looks, styles[row.first["multiplier"]]),
-                                          row.label))
-    return [panels[key] for key in sorted(panels)]
+    return [Panel(title=_sparsity_title(key, several_models),
+                  lines=[Line(curves[id(row)], _row_look(row, looks, styles[row.first["multiplier"]]), row.label)
+                         for row in members])
+            for key, members in groups.items()]
 
 
 @dataclass
